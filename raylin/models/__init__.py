@@ -1,0 +1,1 @@
+"""Teacher families, mixers, plans and the student model."""

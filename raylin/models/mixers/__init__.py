@@ -1,0 +1,18 @@
+"""Sequence mixers that replace attention modules: Linformer, Mamba, Mamba2, bidirectional."""
+
+from raylin.models.mixers.bidirectional import BidirectionalMixer, reverse_within_length
+from raylin.models.mixers.linformer import LinformerProjection, LinformerSelfAttention, ProjectionNames
+from raylin.models.mixers.mamba import MambaMixer, mamba_config
+from raylin.models.mixers.mamba2 import Mamba2Mixer, mamba2_config
+
+__all__ = [
+    "BidirectionalMixer",
+    "LinformerProjection",
+    "LinformerSelfAttention",
+    "Mamba2Mixer",
+    "MambaMixer",
+    "ProjectionNames",
+    "mamba2_config",
+    "mamba_config",
+    "reverse_within_length",
+]

@@ -1,0 +1,39 @@
+"""Pieces every mixer shares: turning the mask a transformers layer hands its attention module
+into a per-token validity mask, and finding the recurrent cache a causal student decodes with."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_validity(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Return a (batch, seq_len) bool mask, True on real tokens, from the mask an attention
+    module receives, or None when every token is real.
+
+    transformers builds masks for its attention modules in several shapes: None (sdpa, no
+    padding), a 2D (batch, kv_len) 0/1 mask (flash attention), or a 4D (batch, 1, q_len, kv_len)
+    mask that is boolean (True = attend) or additive float (0 = attend, large negative = masked).
+    Bidirectional masks repeat the key-padding row for every query; causal masks are widest on the
+    last query row, so that row tells which keys are padding. The last ``seq_len`` keys are the
+    tokens of this call (earlier ones are cached context during decoding).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        valid = attention_mask[:, -seq_len:].bool()
+    elif attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, -seq_len:]
+        valid = last_row if last_row.dtype == torch.bool else last_row == 0
+    else:
+        raise ValueError(
+            f"Cannot read token validity from an attention mask of shape {tuple(attention_mask.shape)}: "
+            "expected (batch, kv_len) or (batch, 1, q_len, kv_len). Use attn_implementation='sdpa' or 'eager'."
+        )
+    return None if bool(valid.all()) else valid
+
+
+def zero_padding(hidden_states: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the hidden states of padding tokens (so they carry nothing into a scan)."""
+    if valid is None:
+        return hidden_states
+    return hidden_states * valid.unsqueeze(-1).to(hidden_states.dtype)

@@ -1,0 +1,73 @@
+"""Loading teachers: a local folder, a Hugging Face Hub id, or a shipped asset (``asset:NAME``).
+
+Weights load through transformers' ``from_pretrained`` (safetensors preferred, no remote code);
+the family is checked from config.json before any weight is read, so an unsupported
+architecture fails fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+
+from raylin.models.families import family_for_config
+
+ASSET_PREFIX = "asset:"
+
+
+def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:
+    """Local folders stay as they are, ``asset:NAME`` resolves to a shipped asset, anything else
+    is treated as a Hub id (downloaded by transformers on first use)."""
+    name = str(name_or_path)
+    if name.startswith(ASSET_PREFIX):
+        from raylin.data.assets import asset_path
+
+        return str(asset_path(name.removeprefix(ASSET_PREFIX)))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json: a teacher folder must be a transformers checkpoint "
+                "(config.json + model.safetensors). Save one with model.save_pretrained(folder)."
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No teacher folder at {name}. Check the path.")
+    return name
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike,
+    model_class: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **model_kwargs: Any,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a teacher and its tokenizer or feature extractor (None when the folder has neither).
+
+    ``model_class`` names a transformers class (e.g. ``"BertForSequenceClassification"``); by
+    default the first class in config.json's ``architectures`` is used.
+    """
+    path = resolve_teacher_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    family = family_for_config(config)
+    class_name = model_class or (config.architectures or [None])[0]
+    model_cls = getattr(transformers, class_name or "", None) or transformers.AutoModel
+    if not (isinstance(model_cls, type) and hasattr(model_cls, "from_pretrained")):
+        raise ValueError(f"{class_name!r} is not a transformers model class.")
+    model_kwargs.setdefault("attn_implementation", "sdpa")
+    model = model_cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **model_kwargs)
+    return model.eval(), load_processor(path, family.modality)
+
+
+def load_processor(path: str, modality: str) -> Any:
+    """Tokenizer (text) or feature extractor (speech) stored with a checkpoint, or None."""
+    loader = transformers.AutoTokenizer if modality == "text" else transformers.AutoFeatureExtractor
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        return None
