@@ -9,7 +9,7 @@ Keys:
   keep_attention   block indices (0-based) that keep the teacher's attention (hybrid students)
   linformer        k (256), share none|kv|layer ("kv"), max_length (teacher's maximum positions)
   mamba            expand (2), state_size (16), conv_kernel (4), dt_rank ("auto"), use_bias (false)
-  mamba2           expand (1), head_dim (64), state_size (64), n_groups (1), chunk_size (128),
+  mamba2           expand (1), head_dim (64, or gcd(inner, 64) for narrow models), state_size (64), n_groups (1), chunk_size (128),
                    conv_kernel (4), use_bias (false)
   init             "default" (fresh mixer weights) or "attention" (seed Mamba-family mixers from
                    the teacher's attention where shapes allow: Q->C, K->B, V->x, O->out_proj)
@@ -35,7 +35,7 @@ from raylin.models.mixers import (
     mamba2_config,
     mamba_config,
 )
-from raylin.models.mixers.linformer import SHARE_MODES, check_linformer_length
+from raylin.models.mixers.linformer import SHARE_MODES
 
 MIXERS = ("linformer", "mamba", "mamba2", "bimamba", "bimamba2")
 BIDIRECTIONAL_MIXERS = ("linformer", "bimamba", "bimamba2")
@@ -125,7 +125,12 @@ class Plan:
                 "use 'mamba' or 'mamba2' for causal language models."
             )
         if self.mixer == "linformer":
-            check_linformer_length(self.linformer_max_length(family, config), self.linformer.get("k", 256))
+            max_length, k = self.linformer_max_length(family, config), self.linformer.get("k", 256)
+            if not isinstance(k, int) or not 1 <= k <= max_length:
+                raise PlanError(
+                    f"Linformer k={k} is above the maximum sequence length {max_length} (or not a positive integer): "
+                    f"the projections would be wider than any input. Use 1 <= plan.linformer.k <= {max_length}."
+                )
         if self.mixer in ("mamba2", "bimamba2"):
             try:
                 mamba2_config(family.hidden_size(config), num_layers, self.mamba2)

@@ -129,14 +129,4 @@ class LinformerSelfAttention(nn.Module):
         return output, None
 
 
-def check_linformer_length(max_length: int, k: int) -> None:
-    if k > max_length:
-        raise ValueError(
-            f"Linformer k={k} is above the maximum sequence length {max_length}: the projections would be "
-            f"wider than any input. Use linformer.k <= {max_length}."
-        )
-    if k < 1:
-        raise ValueError(f"Linformer k must be positive, got {k}.")
-
-
-__all__ = ["LinformerSelfAttention", "LinformerProjection", "ProjectionNames", "SHARE_MODES", "check_linformer_length"]
+__all__ = ["LinformerSelfAttention", "LinformerProjection", "ProjectionNames", "SHARE_MODES"]

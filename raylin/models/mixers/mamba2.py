@@ -8,6 +8,8 @@ one-token decoding steps update the recurrent state directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
@@ -19,11 +21,12 @@ from raylin.models.mixers.common import token_validity
 def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Config:
     """Mamba2Config for mixers of width ``hidden_size``; ``options`` come from the plan's ``mamba2``.
 
-    The inner width ``expand * hidden_size`` must split into heads of ``head_dim``.
+    The inner width ``expand * hidden_size`` must split into heads of ``head_dim`` (default 64,
+    or the largest power of two dividing a narrower inner width).
     """
     expand = options.get("expand", 1)
-    head_dim = options.get("head_dim", 64)
     inner = int(expand * hidden_size)
+    head_dim = options.get("head_dim", math.gcd(inner, 64))  # 64 unless the inner width is narrower
     if inner % head_dim:
         raise ValueError(
             f"mamba2: inner width expand*hidden = {inner} is not a multiple of head_dim={head_dim}; "

@@ -1,0 +1,125 @@
+"""Mixers against their definitions: Linformer vs softmax attention, CPU scans vs sequential loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_teacher
+from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+import raylin
+from raylin.models.mixers import reverse_within_length
+from raylin.models.mixers.common import token_validity
+
+
+def test_linformer_with_k_equal_length_and_identity_projections_is_softmax_attention():
+    teacher = make_teacher("bert")
+    length = 12
+    student, _ = raylin.convert(teacher, {"mixer": "linformer", "linformer": {"k": length, "max_length": length, "share": "none"}})
+    with torch.no_grad():
+        for layer in student.model.bert.encoder.layer:
+            for projection in (layer.attention.self.E, layer.attention.self.F):
+                # Linformer divides by sqrt(n); sqrt(n) * I makes the effective projection the identity.
+                projection.weight.copy_(math.sqrt(length) * torch.eye(length))
+    ids = torch.randint(5, 100, (2, length))
+    with torch.no_grad():
+        expected = teacher(input_ids=ids, output_hidden_states=True)
+        actual = student(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    for e, a in zip(expected.hidden_states, actual.hidden_states, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_linformer_rejects_sequences_longer_than_its_projections():
+    teacher = make_teacher("bert")
+    student, _ = raylin.convert(teacher, {"mixer": "linformer", "linformer": {"k": 4, "max_length": 8}})
+    with pytest.raises(ValueError, match="longer than the Linformer projections"):
+        student(input_ids=torch.randint(5, 100, (1, 9)))
+
+
+def _sequential_selective_scan(u, dt, A, B, C, D, z):
+    """Mamba-1 reference: h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t h_t + D u_t, gated by silu(z)."""
+    batch, channels, length = u.shape
+    h = u.new_zeros(batch, channels, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1) + u * D[None, :, None]
+    return y * F.silu(z)
+
+
+def _sequential_ssd(x, dt, A, B, C, D):
+    """Mamba-2 reference per head: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t."""
+    batch, length, heads, head_dim = x.shape
+    h = x.new_zeros(batch, heads, head_dim, B.shape[-1])
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        h = decay * h + (dt[:, t, :, None, None] * x[:, t, :, :, None]) * B[:, t, None, None, :]
+        ys.append((h * C[:, t, None, None, :]).sum(-1))
+    return torch.stack(ys, 1) + x * D[None, None, :, None]
+
+
+def _grads(output, inputs):
+    return torch.autograd.grad(output.pow(2).sum(), inputs)
+
+
+def test_mamba_parallel_scan_equals_sequential_loop_forward_and_backward():
+    torch.manual_seed(0)
+    batch, channels, state, length = 2, 6, 4, 37  # length not a power of two: mambapy pads
+    u = torch.randn(batch, channels, length, requires_grad=True)
+    dt = (torch.rand(batch, channels, length) * 0.5 + 0.01).requires_grad_()
+    A = -torch.rand(channels, state).add(0.5).requires_grad_()
+    B = torch.randn(batch, state, length, requires_grad=True)
+    C = torch.randn(batch, state, length, requires_grad=True)
+    D = torch.randn(channels, requires_grad=True)
+    z = torch.randn(batch, channels, length, requires_grad=True)
+    inputs = (u, dt, A, B, C, D, z)
+    fast = mamba_selective_scan(u, dt, A, B, C, D=D, z=z, use_mambapy=True)
+    reference = _sequential_selective_scan(u, dt, A, B, C, D, z)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    for g_fast, g_ref in zip(_grads(fast, inputs), _grads(reference, inputs), strict=True):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba2_chunked_scan_equals_sequential_loop_forward_and_backward():
+    torch.manual_seed(0)
+    batch, length, heads, head_dim, state = 2, 37, 3, 4, 5  # 37 tokens over chunks of 8
+    x = torch.randn(batch, length, heads, head_dim, requires_grad=True)
+    dt = (torch.rand(batch, length, heads) * 0.5 + 0.01).requires_grad_()
+    A = -torch.rand(heads).add(0.5).requires_grad_()
+    B = torch.randn(batch, length, 1, state, requires_grad=True)
+    C = torch.randn(batch, length, 1, state, requires_grad=True)
+    D = torch.randn(heads, requires_grad=True)
+    inputs = (x, dt, A, B, C, D)
+    fast = mamba2_chunk_scan(x, dt, A, B, C, chunk_size=8, D=D)
+    reference = _sequential_ssd(x, dt, A, B.expand(-1, -1, heads, -1)[:, :, 0], C.expand(-1, -1, heads, -1)[:, :, 0], D)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    for g_fast, g_ref in zip(_grads(fast, inputs), _grads(reference, inputs), strict=True):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_reverse_within_length_keeps_padding_and_is_an_involution():
+    x = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    reversed_x = reverse_within_length(x, valid)
+    assert reversed_x[0, :, 0].tolist() == [2, 1, 0, 3, 4]
+    assert reversed_x[1, :, 0].tolist() == [9, 8, 7, 6, 5]
+    assert torch.equal(reverse_within_length(reversed_x, valid), x)
+
+
+def test_token_validity_reads_every_mask_layout():
+    keys = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    bool_4d = keys[:, None, None, :].expand(1, 1, 3, 3)
+    float_4d = torch.zeros(1, 1, 3, 3).masked_fill(~bool_4d, torch.finfo(torch.float32).min)
+    for mask in (keys.long(), bool_4d, float_4d):
+        assert token_validity(mask, 3).tolist() == [[True, True, False]]
+    assert token_validity(None, 3) is None
+    assert token_validity(torch.ones(1, 3, dtype=torch.long), 3) is None
+    with pytest.raises(ValueError, match="attention mask of shape"):
+        token_validity(torch.ones(1, 3, 3), 3)
