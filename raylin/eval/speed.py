@@ -4,12 +4,18 @@ For a BERT-family and a Llama-family teacher of the same width (random weights; 
 checkpoints stop at 512 / 8192 positions), and each student of each, this measures
 
 * ``scope: mixer``: the teacher's attention module alone against each mixer alone, called the way
-  the block calls it;
+  the block calls it; the teacher's module runs under transformers' ``sdpa`` (the default: on CPU
+  a fused kernel whose memory grows linearly) and, as ``teacher-eager``, under ``eager`` (the
+  attention scores are materialised, memory grows with the square of the length);
 * ``scope: model``: whole models, plus each teacher with attention replaced by identity
   (``model: "<teacher>-no-attention"``), which bounds the speed-up any mixer can bring (Amdahl).
 
-Peak memory is the process's resident high-water mark above the baseline before the call
-(Linux: ``/proc/self/clear_refs`` resets it), so it counts every allocation the call makes.
+Each is measured on an unpadded sequence and on a padded one (``input: "padded"``: the last
+token is padding, so attention gets a mask, as in any padded batch).
+
+Latency is the best of ``repeats`` timed runs (so the first run only warms up); peak memory is the
+largest amount of tensor memory the call holds at once above what existed before it, replayed
+from torch's allocation events in a separate profiled run (so profiling never slows a timing).
 Limits: batch 1, fp32, one process, the threads torch is given; numbers depend on the machine.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
 import os
 import time
@@ -45,6 +52,9 @@ STUDENT_PLANS = {
 }
 
 
+INPUTS = ("unpadded", "padded")
+
+
 @dataclass
 class SpeedRecord:
     model: str  # "teacher" | mixer name | "<teacher>-no-attention"
@@ -53,35 +63,38 @@ class SpeedRecord:
     seq_len: int
     latency_s: float
     peak_mem_mb: float
+    input: str = "unpadded"  # "padded": the last token is padding, so attention gets a mask
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+def peak_allocated_mb(fn: Callable[[], object]) -> float:
+    """Peak of tensor memory allocated by ``fn()`` above what was allocated before, in MB.
+
+    Replays torch's allocation and free events (profiler ``profile_memory``) in time order, using
+    each op's own allocations so nested ops are not counted twice.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.inference_mode():
+            fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 1e6
 
 
 def measure(fn: Callable[[], object], repeats: int = 2) -> tuple[float, float]:
-    """(best latency in seconds, peak resident memory above baseline in MB) of ``fn()``."""
-    peak_mb = float("nan")
+    """(best latency in seconds over ``repeats`` runs, peak allocated MB) of ``fn()``."""
     latencies = []
-    for run in range(repeats):
+    for _ in range(repeats):
         gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # reset the VmHWM high-water mark
-            baseline = _rss_kb("VmRSS")
-        except OSError:
-            baseline = None
         start = time.perf_counter()
         with torch.inference_mode():
             fn()
         latencies.append(time.perf_counter() - start)
-        if run == 0 and baseline is not None:
-            peak_mb = max(_rss_kb("VmHWM") - baseline, 0) / 1024
-    return min(latencies), peak_mb
+    return min(latencies), peak_allocated_mb(fn)
 
 
 def bench_teachers(hidden: int, layers: int, max_len: int) -> dict[str, nn.Module]:
@@ -101,13 +114,31 @@ class _Identity(nn.Module):
         return hidden_states, None
 
 
-def _attention_call(family_name: str, model: nn.Module, module: nn.Module, hidden: torch.Tensor) -> Callable[[], object]:
-    """How the block calls its attention module, for a single unpadded sequence."""
+def _attention_call(
+    family_name: str,
+    model: nn.Module,
+    module: nn.Module,
+    hidden: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    implementation: str = "sdpa",
+) -> Callable[[], object]:
+    """How the block calls its attention module, with the mask transformers would build: none
+    for an unpadded sdpa call (its fused kernel then applies causality itself), a boolean 4D mask
+    for sdpa with padding, an additive float 4D mask for eager attention."""
+    seq_len = hidden.shape[1]
+    allowed = None
+    if padding_mask is not None:
+        allowed = padding_mask.bool()[:, None, None, :].expand(-1, 1, seq_len, -1)
+    if family_name == "llama" and (allowed is not None or implementation == "eager"):
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        allowed = causal if allowed is None else allowed & causal
+    mask = allowed
+    if implementation == "eager" and allowed is not None:
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     if family_name == "llama":
-        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
-        position_embeddings = model.rotary_emb(hidden, position_ids)
-        return lambda: module(hidden, attention_mask=None, position_embeddings=position_embeddings)
-    return lambda: module(hidden, attention_mask=None)
+        position_embeddings = model.rotary_emb(hidden, torch.arange(seq_len).unsqueeze(0))
+        return lambda: module(hidden, attention_mask=mask, position_embeddings=position_embeddings)
+    return lambda: module(hidden, attention_mask=mask)
 
 
 def run_speed_benchmark(
@@ -116,6 +147,7 @@ def run_speed_benchmark(
     hidden: int = 256,
     layers: int = 2,
     repeats: int = 2,
+    inputs: tuple[str, ...] = INPUTS,
     log: Callable[[str], None] = print,
 ) -> list[SpeedRecord]:
     """Measure every (model, scope, length) and write speed.json and speed.png into ``out_dir``."""
@@ -126,22 +158,37 @@ def run_speed_benchmark(
     teachers = bench_teachers(hidden, layers, max(lengths))
     for family_name, teacher in teachers.items():
         family = family_for(teacher)
-        students = {name: convert(teacher, plan)[0] for name, plan in STUDENT_PLANS[family_name].items()}
+        plans = copy.deepcopy(STUDENT_PLANS[family_name])
+        if "linformer" in plans:  # k cannot exceed the longest input
+            plans["linformer"]["linformer"]["k"] = min(plans["linformer"]["linformer"]["k"], max(lengths))
+        students = {name: convert(teacher, plan)[0] for name, plan in plans.items()}
         no_attention = copy.deepcopy(teacher)
         for layer in family.layers(no_attention):
             family.set_attention(layer, _Identity())
         models = {"teacher": teacher, **{n: s.model for n, s in students.items()}, f"{family_name}-no-attention": no_attention}
-        for seq_len in lengths:
+        # The same attention module run by transformers' eager implementation (scores materialised).
+        eager = copy.deepcopy(family.attention(family.layers(teacher)[0]))
+        eager.config = copy.deepcopy(eager.config)
+        eager.config._attn_implementation = "eager"
+        for seq_len, kind in itertools.product(lengths, inputs):
             hidden_states = torch.randn(1, seq_len, hidden)
             input_ids = torch.randint(0, 1000, (1, seq_len))
+            padding_mask = None
+            if kind == "padded":
+                padding_mask = torch.ones(1, seq_len, dtype=torch.long)
+                padding_mask[:, -1] = 0
+            call = _attention_call(family_name, teacher, eager, hidden_states, padding_mask, "eager")
+            latency, peak = measure(call, repeats)
+            records.append(SpeedRecord("teacher-eager", family_name, "mixer", seq_len, latency, peak, kind))
             for name, model in models.items():
                 if not name.endswith("no-attention"):
                     module = family.attention(family.layers(model)[0])
-                    latency, peak = measure(_attention_call(family_name, teacher, module, hidden_states), repeats)
-                    records.append(SpeedRecord(name, family_name, "mixer", seq_len, latency, peak))
-                latency, peak = measure(lambda m=model: m(input_ids=input_ids), repeats)
-                records.append(SpeedRecord(name, family_name, "model", seq_len, latency, peak))
-                log(f"{family_name:6s} {name:22s} L={seq_len:6d} model {latency:8.3f}s {peak:9.1f} MB")
+                    call = _attention_call(family_name, teacher, module, hidden_states, padding_mask)
+                    latency, peak = measure(call, repeats)
+                    records.append(SpeedRecord(name, family_name, "mixer", seq_len, latency, peak, kind))
+                latency, peak = measure(lambda m=model: m(input_ids=input_ids, attention_mask=padding_mask), repeats)
+                records.append(SpeedRecord(name, family_name, "model", seq_len, latency, peak, kind))
+                log(f"{family_name:6s} {kind:8s} {name:20s} L={seq_len:6d} model {latency:8.3f}s {peak:9.1f} MB")
             _write(out, records)
     _write(out, records)
     return records
@@ -160,53 +207,66 @@ def plot_speed(records: list[SpeedRecord], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = sorted({r.family for r in records})
-    fig, axes = plt.subplots(len(families), 4, figsize=(20, 4.5 * len(families)), squeeze=False)
-    for row, family_name in enumerate(families):
+    panels = sorted({(r.family, r.input) for r in records})
+    names = list(dict.fromkeys(r.model for r in records))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(len(panels), 4, figsize=(20, 4.2 * len(panels)), squeeze=False)
+    for row, (family_name, kind) in enumerate(panels):
         for col, (scope, metric) in enumerate(
             [("mixer", "latency_s"), ("mixer", "peak_mem_mb"), ("model", "latency_s"), ("model", "peak_mem_mb")]
         ):
             ax = axes[row][col]
-            chosen = [r for r in records if r.family == family_name and r.scope == scope]
+            chosen = [r for r in records if (r.family, r.input, r.scope) == (family_name, kind, scope)]
             for name in dict.fromkeys(r.model for r in chosen):
-                points = sorted((r.seq_len, getattr(r, metric)) for r in chosen if r.model == name)
-                ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if "no-attention" in name else "-")
+                points = sorted((r.seq_len, max(getattr(r, metric), 1e-3)) for r in chosen if r.model == name)
+                ax.plot(*zip(*points), marker="o", label=name, color=colours[name],
+                        linestyle="--" if "no-attention" in name else "-")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length (tokens)")
             ax.set_ylabel("latency (s)" if metric == "latency_s" else "peak memory (MB)")
-            ax.set_title(f"{family_name}: {scope} {'latency' if metric == 'latency_s' else 'memory'}")
+            ax.set_title(f"{family_name}, {kind}: {scope} {'latency' if metric == 'latency_s' else 'memory'}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def summarize(records: list[SpeedRecord]) -> dict[str, dict]:
-    """Crossover lengths and ratios at the longest length, per family and student."""
+    """Per family, input and student: the length from which it is faster than the teacher at
+    every measured length, and speed-up / memory ratio at the longest length; for whole models
+    also the Amdahl limit (teacher vs teacher without attention) and the fraction reached."""
     summary: dict[str, dict] = {}
     longest = max(r.seq_len for r in records)
-    by_key = {(r.family, r.model, r.scope, r.seq_len): r for r in records}
-    for family_name in sorted({r.family for r in records}):
-        for name in sorted({r.model for r in records if r.family == family_name} - {"teacher"}):
-            if name.endswith("no-attention"):
-                continue
-            entry = {}
+    by_key = {(r.family, r.input, r.model, r.scope, r.seq_len): r for r in records}
+    for family_name, kind in sorted({(r.family, r.input) for r in records}):
+        names = {r.model for r in records if (r.family, r.input) == (family_name, kind)}
+        for name in sorted(n for n in names if not n.startswith("teacher") and not n.endswith("no-attention")):
+            entry: dict[str, dict] = {}
             for scope in ("mixer", "model"):
-                lengths = sorted(r.seq_len for r in records if r.family == family_name and r.model == name and r.scope == scope)
-                faster = [L for L in lengths if by_key[(family_name, name, scope, L)].latency_s
-                          < by_key[(family_name, "teacher", scope, L)].latency_s]
+                get = lambda model, length: by_key[(family_name, kind, model, scope, length)]
+                lengths = sorted(r.seq_len for r in records
+                                 if (r.family, r.input, r.model, r.scope) == (family_name, kind, name, scope))
+                faster = {L for L in lengths if get(name, L).latency_s < get("teacher", L).latency_s}
                 crossover = next((L for L in lengths if all(x in faster for x in lengths if x >= L)), None)
-                student, teacher = by_key[(family_name, name, scope, longest)], by_key[(family_name, "teacher", scope, longest)]
+                student, teacher = get(name, longest), get("teacher", longest)
                 entry[scope] = {
                     "faster_from": crossover,
-                    f"speedup_at_{longest}": teacher.latency_s / student.latency_s,
-                    f"memory_ratio_at_{longest}": teacher.peak_mem_mb / max(student.peak_mem_mb, 1e-6),
+                    f"speedup_at_{longest}": round(teacher.latency_s / student.latency_s, 2),
+                    f"memory_ratio_at_{longest}": round(teacher.peak_mem_mb / max(student.peak_mem_mb, 1e-6), 2),
                 }
-            limit = by_key[(family_name, "teacher", "model", longest)].latency_s / by_key[
-                (family_name, f"{family_name}-no-attention", "model", longest)].latency_s
-            entry["model"]["amdahl_limit"] = limit
-            entry["model"]["fraction_of_limit"] = entry["model"][f"speedup_at_{longest}"] / limit
-            summary[f"{family_name}/{name}"] = entry
+                if scope == "mixer":
+                    eager = get("teacher-eager", longest)
+                    faster = {L for L in lengths if get(name, L).latency_s < get("teacher-eager", L).latency_s}
+                    entry[scope] |= {
+                        "faster_than_eager_from": next((L for L in lengths if all(x in faster for x in lengths if x >= L)), None),
+                        f"speedup_vs_eager_at_{longest}": round(eager.latency_s / student.latency_s, 2),
+                        f"memory_ratio_vs_eager_at_{longest}": round(eager.peak_mem_mb / max(student.peak_mem_mb, 1e-6), 2),
+                    }
+            no_attention = by_key[(family_name, kind, f"{family_name}-no-attention", "model", longest)]
+            limit = by_key[(family_name, kind, "teacher", "model", longest)].latency_s / no_attention.latency_s
+            entry["model"]["amdahl_limit"] = round(limit, 2)
+            entry["model"]["fraction_of_limit"] = round(entry["model"][f"speedup_at_{longest}"] / limit, 2)
+            summary[f"{family_name}/{kind}/{name}"] = entry
     return summary

@@ -197,6 +197,5 @@ def family_for(model: PreTrainedModel) -> FamilyAdapter:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"Expected a transformers PreTrainedModel as teacher, got {type(model).__name__}.")
     family = family_for_config(model.config)
-    if model.config.model_type == "whisper" and not hasattr(model, "encoder") and type(model).__name__ != "WhisperEncoder":
-        raise ValueError(f"{type(model).__name__} has no Whisper encoder to convert.")
+    family.layers(model)  # raises, naming the class, when the blocks are not where the family keeps them
     return family
