@@ -39,6 +39,17 @@ class MambaMixer(HFMambaMixer):
     """Causal Mamba mixer called like an attention module; returns ``(output, None)``."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        valid = token_validity(attention_mask, hidden_states.shape[1])
-        output = super().forward(hidden_states, cache_params=student_cache_from(kwargs), attention_mask=valid)
-        return output, None
+        seq_len = hidden_states.shape[1]
+        valid = token_validity(attention_mask, seq_len)
+        cache = student_cache_from(kwargs)
+        if cache is not None and seq_len > 1 and cache.has_previous_state(self.layer_idx):
+            # transformers' parallel scan starts from a zero state, so a multi-token chunk that
+            # continues a cached state is decoded token by token (decoding only, never training).
+            steps = [
+                super(MambaMixer, self).forward(
+                    hidden_states[:, t : t + 1], cache_params=cache, attention_mask=None if valid is None else valid[:, t : t + 1]
+                )
+                for t in range(seq_len)
+            ]
+            return torch.cat(steps, dim=1), None
+        return super().forward(hidden_states, cache_params=cache, attention_mask=valid), None
