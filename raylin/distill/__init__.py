@@ -1,0 +1,1 @@
+"""CALD distillation: losses, guidance schedules, XATL freezing."""
