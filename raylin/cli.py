@@ -1,5 +1,7 @@
 """The ``raylin`` command line.
 
+    raylin finetune CONFIG.yaml [--set key=value ...]  fine-tune the teacher: target teacher + waypoints
+    raylin convert CONFIG.yaml [--set key=value ...]   transfer -> distill -> evaluate -> export
     raylin demo                      convert the shipped all-MiniLM-L6 into a Linformer student
     raylin bench speed [--out DIR]   latency / memory of teachers and students at long lengths
 """
@@ -69,9 +71,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from raylin.config import ConfigError, load_config
+    from raylin.pipeline import run_conversion
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:
+        print(f"raylin: invalid config: {error}", file=sys.stderr)
+        return 2
+    metrics = run_conversion(config)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from raylin.config import ConfigError, load_config
+    from raylin.pipeline import run_finetune
+
+    try:
+        config = load_config(args.config, args.set + ["guidance.mode=unguided"])
+    except ConfigError as error:
+        print(f"raylin: invalid config: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(run_finetune(config), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert and distil a teacher as a YAML config says")
+    convert.add_argument("config", help="YAML run config (see docs/config.md)")
+    convert.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field by its dotted name, e.g. --set train.max_steps=50")
+    convert.set_defaults(func=_convert)
+
+    finetune = commands.add_parser("finetune", help="fine-tune the teacher on the task (target teacher + waypoints)")
+    finetune.add_argument("config", help="YAML run config; its teacher, task, data and train sections are used")
+    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    finetune.set_defaults(func=_finetune)
 
     demo = commands.add_parser("demo", help="convert the shipped all-MiniLM-L6 into a Linformer student")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")

@@ -201,7 +201,7 @@ class RaylinStudent(PreTrainedModel):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.config.save_pretrained(staging)
-            safetensors.torch.save_model(self, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            safetensors.torch.save_file(_standalone_state(self), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             if self.processor is not None:
                 self.processor.save_pretrained(staging)
             _replace_directory(staging, target)
@@ -224,6 +224,19 @@ class RaylinStudent(PreTrainedModel):
         if dtype is not None:
             student = student.to(dtype)
         return student.eval()
+
+
+def _standalone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once and every tensor copied out of any shared
+    buffer (DeepSpeed keeps parameters as views of one flat buffer; safetensors refuses those)."""
+    state, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key in seen:
+            continue  # a tied weight: load_model restores it from the one stored name
+        seen.add(key)
+        state[name] = tensor.detach().clone()
+    return state
 
 
 def _choose_token(logits, do_sample, temperature, top_k, generator) -> torch.Tensor:

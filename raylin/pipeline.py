@@ -1,0 +1,140 @@
+"""``raylin convert CONFIG.yaml``: transfer -> distill -> evaluate -> export, in one call.
+
+The config is validated before Ray starts. Training runs on Ray Train workers (raylin.train);
+the last checkpoint carries the HF-format student, which is copied to OUTPUT_DIR/student/. The
+teacher (the target teacher when there is one, else the source model with its task head) is
+scored on the same held-out split in this process. Writes:
+
+    OUTPUT_DIR/student/        the student folder (raylin.load_student)
+    OUTPUT_DIR/metrics.json    {"teacher": {...}, "student": {...}, "steps", "tokens", "wall_s"}
+    OUTPUT_DIR/report.md       config, scores and the XATL transfer report
+    OUTPUT_DIR/config.yaml     the validated config, as run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from raylin.config import RunConfig, dump_config
+from raylin.train.loop import MODEL_CLASSES, STUDENT_DIR, evaluate
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def finetune_config(config: RunConfig) -> RunConfig:
+    """The run that fine-tunes the teacher itself: a "student" keeping every attention layer is
+    the teacher's own architecture and weights, trained unguided on the task."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from raylin.models.families import family_for_config
+    from raylin.models.teachers import resolve_teacher_path
+
+    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.teacher))
+    layers = list(range(family_for_config(teacher_config).num_layers(teacher_config)))
+    mixer = "mamba2" if family_for_config(teacher_config).causal else "bimamba2"
+    return dataclasses.replace(
+        config,
+        target_teacher=None,
+        plan={"mixer": mixer, "keep_attention": layers},
+        guidance=dataclasses.replace(config.guidance, mode="unguided", waypoints=[], hybrid_cutoff=None),
+        freeze=dataclasses.replace(config.freeze, copied=False),
+    )
+
+
+def run_finetune(config: RunConfig) -> dict:
+    """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/."""
+    from raylin.train.loop import FINETUNED_DIR, SNAPSHOT_DIR
+    from raylin.train.trainer import fit
+
+    config = finetune_config(config)
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "config.yaml", dump_config(config))
+    result = fit(config, finetune=True)
+    if result.error is not None:
+        raise result.error
+    final = result.metrics or {}
+    snapshots = sorted((out / SNAPSHOT_DIR).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    metrics = {
+        "teacher": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
+        "steps": final.get("step"), "tokens": final.get("tokens"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "target_teacher": str(out / FINETUNED_DIR),
+        "waypoints": [{"step": int(p.name.split("_")[1]), "path": str(p)} for p in snapshots],
+    }
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def score_teacher(config: RunConfig) -> dict[str, float]:
+    from raylin.data.text import load_text_classification
+    from raylin.models.teachers import load_teacher
+
+    path = config.target_teacher or config.teacher
+    model, tokenizer = load_teacher(path, model_class=MODEL_CLASSES[config.task.type], num_labels=config.task.num_labels)
+    data = load_text_classification(config.data.name, config.data.eval_fraction, config.data.seed,
+                                    config.data.max_train_examples, config.data.max_eval_examples)
+    return evaluate(model, tokenizer, data.eval_texts, data.eval_labels, config, torch.device("cpu"), 0, 1)
+
+
+def run_conversion(config: RunConfig) -> dict:
+    from raylin.train.trainer import fit
+
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "config.yaml", dump_config(config))
+    result = fit(config)
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        staging = out / f".{STUDENT_DIR}.incoming"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(folder) / STUDENT_DIR, staging)
+        shutil.rmtree(out / STUDENT_DIR, ignore_errors=True)
+        os.replace(staging, out / STUDENT_DIR)
+    final = result.metrics or {}
+    metrics = {
+        "teacher": score_teacher(config),
+        "student": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
+        "steps": final.get("step"),
+        "tokens": final.get("tokens"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "train_wall_s": final.get("wall_s"),
+        "guidance": config.guidance.mode,
+        "mixer": config.plan.get("mixer"),
+    }
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    _write_atomic(out / "report.md", render_report(config, metrics))
+    return metrics
+
+
+def render_report(config: RunConfig, metrics: dict) -> str:
+    from raylin.models.student import load_student
+
+    student = load_student(Path(config.output_dir) / STUDENT_DIR)
+    params = sum(p.numel() for p in student.parameters())
+    rows = "\n".join(
+        f"| {name} | {metrics['teacher'].get(name, float('nan')):.4f} | {value:.4f} |"
+        for name, value in metrics["student"].items()
+    )
+    return (
+        f"# raylin run `{config.run_name}`\n\n"
+        f"{config.teacher} -> {config.plan.get('mixer')} student ({params:,} parameters), "
+        f"guidance **{config.guidance.mode}**, {metrics['steps']} steps, {metrics['tokens']:,} tokens, "
+        f"{metrics['wall_s']} s.\n\n| metric | teacher | student |\n|---|---:|---:|\n{rows}\n\n"
+        f"Student folder: `{Path(config.output_dir) / STUDENT_DIR}`.\n\n## Config\n\n```yaml\n{dump_config(config)}```\n"
+    )

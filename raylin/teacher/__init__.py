@@ -1,0 +1,1 @@
+"""Teachers for distillation: in-process now, Ray-actor service later (same interface)."""

@@ -1,0 +1,1 @@
+"""Distributed training: DeepSpeed configuration, the per-worker loop, the Ray TorchTrainer."""

@@ -1,0 +1,313 @@
+"""The per-worker CALD training loop (Ray Train calls ``train_loop_per_worker`` on every worker).
+
+One step, read top to bottom: take this worker's share of global batch ``step`` -> ask the
+guidance schedule which teacher and weights apply -> student forward (hidden states when the
+layer loss is on) -> teacher outputs -> task + layerwise + KD losses -> DeepSpeed backward and
+step -> trajectory teacher update -> LIT bookkeeping -> report, and every ``checkpoint_every``
+steps an atomic checkpoint through Ray Train.
+
+The student lives in a DeepSpeed engine (ZeRO 0-3, optional offload); teachers never do. Random
+state is derived from (seed, step, rank), and the data order from the step, so a run resumed
+from a checkpoint follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from raylin.config import RunConfig, config_from_dict
+from raylin.convert import convert
+from raylin.data.text import GlobalBatches, load_text_classification, tokenize
+from raylin.distill.freezing import LossImprovementThreshold
+from raylin.distill.losses import classification_loss, combine, kd_loss, layerwise_loss
+from raylin.models.teachers import load_teacher
+from raylin.teacher.inprocess import InProcessTeachers
+from raylin.train.deepspeed import deepspeed_config
+
+MODEL_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification"}
+STATE_FILE = "trainer_state.json"
+SNAPSHOT_DIR = "snapshots"  # teacher fine-tuning: plain checkpoints every checkpoint_every steps (waypoints)
+FINETUNED_DIR = "teacher"  # teacher fine-tuning: the final plain checkpoint (a target teacher)
+TRAIN_LOG = "train_log.jsonl"  # one JSON line per step (rank 0); after a resume, the last line of a step wins
+STUDENT_DIR = "student"
+# Fields that may change between a run and its resumption; everything else must match.
+RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_every")
+# Fault injection for tests: "crash:STEP" ends rank 1's process before STEP, "nan:STEP" makes the
+# loss NaN at STEP, "crash-in-checkpoint:STEP" ends rank 0 while writing the checkpoint of STEP.
+# Each fires once per output folder (a marker file remembers it).
+FAULT_ENV = "RAYLIN_TEST_FAULT"
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    import hashlib
+
+    data = config.to_dict()
+    for key in RESUMABLE_CHANGES:
+        data["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fault(config: RunConfig, kind: str, step: int, rank: int, rank_wanted: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec != f"{kind}:{step}" or rank != rank_wanted:
+        return False
+    marker = Path(config.output_dir) / f".fault-{kind}-{step}"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
+def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value
+
+
+def _sum_across_workers(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def build_run(config: RunConfig, device: torch.device):
+    """Student (converted), teachers, data and task pieces for one worker. Same on every rank."""
+    if config.task.type not in MODEL_CLASSES:
+        raise NotImplementedError(
+            f"task.type {config.task.type!r} has losses but no data pipeline yet; "
+            f"supported in training now: {sorted(MODEL_CLASSES)}."
+        )
+    schedule = config.guidance_schedule()
+    model_class, num_labels = MODEL_CLASSES[config.task.type], config.task.num_labels
+
+    def load(path: str):
+        return load_teacher(path, model_class=model_class, num_labels=num_labels)[0].to(device)
+
+    torch.manual_seed(config.train.seed)  # a new task head starts the same on every rank
+    init_path = config.target_teacher if schedule.student_starts_from_target else config.teacher
+    init_model, tokenizer = load_teacher(init_path, model_class=model_class, num_labels=num_labels)
+    student, report = convert(init_model, config.plan, tokenizer)
+    del init_model
+    teachers = InProcessTeachers(
+        load,
+        target=config.target_teacher if config.guidance.mode in ("target", "hybrid") else None,
+        source=config.teacher if config.guidance.mode == "trajectory" else None,
+        trajectory_lr=config.guidance.teacher_lr,
+        trajectory_every=config.guidance.teacher_update_every,
+        task_loss=lambda out, batch: classification_loss(out.logits, batch["labels"]),
+    )
+    data = load_text_classification(
+        config.data.name, config.data.eval_fraction, config.data.seed,
+        config.data.max_train_examples, config.data.max_eval_examples,
+    )
+    return schedule, student.to(device), report, tokenizer, teachers, data
+
+
+def make_batch(tokenizer, texts, labels, max_length, device) -> dict[str, torch.Tensor]:
+    batch = tokenize(tokenizer, texts, max_length)
+    batch["labels"] = torch.tensor(labels)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, texts, labels, config: RunConfig, device, rank: int, world: int) -> dict[str, float]:
+    """Accuracy on the held-out split, each worker scoring its shard."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    batch_size = max(config.train.batch_size // world, 8)
+    shard = list(range(rank, len(texts), world))
+    for start in range(0, len(shard), batch_size):
+        idx = shard[start : start + batch_size]
+        batch = make_batch(tokenizer, [texts[i] for i in idx], [labels[i] for i in idx], config.data.max_length, device)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        correct += (logits.argmax(-1) == batch["labels"]).sum()
+        count += len(idx)
+    model.train()
+    return {"accuracy": (_sum_across_workers(correct) / _sum_across_workers(count).clamp(min=1)).item()}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(loop_config["config"])
+    finetune = loop_config.get("finetune", False)  # teacher fine-tuning: write plain snapshots
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    started = time.perf_counter()
+
+    schedule, student, report, tokenizer, teachers, data = build_run(config, device)
+    batches = GlobalBatches(len(data.train_texts), config.train.batch_size, config.data.seed)
+
+    # Two parameter groups: copied (XATL-frozen until LIT unfreezes them) and the rest.
+    copied_names = set(report.names("copied"))
+    copied = [p for n, p in student.named_parameters() if n in copied_names]
+    others = [p for n, p in student.named_parameters() if n not in copied_names]
+    lit = None
+    if config.freeze.copied:
+        lit = LossImprovementThreshold(**vars(config.freeze.lit))
+        for param in copied:  # zero gradients while frozen, so Adam's moments stay fresh
+            param.register_hook(lambda grad: grad if not lit.frozen else torch.zeros_like(grad))
+    main = lambda step: linear_warmup_decay(step, config.train.warmup_steps, config.train.max_steps)
+    copied_lambda = (lambda step: main(step) * lit.lr_multiplier(step)) if lit else main
+    # Empty groups are left out (DeepSpeed drops them): e.g. teacher fine-tuning copies everything.
+    groups, lambdas = [], []
+    for params, schedule_fn in ((others, main), (copied, copied_lambda)):
+        if params:
+            groups.append({"params": params})
+            lambdas.append(schedule_fn)
+    optimizer = torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=student, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config.train, world, device),
+    )
+
+    start_step, tokens_seen, wall_before = 0, 0, 0.0
+    fingerprint = config_fingerprint(config)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            if state["config_fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"{config.output_dir} holds run {config.run_name!r} with a different config; it would resume "
+                    "someone else's training state. Use a new output_dir (or set `name`), or restore the old config."
+                )
+            engine.load_checkpoint(folder, tag="engine")
+            start_step, tokens_seen, wall_before = state["step"], state["tokens"], state["wall_s"]
+            if lit is not None:
+                lit.load_state_dict(state["lit"])
+            teacher_state = Path(folder) / f"teacher_rank{rank}.pt"
+            if teacher_state.exists():
+                teachers.load_state_dict(torch.load(teacher_state, weights_only=False))
+        if rank == 0:
+            print(f"[raylin] resumed from step {start_step}", flush=True)
+
+    engine.train()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    loss_cfg = config.loss
+    for step in range(start_step, config.train.max_steps):
+        if _fault(config, "crash", step, rank, rank_wanted=min(1, world - 1)):
+            os._exit(1)  # a worker dies without cleanup, as on a lost node
+        torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
+        idx = batches.shard(step, rank, world)
+        batch = make_batch(tokenizer, [data.train_texts[i] for i in idx], [data.train_labels[i] for i in idx],
+                           config.data.max_length, device)
+        guidance = schedule.at(step)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = engine(**inputs, output_hidden_states=guidance.weights.layer > 0)
+        teacher_out = teachers.outputs(guidance, batch)
+        task = classification_loss(out.logits, batch["labels"])
+        layer = kd = None
+        if guidance.weights.layer > 0:
+            layer = layerwise_loss(out.hidden_states, teacher_out.hidden_states, loss_cfg.layers,
+                                   loss_cfg.normalization, batch["attention_mask"], loss_cfg.reduction)
+        if guidance.weights.out > 0:
+            kd = kd_loss(out.logits, teacher_out.logits, loss_cfg.temperature)
+        parts = combine(guidance.weights, task, layer, kd)
+        if _fault(config, "nan", step, rank, rank_wanted=0):
+            parts["loss"] = parts["loss"] * float("nan")
+        global_loss = _mean_across_workers(parts["loss"]).item()
+        if not math.isfinite(global_loss):
+            raise FloatingPointError(
+                f"Loss is {global_loss} at step {step} (parts: { {k: float(v) for k, v in parts.items()} }). "
+                f"Training stopped; the last good checkpoint is kept under {config.output_dir}. Lower train.lr, "
+                "raise loss.temperature, or check the data."
+            )
+        engine.backward(parts["loss"])
+        engine.step()
+        teachers.after_student_step(guidance)
+        tokens_seen += int(_sum_across_workers(batch["attention_mask"].sum()).item())
+        if lit is not None and lit.update(step, global_loss) and rank == 0:
+            print(f"[raylin] LIT: copied weights unfreeze at step {lit.unfrozen_at}", flush=True)
+
+        done = step + 1 == config.train.max_steps
+        metrics = {"step": step + 1, "loss": global_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                   **{f"loss_{k}": _mean_across_workers(v).item() for k, v in parts.items() if k != "loss"}}
+        if lit is not None:
+            metrics["copied_frozen"] = int(lit.frozen)
+        if config.train.eval_every and (step + 1) % config.train.eval_every == 0 or done:
+            scores = evaluate(engine.module, tokenizer, data.eval_texts, data.eval_labels, config, device, rank, world)
+            metrics |= {f"eval_{k}": v for k, v in scores.items()}
+        if rank == 0:
+            with open(Path(config.output_dir) / TRAIN_LOG, "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        if rank == 0 and ((step + 1) % 10 == 0 or done):
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"[raylin] {shown}", flush=True)
+        if (step + 1) % config.train.checkpoint_every == 0 or done:
+            state = {"step": step + 1, "tokens": tokens_seen, "lit": lit.state_dict() if lit else None,
+                     "wall_s": wall_before + time.perf_counter() - started, "config_fingerprint": fingerprint}
+            crash = _fault(config, "crash-in-checkpoint", step + 1, rank, rank_wanted=0)
+            if finetune:
+                name = f"{SNAPSHOT_DIR}/step_{step + 1}"
+                _save_plain_model(engine, tokenizer, Path(config.output_dir) / name, rank)
+                if done:
+                    _save_plain_model(engine, tokenizer, Path(config.output_dir) / FINETUNED_DIR, rank)
+            _save_checkpoint(engine, teachers, state, metrics, rank, done, crash)
+
+
+def _save_plain_model(engine, tokenizer, folder: Path, rank: int) -> None:
+    """Write the wrapped transformers model as an ordinary checkpoint (teacher fine-tuning)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        if rank == 0:
+            staging = folder.with_name(f".{folder.name}.incoming")
+            shutil.rmtree(staging, ignore_errors=True)
+            engine.module.model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+
+
+def _save_checkpoint(engine, teachers, state, metrics, rank, final, crash=False) -> None:
+    """Write this worker's part of a checkpoint and report it; Ray Train registers it only once
+    every part is stored, so a crash mid-write leaves the previous checkpoint as the latest."""
+    import deepspeed
+    import ray.train
+
+    folder = Path(tempfile.mkdtemp(prefix=f"raylin-ckpt-{state['step']}-"))
+    try:
+        engine.save_checkpoint(str(folder), tag="engine")
+        if crash:
+            os._exit(1)  # dies half-way through writing a checkpoint
+        teacher_state = teachers.state_dict()
+        if teacher_state:
+            torch.save(teacher_state, folder / f"teacher_rank{rank}.pt")
+        if final:
+            # The HF-format student: ZeRO-3 shards are gathered on every rank, rank 0 writes.
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+                if rank == 0:
+                    engine.module.save_pretrained(folder / STUDENT_DIR)
+        if rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics | {"wall_s": state["wall_s"]}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+

@@ -1,0 +1,81 @@
+"""Run configs are validated before any worker starts; errors name the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raylin.cli import main
+from raylin.config import ConfigError, config_from_dict, load_config
+
+pytestmark = pytest.mark.assets
+
+
+@pytest.fixture
+def base(tmp_path):
+    from conftest import make_teacher
+
+    teacher = tmp_path / "teacher"
+    make_teacher("bert").save_pretrained(teacher)
+    return {"teacher": str(teacher), "target_teacher": str(teacher), "output_dir": str(tmp_path / "out"),
+            "plan": {"mixer": "linformer", "linformer": {"k": 16}}}
+
+
+def test_shipped_config_is_valid():
+    # Its target teacher comes from `raylin finetune`; validate against the source model instead.
+    config = load_config("jobs/configs/minilm-rt-linformer.yaml", ["target_teacher=asset:all-minilm-l6"])
+    assert config.guidance.mode == "target" and config.plan["mixer"] == "linformer"
+    assert config.train.num_workers == 2 and config.data.name == "rotten_tomatoes"
+
+
+def test_defaults_and_overrides(base):
+    config = config_from_dict(base, ["train.max_steps=7", "loss.alpha_layer=2", "guidance.mode=unguided", "plan.linformer.k=8"])
+    assert config.train.max_steps == 7 and config.loss.alpha_layer == 2.0 and config.plan["linformer"]["k"] == 8
+    assert config.run_name == "out" and config.train.zero_stage == 2
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"guidance": {"mode": "distil"}}, r"guidance.mode 'distil' is unknown"),
+        ({"loss": {"alpha_layer": -1}}, r"loss.alpha_layer must be >= 0"),
+        ({"loss": {"alpha_out": "high"}}, r"'loss.alpha_out' must be float"),
+        ({"loss": {"temperature": 0}}, r"loss.temperature must be > 0"),
+        ({"target_teacher": None}, r"guidance.mode 'target' distils from a fine-tuned teacher: set target_teacher"),
+        ({"guidance": {"mode": "waypoint"}}, r"needs guidance.waypoints"),
+        ({"guidance": {"mode": "waypoint", "waypoints": [{"step": 5}]}}, r"waypoints\[0\] must be a mapping with exactly"),
+        ({"guidance": {"mode": "hybrid"}}, r"needs guidance.hybrid_cutoff"),
+        ({"train": {"zero_stage": 4}}, r"train.zero_stage must be 0, 1, 2 or 3"),
+        ({"train": {"batch_size": 7}}, r"train.batch_size=7 must be divisible by train.num_workers=2"),
+        ({"train": {"max_stepz": 3}}, r"Unknown config key\(s\) \['train.max_stepz'\]"),
+        ({"learning_rate": 3}, r"Unknown config key\(s\) \['learning_rate'\]"),
+        ({"task": {"type": "qa"}}, r"task.type 'qa' is unknown"),
+        ({"plan": {"mixer": "linformer", "keep_attention": [9]}}, r"keep_attention lists layer\(s\) \[9\]"),
+        ({"plan": {"mixer": "linformer", "linformer": {"k": 100}}}, r"k=100 is above the maximum sequence length 64"),
+        ({"teacher": "/nonexistent/teacher", "target_teacher": None, "guidance": {"mode": "unguided"}}, r"No teacher folder"),
+    ],
+)
+def test_bad_configs_name_the_field(base, change, message):
+    data = {**base, **{k: (base.get(k, {}) | v) if isinstance(v, dict) and k not in ("plan",) else v for k, v in change.items()}}
+    with pytest.raises((ConfigError, FileNotFoundError), match=message):
+        config_from_dict(data)
+
+
+def test_missing_required_key(base):
+    del base["teacher"]
+    with pytest.raises(ConfigError, match="Missing required config key 'teacher'"):
+        config_from_dict(base)
+
+
+def test_cli_rejects_a_bad_config_before_starting_ray(base, tmp_path, capsys):
+    import ray
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base, "guidance": {"mode": "trajectoryy"}}))
+    assert main(["convert", str(path)]) == 2
+    assert "guidance.mode 'trajectoryy' is unknown" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        config_from_dict(base, ["train.max_steps"])

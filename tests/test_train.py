@@ -1,0 +1,187 @@
+"""CALD training on a real local Ray cluster with real DeepSpeed on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from raylin.config import config_from_dict
+from raylin.pipeline import run_conversion
+from raylin.train.loop import STATE_FILE, TRAIN_LOG
+from raylin.train.trainer import fit
+
+pytestmark = pytest.mark.assets
+
+
+def _tiny_teacher(folder, tokenizer, seed):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic across worker counts
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    from conftest import require_asset
+
+    require_asset("all-minilm-l6")
+    from raylin.data.assets import asset_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(asset_path("all-minilm-l6"))
+    root = tmp_path_factory.mktemp("teachers")
+    return {name: _tiny_teacher(root / name, tokenizer, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(teachers, out, **overrides):
+    base = {
+        "teacher": teachers["source"], "target_teacher": teachers["target"], "output_dir": str(out),
+        "plan": {"mixer": "linformer", "linformer": {"k": 16}},
+        "data": {"max_length": 48, "max_train_examples": 256, "max_eval_examples": 64},
+        "guidance": {"mode": "target"},
+        "loss": {"alpha_layer": 1.0, "alpha_out": 0.5},
+        "train": {"num_workers": 2, "zero_stage": 2, "max_steps": 12, "batch_size": 8, "checkpoint_every": 6,
+                  "lr": 1e-3, "warmup_steps": 2, "max_failures": 1},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            base[section] = {**base.get(section, {}), field: value}
+        else:
+            base[section] = value
+    return config_from_dict(base)
+
+
+def _losses(out):
+    by_step = {}
+    for line in (out / TRAIN_LOG).read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record  # a resumed run rewrites steps after its checkpoint
+    return [by_step[s]["loss"] for s in sorted(by_step)]
+
+
+GUIDANCE = {
+    "unguided": {"mode": "unguided"},
+    "target": {"mode": "target"},
+    "trajectory": {"mode": "trajectory", "teacher_update_every": 2, "teacher_lr": 1e-3},
+    "waypoint": {"mode": "waypoint"},
+    "hybrid": {"mode": "hybrid", "hybrid_cutoff": 6},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(GUIDANCE))
+def test_each_guidance_mode_runs_end_to_end(mode, teachers, ray_cluster, tmp_path):
+    guidance = dict(GUIDANCE[mode])
+    if mode == "waypoint":
+        guidance["waypoints"] = [{"step": 6, "path": teachers["wp1"]}, {"step": 12, "path": teachers["wp2"]}]
+    config = _config(teachers, tmp_path / mode, guidance=guidance)
+    metrics = run_conversion(config)
+    assert metrics["steps"] == 12 and metrics["tokens"] > 0
+    assert 0 <= metrics["student"]["accuracy"] <= 1 and 0 <= metrics["teacher"]["accuracy"] <= 1
+    assert (tmp_path / mode / "report.md").read_text().startswith("# raylin run")
+    import raylin
+
+    student = raylin.load_student(tmp_path / mode / "student")
+    assert student.plan.mixer == "linformer"
+    log = [json.loads(line) for line in (tmp_path / mode / TRAIN_LOG).read_text().splitlines()]
+    if mode == "unguided":
+        assert all("loss_layer" not in r and "loss_kd" not in r for r in log)
+    elif mode == "hybrid":
+        assert all(("loss_layer" in r) == (r["step"] <= 6) for r in log)
+    else:
+        assert all("loss_layer" in r and "loss_kd" in r for r in log)
+
+
+def test_one_and_two_workers_follow_the_same_loss_curve(teachers, ray_cluster, tmp_path):
+    curves = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        fit(_config(teachers, out, guidance={"mode": "unguided"}, **{"train.num_workers": workers}))
+        curves[workers] = _losses(out)
+    assert len(curves[1]) == 12
+    torch.testing.assert_close(torch.tensor(curves[2]), torch.tensor(curves[1]), rtol=2e-3, atol=2e-4)
+
+
+def test_zero3_on_two_workers_trains_with_falling_loss(teachers, ray_cluster, tmp_path):
+    out = tmp_path / "z3"
+    result = fit(_config(teachers, out, **{"train.zero_stage": 3, "train.max_steps": 16, "train.checkpoint_every": 16}))
+    assert result.error is None
+    losses = _losses(out)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    with result.checkpoint.as_directory() as folder:
+        import raylin
+
+        student = raylin.load_student(f"{folder}/student")  # gathered from ZeRO-3 shards
+        assert all(p.numel() > 0 for p in student.parameters())
+
+
+def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teachers, ray_cluster, tmp_path, monkeypatch):
+    clean = fit(_config(teachers, tmp_path / "clean", guidance={"mode": "unguided"}))
+    monkeypatch.setenv("RAYLIN_TEST_FAULT", "crash:9")
+    crashed = fit(_config(teachers, tmp_path / "crashed", guidance={"mode": "unguided"}))
+    assert (tmp_path / "crashed" / ".fault-crash-9").exists()  # the worker really died at step 9
+    assert crashed.error is None
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "crashed")), torch.tensor(_losses(tmp_path / "clean")))
+    assert crashed.metrics["eval_accuracy"] == clean.metrics["eval_accuracy"]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(teachers, ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLIN_TEST_FAULT", "crash-in-checkpoint:12")
+    out = tmp_path / "ckpt-crash"
+    result = fit(_config(teachers, out, guidance={"mode": "unguided"}))
+    assert (out / ".fault-crash-in-checkpoint-12").exists()
+    assert result.error is None and result.metrics["step"] == 12
+    # Steps 7..12 ran twice: the restart resumed from the step-6 checkpoint.
+    steps = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert steps.count(7) == 2 and steps.count(6) == 1
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(teachers, ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLIN_TEST_FAULT", "nan:8")
+    out = tmp_path / "nan"
+    config = _config(teachers, out, guidance={"mode": "unguided"}, **{"train.max_failures": 0})
+    with pytest.raises(Exception, match=r"Loss is nan at step 8.*last good checkpoint"):
+        result = fit(config)
+        if result.error is not None:
+            raise result.error
+    checkpoints = sorted(p for p in (out / "ray").glob("*/checkpoint_*") if p.is_dir())
+    assert checkpoints, "the step-6 checkpoint is gone"
+    assert json.loads((checkpoints[-1] / STATE_FILE).read_text())["step"] == 6
+
+
+def test_resuming_with_a_different_config_is_refused(teachers, ray_cluster, tmp_path):
+    out = tmp_path / "changed"
+    fit(_config(teachers, out, guidance={"mode": "unguided"}, **{"train.max_failures": 0}))
+    changed = _config(teachers, out, guidance={"mode": "unguided"}, **{"train.lr": 5e-4, "train.max_failures": 0, "train.max_steps": 14})
+    with pytest.raises(Exception, match="holds run .* with a different config"):
+        result = fit(changed)
+        if result.error is not None:
+            raise result.error
+
+
+def test_finetune_writes_a_target_teacher_and_waypoints_that_convert_uses(teachers, ray_cluster, tmp_path):
+    from raylin.pipeline import run_finetune
+
+    tuned = run_finetune(_config(teachers, tmp_path / "teacher-run", guidance={"mode": "target"}))
+    assert [w["step"] for w in tuned["waypoints"]] == [6, 12]
+    teacher = transformers.AutoModelForSequenceClassification.from_pretrained(tuned["target_teacher"])
+    assert type(teacher).__name__ == "BertForSequenceClassification"  # a plain checkpoint, usable anywhere
+    metrics = run_conversion(_config(teachers, tmp_path / "student-run", target_teacher=tuned["target_teacher"],
+                                     guidance={"mode": "waypoint", "waypoints": tuned["waypoints"]}))
+    assert metrics["steps"] == 12
