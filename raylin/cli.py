@@ -90,7 +90,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from raylin.pipeline import run_finetune
 
     try:
-        config = load_config(args.config, args.set + ["guidance.mode=unguided"])
+        # The fine-tuned teacher is what this run makes: ignore target_teacher and guidance.
+        config = load_config(args.config, args.set + ["guidance={mode: unguided}", "target_teacher=null"])
     except ConfigError as error:
         print(f"raylin: invalid config: {error}", file=sys.stderr)
         return 2

@@ -155,8 +155,19 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
         raise ConfigError("A config must be a mapping of keys to values.")
     data = _apply_overrides(data, overrides or [])
     config = _build(RunConfig, data, "")
+    _absolute_paths(config)
     validate(config)
     return config
+
+
+def _absolute_paths(config: RunConfig) -> None:
+    """Make local paths absolute: Ray Train workers run in their own working directory."""
+    config.output_dir = str(Path(config.output_dir).expanduser().resolve())
+    local = lambda path: str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+    config.teacher, config.target_teacher = local(config.teacher), local(config.target_teacher)
+    for waypoint in config.guidance.waypoints:
+        if isinstance(waypoint, dict) and "path" in waypoint:
+            waypoint["path"] = local(str(waypoint["path"]))
 
 
 def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

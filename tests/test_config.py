@@ -34,6 +34,15 @@ def test_defaults_and_overrides(base):
     assert config.run_name == "out" and config.train.zero_stage == 2
 
 
+def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ray Train workers do not share the driver's working directory
+    config = config_from_dict({**base, "teacher": "teacher", "target_teacher": "teacher", "output_dir": "runs/a"})
+    assert config.output_dir == str(tmp_path / "runs" / "a")
+    assert config.teacher == config.target_teacher == str(tmp_path / "teacher")
+    assert config_from_dict({**base, "teacher": "asset:all-minilm-l6", "guidance": {"mode": "unguided"},
+                             "target_teacher": None}).teacher == "asset:all-minilm-l6"
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

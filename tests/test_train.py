@@ -185,3 +185,24 @@ def test_finetune_writes_a_target_teacher_and_waypoints_that_convert_uses(teache
     metrics = run_conversion(_config(teachers, tmp_path / "student-run", target_teacher=tuned["target_teacher"],
                                      guidance={"mode": "waypoint", "waypoints": tuned["waypoints"]}))
     assert metrics["steps"] == 12
+
+
+def test_frozen_copied_weights_stay_exact_until_lit_unfreezes_them(teachers, ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    never = {"copied": True, "lit": {"window": 3, "threshold": -1e9, "patience": 1, "warmup_steps": 0}}
+    result = fit(_config(teachers, tmp_path / "frozen", guidance={"mode": "unguided"}, freeze=never))
+    with result.checkpoint.as_directory() as folder:
+        student = load_file(f"{folder}/student/model.safetensors")
+    source = load_file(f"{teachers['source']}/model.safetensors")
+    copied = [k for k in student if k.removeprefix("model.") in source and ".attention.self." not in k]
+    assert copied and all(torch.equal(student[k], source[k.removeprefix("model.")]) for k in copied)
+    new = [k for k in student if k.endswith(".E.weight")]
+    assert new and all(not torch.equal(student[k], torch.zeros_like(student[k])) for k in new)
+    log = [json.loads(line) for line in (tmp_path / "frozen" / TRAIN_LOG).read_text().splitlines()]
+    assert all(r["copied_frozen"] == 1 for r in log)
+    # A threshold every window misses unfreezes at the end of the second window (the first comparison).
+    always = {"copied": True, "lit": {"window": 3, "threshold": 1e9, "patience": 1, "warmup_steps": 2}}
+    fit(_config(teachers, tmp_path / "unfrozen", guidance={"mode": "unguided"}, freeze=always))
+    log = [json.loads(line) for line in (tmp_path / "unfrozen" / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if r["copied_frozen"] == 0][0] == 6

@@ -36,7 +36,7 @@ def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:
                 "(config.json + model.safetensors). Save one with model.save_pretrained(folder)."
             )
         return str(path)
-    if name.startswith((".", "/", "~")):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # Hub ids are "name" or "owner/name"
         raise FileNotFoundError(f"No teacher folder at {name}. Check the path.")
     return name
 
