@@ -46,7 +46,8 @@ def fit(config: RunConfig, finetune: bool = False):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": _worker_env(False)}, include_dashboard=False)
+        # The dashboard hosts the State API that Ray Train uses to clean up placement groups.
+        ray.init(runtime_env={"env_vars": _worker_env(False)}, dashboard_host="127.0.0.1")
     use_gpu = config.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
