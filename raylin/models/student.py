@@ -34,6 +34,7 @@ from raylin.models.cache import StudentCache
 from raylin.models.families import FamilyAdapter, family_for_config
 from raylin.models.mixers import LinformerProjection
 from raylin.models.plan import Plan, build_mixer
+from raylin.models.teachers import load_processor
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -220,7 +221,7 @@ class RaylinStudent(PreTrainedModel):
                 f"{folder / WEIGHTS_NAME} does not match the student its config describes: missing "
                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. Was the folder edited by hand?"
             )
-        student.processor = _load_processor(folder)
+        student.processor = load_processor(str(folder), student.family.modality)
         if dtype is not None:
             student = student.to(dtype)
         return student.eval()
@@ -287,15 +288,6 @@ def _resolve_folder(name_or_path: str) -> Path:
             "Load teachers with transformers' AutoModel; convert them with raylin.convert."
         )
     return path
-
-
-def _load_processor(folder: Path):
-    """The tokenizer or feature extractor saved with a student, or None."""
-    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    if (folder / "preprocessor_config.json").is_file():
-        return transformers.AutoFeatureExtractor.from_pretrained(folder)
-    return None
 
 
 def load_student(path: str | os.PathLike, dtype: torch.dtype | None = None) -> RaylinStudent:

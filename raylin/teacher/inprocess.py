@@ -51,7 +51,6 @@ class InProcessTeachers:
         self.trajectory_every = trajectory_every
         self._task_loss = task_loss
         self._trajectory_optimizer = None
-        self._pending_steps = 0
         if source is not None:
             model = load(source)
             model.train()
@@ -78,7 +77,6 @@ class InProcessTeachers:
             # The targets are the teacher's states before its update; its task loss trains it.
             loss = self._task_loss(out, batch) / self.trajectory_every
             loss.backward()
-            self._pending_steps += 1
             return TeacherOutput(tuple(h.detach() for h in out.hidden_states), out.logits.detach())
         with torch.no_grad():
             out = self.model(guidance.teacher)(**model_inputs, output_hidden_states=True)
@@ -94,15 +92,6 @@ class InProcessTeachers:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
         self._trajectory_optimizer.step()
         self._trajectory_optimizer.zero_grad(set_to_none=True)
-        self._pending_steps = 0
-
-    @property
-    def trajectory_steps(self) -> int:
-        """How many optimizer steps the trajectory teacher has taken."""
-        if self._trajectory_optimizer is None:
-            return 0
-        state = self._trajectory_optimizer.state
-        return int(next(iter(state.values()))["step"]) if state else 0
 
     def state_dict(self) -> dict:
         if self._trajectory_optimizer is None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raylin.config import RunConfig, config_from_dict
-from raylin.convert import convert
+from raylin.convert import convert, freezable_copied_parameters
 from raylin.data.text import GlobalBatches, load_text_classification, tokenize
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.losses import classification_loss, combine, kd_loss, layerwise_loss
@@ -68,11 +68,13 @@ def _fault(config: RunConfig, kind: str, step: int, rank: int, rank_wanted: int)
     return True
 
 
-def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().float().clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG)
-    return value
+def _step_totals(parts: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> tuple[dict[str, float], int]:
+    """Loss parts averaged over workers and the global token count, in one all-reduce."""
+    names = list(parts)
+    values = torch.stack([parts[k].detach().float() for k in names] + [num_tokens.float()])
+    values = _sum_across_workers(values)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {k: (values[i] / world).item() for i, k in enumerate(names)}, int(values[-1].item())
 
 
 def _sum_across_workers(value: torch.Tensor) -> torch.Tensor:
@@ -161,9 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = GlobalBatches(len(data.train_texts), config.train.batch_size, config.data.seed)
 
     # Two parameter groups: copied (XATL-frozen until LIT unfreezes them) and the rest.
-    copied_names = set(report.names("copied"))
-    copied = [p for n, p in student.named_parameters() if n in copied_names]
-    others = [p for n, p in student.named_parameters() if n not in copied_names]
+    copied = freezable_copied_parameters(student, report)
+    copied_ids = {id(p) for p in copied}
+    others = [p for p in student.parameters() if id(p) not in copied_ids]
     lit = None
     if config.freeze.copied:
         lit = LossImprovementThreshold(**vars(config.freeze.lit))
@@ -229,7 +231,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         parts = combine(guidance.weights, task, layer, kd)
         if _fault(config, "nan", step, rank, rank_wanted=0):
             parts["loss"] = parts["loss"] * float("nan")
-        global_loss = _mean_across_workers(parts["loss"]).item()
+        means, step_tokens = _step_totals(parts, batch["attention_mask"].sum())
+        global_loss = means["loss"]
         if not math.isfinite(global_loss):
             raise FloatingPointError(
                 f"Loss is {global_loss} at step {step} (parts: { {k: float(v) for k, v in parts.items()} }). "
@@ -239,13 +242,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.backward(parts["loss"])
         engine.step()
         teachers.after_student_step(guidance)
-        tokens_seen += int(_sum_across_workers(batch["attention_mask"].sum()).item())
+        tokens_seen += step_tokens
         if lit is not None and lit.update(step, global_loss) and rank == 0:
             print(f"[raylin] LIT: copied weights unfreeze at step {lit.unfrozen_at}", flush=True)
 
         done = step + 1 == config.train.max_steps
         metrics = {"step": step + 1, "loss": global_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                   **{f"loss_{k}": _mean_across_workers(v).item() for k, v in parts.items() if k != "loss"}}
+                   **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
         if config.train.eval_every and (step + 1) % config.train.eval_every == 0 or done:
