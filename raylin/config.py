@@ -23,6 +23,8 @@ from raylin.models.plan import Plan, PlanError
 
 TASKS = ("sequence_classification", "causal_lm", "ctc", "utterance_classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEACHER_MODES = ("served", "inprocess")
+SERVED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,28 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherServiceConfig:
+    mode: str = "served"  # served: Ray actors (raylin.teacher.pool) | inprocess: inside each training worker
+    dtype: str = "bfloat16"  # dtype of served activations: bfloat16 | float16 | float32
+    cpus: float = 1.0  # per replica (fractions allowed)
+    gpus: float = 0.0  # per replica (fractions share a GPU)
+    prefetch: bool = True  # ask for step s+1's activations while the student computes step s
+    cache: bool = False  # activation cache for fixed teachers (target, hybrid, waypoints)
+    cache_dir: str = "~/.cache/raylin/activations"
+    cache_max_gb: float = 20.0
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = False  # run the layer-parallel alignment stage before distillation
+    steps: int = 100  # optimizer steps per layer
+    batch_size: int = 16
+    lr: float = 1e-3
+    num_workers: int = 2  # Ray tasks; layers are spread round-robin across them
+    parameters: str = "new"  # new: only the new mixer weights learn | all: the whole block
+
+
+@dataclass
 class RunConfig:
     teacher: str  # the pretrained (source) model: folder, Hub id or asset:NAME
     output_dir: str
@@ -111,6 +135,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_service: TeacherServiceConfig = field(default_factory=TeacherServiceConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     name: str | None = None  # run name (resume key); default: the output folder's name
 
     # ----- derived views --------------------------------------------------------------------
@@ -273,6 +299,15 @@ def validate(config: RunConfig) -> None:
     need(t.lr > 0, "train.lr must be > 0.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
     need(bool(config.output_dir), "output_dir must be set.")
+    ts = config.teacher_service
+    need(ts.mode in TEACHER_MODES, f"teacher_service.mode must be one of {TEACHER_MODES}, got {ts.mode!r}.")
+    need(ts.dtype in SERVED_DTYPES, f"teacher_service.dtype must be one of {SERVED_DTYPES}, got {ts.dtype!r}.")
+    need(ts.cpus >= 0 and ts.gpus >= 0, "teacher_service.cpus and teacher_service.gpus must be >= 0.")
+    need(ts.cache_max_gb > 0, f"teacher_service.cache_max_gb must be > 0, got {ts.cache_max_gb}.")
+    a = config.align
+    need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0,
+         "align.steps, align.batch_size, align.num_workers and align.lr must be positive.")
+    need(a.parameters in ("new", "all"), f"align.parameters must be 'new' or 'all', got {a.parameters!r}.")
     try:
         plan = Plan.from_mapping(config.plan)
     except PlanError as error:

@@ -97,6 +97,13 @@ def run_conversion(config: RunConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "config.yaml", dump_config(config))
+    aligned = None
+    if config.align.enabled:
+        from raylin.train.align import run_align
+        from raylin.train.trainer import ensure_ray
+
+        ensure_ray()
+        aligned = run_align(config)
     result = fit(config)
     if result.error is not None:
         raise result.error
@@ -117,6 +124,8 @@ def run_conversion(config: RunConfig) -> dict:
         "guidance": config.guidance.mode,
         "mixer": config.plan.get("mixer"),
     }
+    if aligned is not None:
+        metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"]}
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     _write_atomic(out / "report.md", render_report(config, metrics))
     return metrics

@@ -18,6 +18,8 @@ from transformers import AutoConfig, PreTrainedModel
 from raylin.models.families import family_for_config
 
 ASSET_PREFIX = "asset:"
+# The transformers class (with the task head) that a task trains, for teachers and students alike.
+MODEL_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification"}
 
 
 def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:

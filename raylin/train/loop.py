@@ -29,11 +29,9 @@ from raylin.convert import convert, freezable_copied_parameters
 from raylin.data.text import GlobalBatches, load_text_classification, tokenize
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.losses import classification_loss, combine, kd_loss, layerwise_loss
-from raylin.models.teachers import load_teacher
-from raylin.teacher.inprocess import InProcessTeachers
+from raylin.models.teachers import MODEL_CLASSES, load_teacher
+from raylin.teacher import TeacherRequest, open_teachers
 from raylin.train.deepspeed import deepspeed_config
-
-MODEL_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification"}
 STATE_FILE = "trainer_state.json"
 SNAPSHOT_DIR = "snapshots"  # teacher fine-tuning: plain checkpoints every checkpoint_every steps (waypoints)
 FINETUNED_DIR = "teacher"  # teacher fine-tuning: the final plain checkpoint (a target teacher)
@@ -90,37 +88,38 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(total - warmup, 1))
 
 
-def build_run(config: RunConfig, device: torch.device):
-    """Student (converted), teachers, data and task pieces for one worker. Same on every rank."""
+def converted_student(config: RunConfig):
+    """The XATL-converted student (and transfer report, tokenizer) a run starts from: converted from
+    the target teacher for target/hybrid guidance, else from the pretrained model. Deterministic."""
     if config.task.type not in MODEL_CLASSES:
         raise NotImplementedError(
             f"task.type {config.task.type!r} has losses but no data pipeline yet; "
             f"supported in training now: {sorted(MODEL_CLASSES)}."
         )
-    schedule = config.guidance_schedule()
-    model_class, num_labels = MODEL_CLASSES[config.task.type], config.task.num_labels
-
-    def load(path: str):
-        return load_teacher(path, model_class=model_class, num_labels=num_labels)[0].to(device)
-
-    torch.manual_seed(config.train.seed)  # a new task head starts the same on every rank
-    init_path = config.target_teacher if schedule.student_starts_from_target else config.teacher
-    init_model, tokenizer = load_teacher(init_path, model_class=model_class, num_labels=num_labels)
+    torch.manual_seed(config.train.seed)  # a new task head and new mixers start the same on every rank
+    init_model, tokenizer = load_teacher(init_teacher(config), model_class=MODEL_CLASSES[config.task.type],
+                                         num_labels=config.task.num_labels)
     student, report = convert(init_model, config.plan, tokenizer)
-    del init_model
-    teachers = InProcessTeachers(
-        load,
-        target=config.target_teacher if config.guidance.mode in ("target", "hybrid") else None,
-        source=config.teacher if config.guidance.mode == "trajectory" else None,
-        trajectory_lr=config.guidance.teacher_lr,
-        trajectory_every=config.guidance.teacher_update_every,
-        task_loss=lambda out, batch: classification_loss(out.logits, batch["labels"]),
-    )
+    return student, report, tokenizer
+
+
+def init_teacher(config: RunConfig) -> str:
+    return config.target_teacher if config.guidance_schedule().student_starts_from_target else config.teacher
+
+
+def build_run(config: RunConfig, device: torch.device):
+    """Student (converted, then aligned when the align stage ran), data and task pieces for one
+    worker. Same on every rank."""
+    student, report, tokenizer = converted_student(config)
+    if config.align.enabled:
+        from raylin.train.align import load_aligned
+
+        load_aligned(student, config)
     data = load_text_classification(
         config.data.name, config.data.eval_fraction, config.data.seed,
         config.data.max_train_examples, config.data.max_eval_examples,
     )
-    return schedule, student.to(device), report, tokenizer, teachers, data
+    return config.guidance_schedule(), student.to(device), report, tokenizer, data
 
 
 def make_batch(tokenizer, texts, labels, max_length, device) -> dict[str, torch.Tensor]:
@@ -159,8 +158,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     started = time.perf_counter()
 
-    schedule, student, report, tokenizer, teachers, data = build_run(config, device)
+    schedule, student, report, tokenizer, data = build_run(config, device)
+    teachers = open_teachers(config, device, rank, world, pool=loop_config.get("teacher_pool"))
     batches = GlobalBatches(len(data.train_texts), config.train.batch_size, config.data.seed)
+
+    def batch_for(step: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        idx = batches.shard(step, rank, world)
+        return idx, make_batch(tokenizer, [data.train_texts[i] for i in idx], [data.train_labels[i] for i in idx],
+                               config.data.max_length, device)
+
+    def ask_teacher(step: int, idx: list[int], batch: dict[str, torch.Tensor]) -> None:
+        guidance = schedule.at(step)
+        if guidance.teacher is not None:
+            teachers.submit(TeacherRequest(
+                step, guidance.teacher, {k: v.cpu().numpy() for k, v in batch.items() if k != "labels"},
+                labels=batch["labels"].cpu().numpy(), example_ids=idx, update_teacher=guidance.update_teacher))
 
     # Two parameter groups: copied (XATL-frozen until LIT unfreezes them) and the rest.
     copied = freezable_copied_parameters(student, report)
@@ -204,23 +216,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
             teacher_state = Path(folder) / f"teacher_rank{rank}.pt"
             if teacher_state.exists():
                 teachers.load_state_dict(torch.load(teacher_state, weights_only=False))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # a served trajectory teacher is restored (by rank 0) before anyone asks it
         if rank == 0:
             print(f"[raylin] resumed from step {start_step}", flush=True)
 
     engine.train()
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     loss_cfg = config.loss
+    prefetch, prefetched = config.teacher_service.prefetch, None
     for step in range(start_step, config.train.max_steps):
         if _fault(config, "crash", step, rank, rank_wanted=min(1, world - 1)):
             os._exit(1)  # a worker dies without cleanup, as on a lost node
         torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
-        idx = batches.shard(step, rank, world)
-        batch = make_batch(tokenizer, [data.train_texts[i] for i in idx], [data.train_labels[i] for i in idx],
-                           config.data.max_length, device)
+        if prefetched is None:
+            idx, batch = batch_for(step)
+            ask_teacher(step, idx, batch)
+        else:
+            idx, batch = prefetched
+        # Prefetch: the teacher works on step s+1 while the student computes step s. Not across a
+        # checkpoint, so a saved trajectory teacher has seen exactly the steps before it.
+        prefetched = None
+        if prefetch and step + 1 < config.train.max_steps and (step + 1) % config.train.checkpoint_every:
+            prefetched = batch_for(step + 1)
+            ask_teacher(step + 1, *prefetched)
         guidance = schedule.at(step)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = engine(**inputs, output_hidden_states=guidance.weights.layer > 0)
-        teacher_out = teachers.outputs(guidance, batch)
+        teacher_out = teachers.result(step) if guidance.teacher is not None else None
         task = classification_loss(out.logits, batch["labels"])
         layer = kd = None
         if guidance.weights.layer > 0:
@@ -241,7 +264,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
         engine.backward(parts["loss"])
         engine.step()
-        teachers.after_student_step(guidance)
         tokens_seen += step_tokens
         if lit is not None and lit.update(step, global_loss) and rank == 0:
             print(f"[raylin] LIT: copied weights unfreeze at step {lit.unfrozen_at}", flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from raylin.config import RunConfig
 from raylin.train.loop import train_loop_per_worker
 
+TEACHER_STATS = "teacher_service.json"  # the served teacher's counters: forwards, cache hits, bytes served
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -36,25 +37,40 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def fit(config: RunConfig, finetune: bool = False):
-    """Run distillation for ``config`` and return Ray Train's Result (metrics, checkpoint).
-
-    ``finetune=True`` is teacher fine-tuning (see raylin.pipeline.finetune_config): the loop also
-    writes plain transformers snapshots, the waypoints and target teacher of later runs."""
+def ensure_ray() -> None:
+    """Connect to the Ray cluster (RAY_ADDRESS, or a running local one), or start a local one."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         # The dashboard hosts the State API that Ray Train uses to clean up placement groups.
         ray.init(runtime_env={"env_vars": _worker_env(False)}, dashboard_host="127.0.0.1")
+
+
+def fit(config: RunConfig, finetune: bool = False, teacher_pool=None):
+    """Run distillation for ``config`` and return Ray Train's Result (metrics, checkpoint).
+
+    ``finetune=True`` is teacher fine-tuning (see raylin.pipeline.finetune_config): the loop also
+    writes plain transformers snapshots, the waypoints and target teacher of later runs.
+    ``teacher_pool``: a TeacherPool shared with other runs (Tune trials); by default a served run
+    gets its own pool, shut down when the run ends."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylin.teacher import teacher_pool as make_pool
+
+    ensure_ray()
     use_gpu = config.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
+    served = config.teacher_service.mode == "served" and config.guidance.mode != "unguided" and not finetune
+    own_pool = served and teacher_pool is None
+    pool = (make_pool(config) if own_pool else teacher_pool) if served else None
+    check_resources(config, served and own_pool)
     resources = {"CPU": config.train.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "finetune": finetune},
+        train_loop_config={"config": config.to_dict(), "finetune": finetune, "teacher_pool": pool},
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
         run_config=RayRunConfig(
@@ -65,4 +81,38 @@ def fit(config: RunConfig, finetune: bool = False):
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if own_pool:
+            _write_json(Path(config.output_dir) / TEACHER_STATS, pool.stats())
+            pool.shutdown()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def check_resources(config: RunConfig, with_teacher_replica: bool) -> None:
+    """Fail fast when a single-node cluster cannot hold the workers (and the teacher replica):
+    Ray would otherwise wait for resources forever. Multi-node and autoscaling clusters are not checked."""
+    import ray
+
+    if len([node for node in ray.nodes() if node["Alive"]]) != 1:
+        return
+    have = ray.cluster_resources().get("CPU", 0)
+    need = config.train.num_workers * config.train.cpus_per_worker
+    need += config.teacher_service.cpus if with_teacher_replica else 0
+    if need > have + 1e-9:
+        raise RuntimeError(
+            f"This run needs {need:g} CPUs ({config.train.num_workers} workers x train.cpus_per_worker="
+            f"{config.train.cpus_per_worker:g}" + (f" + teacher replica teacher_service.cpus={config.teacher_service.cpus:g}"
+                                                   if with_teacher_replica else "")
+            + f") but the Ray cluster has {have:g}. Lower train.cpus_per_worker (fractions are fine, e.g. 0.5) or "
+            "teacher_service.cpus, or set teacher_service.mode=inprocess."
+        )

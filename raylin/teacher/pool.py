@@ -1,0 +1,196 @@
+"""The teacher service: teachers in Ray actors, layer activations through the object store.
+
+``TeacherReplica`` is a Ray actor holding a ``TeacherBank``. Training workers (and alignment
+tasks) send it ``TeacherRequest``s and get ObjectRefs of compact numpy arrays back, which a worker
+on the same node maps without a copy. Requests are submitted a step ahead (prefetch), so the
+teacher's forward for step s+1 runs while the student computes step s.
+
+``TeacherPool`` names the replicas of one teacher configuration: one replica per node, created on
+first use by whichever worker of that node asks (``replica()``), pinned to the node, so
+activations never cross the network. The trajectory teacher is stateful and trains on the global
+batch: it has exactly one replica for the whole run. Replicas restart when their process dies
+(``max_restarts``) and Ray replays the lost request (``max_task_retries``); fixed teachers give the
+same answer again. A restarted trajectory replica has lost its training state, so it refuses
+requests until the run reloads it from the last checkpoint (the training worker fails, and Ray
+Train restarts the run from that checkpoint).
+
+Pools are keyed by their spec: runs (and Tune trials) with the same fixed teacher, outputs and
+dtype share replicas; ``TeacherPool.shutdown()`` ends them. Replicas are detached actors in the
+``raylin`` namespace so they outlive a restarted worker; whoever created the pool shuts it down.
+
+Limits: a fractional ``gpus`` lets replicas share a GPU with training workers; a node without a
+replica gets one when a worker there first asks, which takes a model load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from raylin.teacher.bank import TeacherBank, TeacherOutput, TeacherRequest, TeacherSpec, pack, unpack
+
+NAMESPACE = "raylin"
+
+
+def _load_teacher_for(spec: TeacherSpec):
+    from raylin.models.teachers import load_teacher
+
+    return lambda path: load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels)[0]
+
+
+class TeacherReplica:
+    """One teacher holder (wrapped by ``ray.remote`` in ``TeacherPool.replica``)."""
+
+    def __init__(self, spec: TeacherSpec, use_gpu: bool):
+        import ray
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.bank = TeacherBank(spec, _load_teacher_for(spec), device)
+        # A restarted trajectory replica has lost the teacher's training since the last checkpoint.
+        self.needs_state = spec.source is not None and ray.get_runtime_context().was_current_actor_reconstructed
+        self._updated: asyncio.Condition | None = None
+        self.transfer_bytes = 0
+
+    async def serve(self, request: TeacherRequest) -> dict:
+        if request.teacher != "trajectory":
+            return self._pack(self.bank.compute(request))
+        if self.needs_state:
+            raise RuntimeError(
+                "The trajectory teacher's replica restarted and lost its training state; the run must restart "
+                "from its last checkpoint (Ray Train does this when train.max_failures > 0)."
+            )
+        if self._updated is None:
+            self._updated = asyncio.Condition()
+        async with self._updated:
+            # Serve step s only after every update before s: workers run up to one step apart.
+            await self._updated.wait_for(lambda: self.bank.updated_through >= self.bank.last_update_before(request.step))
+            message = self._pack(self.bank.compute(request))
+            self._updated.notify_all()
+        return message
+
+    def _pack(self, output: TeacherOutput) -> dict:
+        message = pack(output, self.bank.spec.dtype)
+        self.transfer_bytes += sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
+        return message
+
+    def state_dict(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state)
+        self.needs_state = False
+
+    def stats(self) -> dict:
+        return self.bank.stats() | {"transfer_bytes": self.transfer_bytes}
+
+    def ping(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+@dataclass(frozen=True)
+class TeacherPool:
+    """The replicas of one teacher spec; cheap to pickle into workers, trials and tasks."""
+
+    spec: TeacherSpec
+    cpus: float = 1.0
+    gpus: float = 0.0
+    max_restarts: int = 3
+    owner: str = ""  # run name for stateful (trajectory) pools: never shared between runs
+
+    @property
+    def name(self) -> str:
+        identity = dataclasses.asdict(dataclasses.replace(self.spec, fault=None, fault_dir=None))
+        identity |= {"cpus": self.cpus, "gpus": self.gpus, "owner": self.owner if self.spec.source else ""}
+        return "raylin-teacher-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def single_replica(self) -> bool:
+        return self.spec.source is not None  # the trajectory teacher trains on the global batch
+
+    def replica(self, node_id: str | None = None):
+        """The replica on ``node_id`` (default: this process's node), created on first use."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                       max_restarts=self.max_restarts, max_task_retries=-1,
+                       num_cpus=self.cpus, num_gpus=self.gpus, max_concurrency=64)
+        if self.single_replica:
+            name = f"{self.name}-global"
+        else:
+            node_id = node_id or ray.get_runtime_context().get_node_id()
+            name = f"{self.name}-{node_id[:16]}"
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        return ray.remote(TeacherReplica).options(name=name, **options).remote(self.spec, self.gpus > 0)
+
+    def replicas(self) -> list:
+        import ray
+
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and a["name"].startswith(self.name)]
+        return [ray.get_actor(name, namespace=NAMESPACE) for name in sorted(names)]
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over replicas: teacher forwards, cache hits/misses, bytes served."""
+        import ray
+
+        totals: dict[str, int] = {}
+        for stats in ray.get([r.stats.remote() for r in self.replicas()]):
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def shutdown(self) -> None:
+        import ray
+
+        for replica in self.replicas():
+            ray.kill(replica, no_restart=True)
+
+
+class ServedTeachers:
+    """The training worker's side of the service: same interface as InProcessTeachers."""
+
+    def __init__(self, pool: TeacherPool, device: torch.device, rank: int, world: int):
+        import ray
+
+        self.pool, self.device, self.rank, self.world = pool, device, rank, world
+        self.replica = pool.replica()
+        ray.get(self.replica.ping.remote())  # wait for the model load here, not inside step 0's timing
+        self._refs: dict[int, object] = {}
+
+    def submit(self, request: TeacherRequest) -> None:
+        request.micro_batches = self.world  # the replica trains the trajectory teacher on the global batch
+        self._refs[request.step] = self.replica.serve.remote(request)
+
+    def result(self, step: int) -> TeacherOutput:
+        import ray
+
+        return unpack(ray.get(self._refs.pop(step)), self.device)
+
+    def state_dict(self) -> dict:
+        import ray
+
+        # One replica holds the trajectory teacher for every worker: rank 0 saves it.
+        return ray.get(self.replica.state_dict.remote()) if self.rank == 0 and self.pool.single_replica else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        import ray
+
+        if state and self.rank == 0:
+            ray.get(self.replica.load_state_dict.remote(state))
+
+    def stats(self) -> dict[str, int]:
+        import ray
+
+        return ray.get(self.replica.stats.remote())
+
+    def close(self) -> None:
+        self._refs.clear()

@@ -1,0 +1,218 @@
+"""The ``align`` stage: layer-parallel alignment of the student's blocks to the teacher's, from served
+activations, before distillation.
+
+Each student block i learns to map the teacher's input of block i to the teacher's output of block i
+(masked MSE, raylin.distill.losses.layerwise_loss). Blocks do not depend on each other here, so
+they are spread round-robin over ``align.num_workers`` Ray tasks (a 24-layer model can use 24);
+every task reads the same teacher activations from the TeacherPool (``states="layer_io"``:
+exactly what each teacher block saw and produced), prefetching one batch ahead. The teacher is the
+model the student was converted from (the target teacher for target/hybrid guidance, else the
+pretrained one). By default only the new mixer weights learn (``align.parameters: new``); the
+copied weights already match the teacher.
+
+Writes OUTPUT_DIR/aligned/model.safetensors (the aligned blocks' weights) and
+OUTPUT_DIR/aligned/align.json (per-layer MSE before and after, on a held-out batch); the distill
+stage loads them onto the freshly converted student (``load_aligned``). A finished stage is reused
+when the run restarts with the same config.
+
+Limits: a task holds the whole student (only its blocks train); block inputs other than the
+hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
+is what every block receives in the supported families.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from raylin.config import RunConfig, config_from_dict
+
+ALIGNED_DIR = "aligned"
+WEIGHTS_FILE = "model.safetensors"
+SUMMARY_FILE = "align.json"
+
+
+class _StopForward(Exception):
+    pass
+
+
+def block_call_arguments(student: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+    """The arguments (besides the hidden states) the model passes to its blocks for ``inputs``:
+    runs the model up to its first block only."""
+    from raylin.models.families import family_for
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args[1:], kwargs
+        raise _StopForward
+
+    first = family_for(student.model).layers(student.model)[0]
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            student(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["args"], captured["kwargs"]
+
+
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fingerprint(config: RunConfig) -> str:
+    data = {"align": dataclasses.asdict(config.align), "plan": config.plan, "teacher": config.teacher,
+            "target": config.target_teacher, "mode": config.guidance.mode, "data": dataclasses.asdict(config.data),
+            "seed": config.train.seed, "dtype": config.teacher_service.dtype}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def align_spec(config: RunConfig):
+    """The TeacherSpec for alignment: every block's input and output of the model the student came from."""
+    from raylin.teacher import teacher_spec
+    from raylin.train.loop import init_teacher
+
+    return dataclasses.replace(teacher_spec(config), target=init_teacher(config), source=None, hidden=True,
+                               layers=None, logits=False, states="layer_io")
+
+
+def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
+    """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations."""
+    import ray
+
+    from raylin.convert import freezable_copied_parameters
+    from raylin.data.text import GlobalBatches, load_text_classification
+    from raylin.distill.losses import layerwise_loss
+    from raylin.models.families import family_for
+    from raylin.teacher import TeacherRequest
+    from raylin.teacher.bank import unpack
+    from raylin.train.loop import converted_student, make_batch
+
+    config = config_from_dict(config_dict)
+    align = config.align
+    student, report, tokenizer = converted_student(config)
+    student.eval()  # no dropout: the target is a deterministic map
+    blocks = family_for(student.model).layers(student.model)
+    copied = {id(p) for p in freezable_copied_parameters(student, report)}
+    trained = {i: [p for p in blocks[i].parameters() if align.parameters == "all" or id(p) not in copied] for i in layer_ids}
+    for param in student.parameters():
+        param.requires_grad_(False)
+    params = [p for i in layer_ids for p in trained[i]]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=align.lr, weight_decay=0.0) if params else None
+
+    data = load_text_classification(config.data.name, config.data.eval_fraction, config.data.seed,
+                                    config.data.max_train_examples, config.data.max_eval_examples)
+    batches = GlobalBatches(len(data.train_texts), align.batch_size, config.data.seed + 1)
+    replica = pool.replica()
+
+    def request(step: int):
+        if step < 0:  # the held-out batch: the first eval examples (never cached: ids are training ids)
+            texts, labels, ids = data.eval_texts[: align.batch_size], data.eval_labels[: align.batch_size], None
+        else:
+            ids = batches.indices(step)
+            texts, labels = [data.train_texts[i] for i in ids], [data.train_labels[i] for i in ids]
+        batch = make_batch(tokenizer, texts, labels, config.data.max_length, torch.device("cpu"))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        ref = replica.serve.remote(TeacherRequest(step, "target", {k: v.numpy() for k, v in inputs.items()}, example_ids=ids))
+        return inputs, ref
+
+    def block_losses(inputs, ref) -> dict[int, torch.Tensor]:
+        states = unpack(ray.get(ref)).hidden_states
+        args, kwargs = block_call_arguments(student, inputs)
+        losses = {}
+        for i in layer_ids:
+            predicted = run_block(blocks[i], states[i].float(), args, kwargs)
+            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=inputs["attention_mask"])
+        return losses
+
+    with torch.no_grad():
+        before = {i: v.item() for i, v in block_losses(*request(-1)).items()}
+    pending = request(0)
+    for step in range(align.steps):
+        current = pending
+        if step + 1 < align.steps:
+            pending = request(step + 1)  # the teacher serves the next batch while these blocks train
+        if optimizer is None:
+            continue
+        loss = sum(block_losses(*current).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
+    prefixes = {i: f"{name}." for name, module in student.named_modules() for i in layer_ids if module is blocks[i]}
+    state = {k: v.detach().clone() for k, v in student.state_dict().items() if any(k.startswith(p) for p in prefixes.values())}
+    return {"layers": {i: {"mse_before": before[i], "mse_after": after[i]} for i in layer_ids}, "state": state,
+            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def run_align(config: RunConfig) -> dict:
+    """Driver side: align every block across ``align.num_workers`` Ray tasks; write OUTPUT_DIR/aligned/."""
+    import ray
+    from safetensors.torch import save_file
+
+    from raylin.models.families import family_for_config
+    from raylin.models.teachers import resolve_teacher_path
+    from raylin.teacher import teacher_pool
+    from raylin.train.loop import init_teacher
+
+    out = Path(config.output_dir) / ALIGNED_DIR
+    fingerprint = _fingerprint(config)
+    summary_file = out / SUMMARY_FILE
+    if summary_file.exists() and (out / WEIGHTS_FILE).exists():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("fingerprint") == fingerprint:
+            return summary
+    from transformers import AutoConfig
+
+    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(init_teacher(config)))
+    num_layers = family_for_config(teacher_config).num_layers(teacher_config)
+    workers = min(config.align.num_workers, num_layers)
+    groups = [list(range(num_layers))[w::workers] for w in range(workers)]
+    pool = teacher_pool(config, align_spec(config))
+    task = ray.remote(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2)
+    try:
+        results = ray.get([task.remote(config.to_dict(), group, pool) for group in groups])
+        teacher_stats = pool.stats()
+    finally:
+        pool.shutdown()
+    state = {k: v for result in results for k, v in result["state"].items()}
+    layers = {int(i): v for result in results for i, v in result["layers"].items()}
+    summary = {"fingerprint": fingerprint, "steps": config.align.steps, "workers": workers,
+               "layers": {str(i): layers[i] for i in sorted(layers)},
+               "worker_pids": sorted({r["pid"] for r in results}), "teacher": teacher_stats}
+    staging = out.with_name(f".{ALIGNED_DIR}.incoming")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
+    (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return summary
+
+
+def load_aligned(student: torch.nn.Module, config: RunConfig) -> None:
+    """Put the aligned blocks' weights (written by ``run_align``) onto a freshly converted student."""
+    from safetensors.torch import load_file
+
+    file = Path(config.output_dir) / ALIGNED_DIR / WEIGHTS_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"align.enabled is set but {file} does not exist: run the align stage first "
+                                "(raylin convert runs it), or set align.enabled=false.")
+    state = load_file(file)
+    unknown = sorted(set(state) - set(student.state_dict()))
+    if unknown:
+        raise ValueError(f"{file} does not match this student (unknown weights {unknown[:3]}...); delete it to re-align.")
+    student.load_state_dict(state, strict=False)
