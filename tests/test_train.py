@@ -9,72 +9,12 @@ import pytest
 import torch
 import transformers
 
-from raylin.config import config_from_dict
+from conftest import losses_of as _losses, run_config as _config
 from raylin.pipeline import run_conversion
 from raylin.train.loop import STATE_FILE, TRAIN_LOG
 from raylin.train.trainer import fit
 
 pytestmark = pytest.mark.assets
-
-
-def _tiny_teacher(folder, tokenizer, seed):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic across worker counts
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    from conftest import require_asset
-
-    require_asset("all-minilm-l6")
-    from raylin.data.assets import asset_path
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(asset_path("all-minilm-l6"))
-    root = tmp_path_factory.mktemp("teachers")
-    return {name: _tiny_teacher(root / name, tokenizer, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _config(teachers, out, **overrides):
-    base = {
-        "teacher": teachers["source"], "target_teacher": teachers["target"], "output_dir": str(out),
-        "plan": {"mixer": "linformer", "linformer": {"k": 16}},
-        "data": {"max_length": 48, "max_train_examples": 256, "max_eval_examples": 64},
-        "guidance": {"mode": "target"},
-        "loss": {"alpha_layer": 1.0, "alpha_out": 0.5},
-        "train": {"num_workers": 2, "zero_stage": 2, "max_steps": 12, "batch_size": 8, "checkpoint_every": 6,
-                  "lr": 1e-3, "warmup_steps": 2, "max_failures": 1},
-    }
-    for key, value in overrides.items():
-        section, _, field = key.partition(".")
-        if field:
-            base[section] = {**base.get(section, {}), field: value}
-        else:
-            base[section] = value
-    return config_from_dict(base)
-
-
-def _losses(out):
-    by_step = {}
-    for line in (out / TRAIN_LOG).read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["step"]] = record  # a resumed run rewrites steps after its checkpoint
-    return [by_step[s]["loss"] for s in sorted(by_step)]
 
 
 GUIDANCE = {
