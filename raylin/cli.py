@@ -99,6 +99,19 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from raylin.config import ConfigError
+    from raylin.tune.search import run_sweep
+
+    try:
+        summary = run_sweep(args.config, args.set, resume=args.resume)
+    except ConfigError as error:
+        print(f"raylin: invalid config: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("config", help="YAML run config; its teacher, task, data and train sections are used")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     finetune.set_defaults(func=_finetune)
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep over config fields (the config's tune: section)")
+    tune.add_argument("config", help="YAML run config with a tune: section (see docs/tune.md)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--resume", action="store_true", help="resume the interrupted sweep in the same output_dir")
+    tune.set_defaults(func=_tune)
 
     demo = commands.add_parser("demo", help="convert the shipped all-MiniLM-L6 into a Linformer student")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")

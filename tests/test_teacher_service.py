@@ -187,6 +187,11 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(".E." in k or ".F." in k for k in changed)  # only the new Linformer projections learned
     assert run_align(config) == summary  # a finished stage is reused
+    # `raylin convert` runs align -> distill; the distill workers start from the aligned blocks.
+    from raylin.pipeline import run_conversion
+
+    metrics = run_conversion(config)
+    assert metrics["align"]["layers"] == summary["layers"] and metrics["steps"] == 12
 
 
 def test_a_served_run_that_cannot_fit_the_cluster_fails_before_training(teachers, ray_cluster, tmp_path):

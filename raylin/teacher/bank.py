@@ -135,6 +135,7 @@ class TeacherBank:
         self._optimizer = None
         self._received: dict[int, int] = {}  # trajectory: micro-batches seen per step
         self.updated_through = -1  # trajectory: last step whose update has been applied
+        self.loads = 0  # checkpoints loaded (a waypoint run loads one per snapshot)
         self.forwards = 0  # teacher forward passes (one per computed micro-batch)
         self.examples_forwarded = 0
         self.cache = ActivationCache(spec.cache_dir, spec.cache_max_bytes) if spec.cache_dir else None
@@ -142,6 +143,7 @@ class TeacherBank:
         if spec.source is not None:
             model = load(spec.source)
             model.train()
+            self.loads += 1
             self._models["trajectory"] = model
             self._optimizer = torch.optim.AdamW(model.parameters(), lr=spec.trajectory_lr)
 
@@ -155,6 +157,7 @@ class TeacherBank:
             for old in [k for k in self._models if k not in ("trajectory", self.spec.target)]:
                 del self._models[old]
             self._models[key] = self._load(key).to(self.device).eval()
+            self.loads += 1
         return self._models[key]
 
     def last_update_before(self, step: int) -> int:
@@ -302,7 +305,7 @@ class TeacherBank:
         self._received.clear()
 
     def stats(self) -> dict[str, int]:
-        stats = {"teacher_forwards": self.forwards, "examples_forwarded": self.examples_forwarded}
+        stats = {"teacher_loads": self.loads, "teacher_forwards": self.forwards, "examples_forwarded": self.examples_forwarded}
         return stats | (self.cache.stats() if self.cache else {})
 
     def _maybe_fault(self, step: int) -> None:

@@ -282,7 +282,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and ((step + 1) % 10 == 0 or done):
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[raylin] {shown}", flush=True)
-        if (step + 1) % config.train.checkpoint_every == 0 or done:
+        checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or done
+        if "eval_accuracy" in metrics and not checkpoint_now:
+            ray.train.report(metrics)  # evaluation results reach Ray Tune's schedulers between checkpoints
+        if checkpoint_now:
             state = {"step": step + 1, "tokens": tokens_seen, "lit": lit.state_dict() if lit else None,
                      "wall_s": wall_before + time.perf_counter() - started, "config_fingerprint": fingerprint}
             crash = _fault(config, "crash-in-checkpoint", step + 1, rank, rank_wanted=0)

@@ -46,13 +46,14 @@ def ensure_ray() -> None:
         ray.init(runtime_env={"env_vars": _worker_env(False)}, dashboard_host="127.0.0.1")
 
 
-def fit(config: RunConfig, finetune: bool = False, teacher_pool=None):
+def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks: list | None = None):
     """Run distillation for ``config`` and return Ray Train's Result (metrics, checkpoint).
 
     ``finetune=True`` is teacher fine-tuning (see raylin.pipeline.finetune_config): the loop also
     writes plain transformers snapshots, the waypoints and target teacher of later runs.
     ``teacher_pool``: a TeacherPool shared with other runs (Tune trials); by default a served run
-    gets its own pool, shut down when the run ends."""
+    gets its own pool, shut down when the run ends. ``callbacks``: Ray Train callbacks (Tune's
+    TuneReportCallback inside a trial)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -79,6 +80,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None):
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            callbacks=callbacks or [],
         ),
     )
     try:

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps (raylin.tune.search)."""

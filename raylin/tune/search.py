@@ -1,0 +1,284 @@
+"""``raylin tune CONFIG.yaml``: Ray Tune sweeps over any config field (guidance mode, loss weights, ...).
+
+A run config plus a ``tune:`` section::
+
+    tune:
+      metric: eval_accuracy        # any metric the loop reports; eval_* need train.eval_every
+      mode: max
+      num_samples: 1               # repeats of the whole space (grid dimensions multiply)
+      scheduler: asha              # asha | fifo
+      grace_period: 1              # ASHA: reports before a trial may be stopped
+      reduction_factor: 2
+      max_concurrent_trials: null  # default: as many as the cluster's CPUs hold
+      space:
+        guidance.mode: {grid: [unguided, target, trajectory, waypoint, hybrid]}
+        loss.alpha_layer: {loguniform: [0.1, 10]}
+        train.lr: {choice: [1.0e-4, 3.0e-4]}
+        plan.linformer.k: {randint: [16, 65]}
+
+Dimensions: ``choice``, ``grid``, ``uniform``, ``loguniform``, ``randint`` (Ray Tune's). Every
+choice is validated against the base config before Ray starts, so a bad value fails at once.
+
+Each trial launches its own TorchTrainer (the Ray Train V2 pattern: the trial function is the
+trainer's driver; TuneReportCallback forwards the workers' reports to Tune, so ASHA can stop weak
+trials). Trials with fixed teachers share one TeacherPool (one replica per node, serving the union
+of what any trial's losses need) and the activation cache, instead of each loading the teacher; a
+trajectory trial gets its own stateful pool. An interrupted sweep resumes with ``--resume``
+(``Tuner.restore``). Results: OUTPUT_DIR/tune/results.csv, results.md, curves.png (metric vs step
+per trial) and best_config.yaml, which ``raylin convert`` accepts unchanged.
+
+Limits: the search spaces are Ray Tune's basic variants (no conditional dimensions); trial
+output folders live under OUTPUT_DIR/trials/, so on a multi-node cluster OUTPUT_DIR must be on
+shared storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raylin.config import ConfigError, RunConfig, config_from_dict, dump_config
+
+DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SCHEDULERS = ("asha", "fifo")
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+
+
+@dataclass
+class TuneSection:
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    metric: str = "eval_accuracy"
+    mode: str = "max"
+    num_samples: int = 1
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None
+    seed: int = 0
+
+
+def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, TuneSection, RunConfig]:
+    """Split CONFIG.yaml into the base run config (validated) and its ``tune:`` section (validated,
+    every choice checked against the base config)."""
+    from raylin.config import _apply_overrides, _build
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    data = _apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+    if "tune" not in data:
+        raise ConfigError(f"{path} has no `tune:` section; add one with a `space:` (see docs/tune.md).")
+    section = _build(TuneSection, data.pop("tune"), "tune.")
+    base = config_from_dict(data)
+    validate_section(section, data)
+    return data, section, base
+
+
+def validate_section(section: TuneSection, base: dict) -> None:
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    need(bool(section.space), "tune.space is empty: name at least one config field to search.")
+    need(section.mode in ("min", "max"), f"tune.mode must be 'min' or 'max', got {section.mode!r}.")
+    need(section.scheduler in SCHEDULERS, f"tune.scheduler must be one of {SCHEDULERS}, got {section.scheduler!r}.")
+    need(section.num_samples >= 1 and section.grace_period >= 1 and section.reduction_factor >= 2,
+         "tune.num_samples and tune.grace_period must be >= 1, tune.reduction_factor >= 2.")
+    for key, spec in section.space.items():
+        need(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DIMENSIONS,
+             f"tune.space.{key} must be one of {{{', '.join(DIMENSIONS)}}}: VALUES, got {spec!r}.")
+        kind, values = next(iter(spec.items()))
+        need(isinstance(values, list) and values, f"tune.space.{key}.{kind} needs a list of values.")
+        if kind in ("uniform", "loguniform", "randint"):
+            need(len(values) == 2 and values[0] < values[1], f"tune.space.{key}.{kind} needs [low, high] with low < high.")
+            need(kind != "loguniform" or values[0] > 0, f"tune.space.{key}.loguniform needs low > 0.")
+        samples = values if kind in ("choice", "grid") else [values[0], values[1] - 1 if kind == "randint" else values[1]]
+        for value in samples:  # each value must make a valid run on its own
+            try:
+                config_from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+            except ConfigError as error:
+                raise ConfigError(f"tune.space.{key} value {value!r}: {error}") from None
+
+
+def param_space(section: TuneSection) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for key, spec in section.space.items():
+        kind, values = next(iter(spec.items()))
+        space[key] = {"choice": lambda v: tune.choice(v), "grid": tune.grid_search,
+                      "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+                      "randint": lambda v: tune.randint(*v)}[kind](values)
+    return space
+
+
+def trial_config(base: dict, params: dict[str, Any], trial_name: str) -> RunConfig:
+    """The run config of one trial: the base with the sampled fields set, in its own output folder."""
+    data = copy.deepcopy(base)
+    data["output_dir"] = str(Path(base["output_dir"]).expanduser().resolve() / TRIALS_DIR / trial_name)
+    data["name"] = trial_name
+    overrides = [f"{key}={json.dumps(_plain(value))}" for key, value in params.items()]
+    return config_from_dict(data, overrides)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def shared_pool(config: RunConfig):
+    """The pool every fixed-teacher trial uses: serves all hidden states and the logits, so trials
+    with different loss weights still share one replica."""
+    from raylin.teacher import teacher_pool, teacher_spec
+
+    spec = dataclasses.replace(teacher_spec(config), hidden=True, layers=None, logits=True, fault=None)
+    return teacher_pool(config, spec)
+
+
+def run_trial(params: dict, base: dict, pools: dict) -> None:
+    """One Tune trial: the driver of its own TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylin.train.trainer import fit
+
+    context = ray.tune.get_context()
+    config = trial_config(base, params, context.get_trial_name())
+    shared = pools.get("fixed")
+    fixed_teacher = config.teacher_service.mode == "served" and config.guidance.mode not in ("unguided", "trajectory")
+    # Trials with the sweep's fixed teacher share its pool; others (a swept target) get their own.
+    pool = shared if fixed_teacher and shared is not None and shared.spec.target == config.target_teacher else None
+    result = fit(config, teacher_pool=pool, callbacks=[TuneReportCallback()])
+    if result.error is not None:
+        raise result.error
+
+
+def concurrency(base: RunConfig, section: TuneSection) -> int:
+    import ray
+
+    if section.max_concurrent_trials:
+        return section.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1)
+    served = base.teacher_service.mode == "served"
+    free = cpus - (base.teacher_service.cpus if served else 0)
+    return max(1, math.floor(free / (base.train.num_workers * base.train.cpus_per_worker) + 1e-9))
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Run (or resume) the sweep in ``path``; returns the best trial's summary."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raylin.train.trainer import ensure_ray
+
+    base_data, section, base = load_tune_config(path, overrides)
+    out = Path(base.output_dir)
+    (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
+    base_data["output_dir"] = str(out)
+    ensure_ray()
+    pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
+    pools = {"fixed": pool} if pool else {}
+    trainable = tune.with_parameters(run_trial, base=base_data, pools=pools)
+    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial is a driver; its TorchTrainer holds the workers
+    storage = str((out / TUNE_DIR).resolve())
+    name = "sweep"
+    if resume:
+        if not tune.Tuner.can_restore(os.path.join(storage, name)):
+            raise FileNotFoundError(f"No sweep to resume under {storage}/{name}; run without --resume first.")
+        tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(grace_period=section.grace_period, reduction_factor=section.reduction_factor,
+                                   max_t=10**6) if section.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(section),
+            tune_config=tune.TuneConfig(metric=section.metric, mode=section.mode, num_samples=section.num_samples,
+                                        scheduler=scheduler, max_concurrent_trials=concurrency(base, section)),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        )
+    try:
+        results = tuner.fit()
+    finally:
+        if pool is not None:
+            (out / TUNE_DIR / "teacher_service.json").write_text(json.dumps(pool.stats(), indent=1))
+            pool.shutdown()
+    return write_results(results, section, base_data, out / TUNE_DIR)
+
+
+def write_results(results, section: TuneSection, base: dict, folder: Path) -> dict:
+    """results.csv, results.md, curves.png and best_config.yaml from a finished sweep."""
+    frame = results.get_dataframe()
+    params = sorted(section.space)
+    rows = []
+    max_steps = config_from_dict(base).train.max_steps
+    for result in results:
+        config = {k.removeprefix("config/"): v for k, v in result.config.items()} if result.config else {}
+        history = result.metrics_dataframe
+        metric = section.metric
+        values = history[metric].dropna().tolist() if history is not None and metric in history else []
+        best_value = (max(values) if section.mode == "max" else min(values)) if values else float("nan")
+        steps = int(history["step"].max()) if history is not None and "step" in history else 0
+        rows.append({"trial": Path(result.path).name, **{p: _plain(config.get(p)) for p in params},
+                     metric: best_value, "steps": steps, "stopped_early": steps < max_steps,
+                     "error": str(result.error) if result.error else "",
+                     "history": [] if history is None else history[["step", metric]].dropna().values.tolist()
+                     if metric in history and "step" in history else []})
+    ordered = sorted((r for r in rows if not math.isnan(r[section.metric])), key=lambda r: r[section.metric],
+                     reverse=section.mode == "max")
+    import csv
+
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["trial", *params, section.metric, "steps", "stopped_early", "error"])
+        writer.writeheader()
+        for row in ordered + [r for r in rows if r not in ordered]:
+            writer.writerow({k: v for k, v in row.items() if k != "history"})
+    header = f"| rank | trial | {' | '.join(params)} | {section.metric} | steps | stopped early |"
+    lines = [header, "|" + "---|" * (len(params) + 5)]
+    for rank, row in enumerate(ordered, 1):
+        lines.append(f"| {rank} | {row['trial']} | " + " | ".join(str(row[p]) for p in params)
+                     + f" | {row[section.metric]:.4f} | {row['steps']} | {'yes' if row['stopped_early'] else 'no'} |")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, section, folder / "curves.png")
+    if not ordered:
+        raise RuntimeError(f"No trial reported {section.metric!r}; see {folder}/sweep for the trials' errors.")
+    best = ordered[0]
+    best_config = trial_config(base, {p: best[p] for p in params}, "best")
+    best_config = dataclasses.replace(best_config, output_dir=str(Path(base["output_dir"]).expanduser().resolve() / "best"),
+                                      name=None)
+    (folder / "best_config.yaml").write_text(
+        f"# Best trial of the sweep ({best['trial']}: {section.metric}={best[section.metric]:.4f}).\n"
+        f"#   raylin convert {folder / 'best_config.yaml'}\n" + dump_config(best_config))
+    frame.to_json(folder / "tune_dataframe.json")
+    return {"best_trial": best["trial"], section.metric: best[section.metric], "params": {p: best[p] for p in params},
+            "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}
+
+
+def _plot(rows, section: TuneSection, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        if row["history"]:
+            steps, values = zip(*row["history"])
+            label = ", ".join(f"{p.split('.')[-1]}={row[p]}" for p in sorted(section.space))
+            ax.plot(steps, values, marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(section.metric)
+    ax.set_title("Sweep: metric vs step per trial")
+    if rows:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""Ray Tune sweeps: a 4-trial sweep on this 2-core machine, ASHA, a shared teacher, resume, best config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_config
+from raylin.config import ConfigError
+
+pytestmark = pytest.mark.assets
+
+
+def _sweep_file(teachers, tmp_path, space, **tune) -> Path:
+    data = run_config(teachers, tmp_path / "sweep").to_dict()
+    data["train"] |= {"eval_every": 3}
+    data["tune"] = {"metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 2, "space": space, **tune}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bad_search_spaces_fail_before_ray_starts(teachers, tmp_path):
+    from raylin.tune.search import load_tune_config
+
+    for space, message in [
+        ({"loss.alpha_layer": {"normal": [0, 1]}}, r"must be one of \{choice, grid"),
+        ({"guidance.mode": {"choice": ["target", "distil"]}}, r"tune.space.guidance.mode value 'distil'.*is unknown"),
+        ({"loss.alpha_out": {"uniform": [1, 0]}}, r"needs \[low, high\] with low < high"),
+        ({"train.max_stepz": {"grid": [1, 2]}}, r"Unknown config key"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_tune_config(_sweep_file(teachers, tmp_path, space))
+
+
+def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_its_best_config_converts(teachers, tmp_path):
+    # Larger layer-loss weights give larger losses from the first report: ASHA (metric loss, min)
+    # must stop some of them. One trial at a time fits 2 CPUs (2 workers x 0.5 + the teacher's 1).
+    config = _sweep_file(teachers, tmp_path, {"loss.alpha_layer": {"grid": [0.0, 1000.0, 10000.0, 100000.0]}})
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    raylin = [sys.executable, "-m", "raylin.cli", "tune", str(config)]
+    first = subprocess.Popen(raylin, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            logs = list((out / "trials").glob("*/train_log.jsonl"))
+            if any('"step": 12' in log.read_text() for log in logs):
+                break  # a whole trial has finished: interrupt the sweep as a user's Ctrl-C would
+            time.sleep(2)
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (out / "tune" / "results.csv").exists()  # it really stopped early
+    resumed = subprocess.run(raylin + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert summary["trials"] == 4 and summary["stopped_early"] >= 1
+    assert summary["params"]["loss.alpha_layer"] == 0.0
+    rows = (out / "tune" / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and (out / "tune" / "curves.png").stat().st_size > 0
+    assert "| 1 |" in (out / "tune" / "results.md").read_text()
+    # The resumed trials shared one teacher replica that loaded the teacher once.
+    stats = json.loads((out / "tune" / "teacher_service.json").read_text())
+    assert stats["teacher_loads"] == 1 and stats["teacher_forwards"] > 0
+    # best_config.yaml is a plain run config that `raylin convert` accepts unchanged.
+    best = out / "tune" / "best_config.yaml"
+    converted = subprocess.run([sys.executable, "-m", "raylin.cli", "convert", str(best)], env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["steps"] == 12
