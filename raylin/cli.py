@@ -101,13 +101,16 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from raylin.config import ConfigError
-    from raylin.tune.search import run_sweep
+    from raylin.tune.search import SweepInterrupted, run_sweep
 
     try:
         summary = run_sweep(args.config, args.set, resume=args.resume)
     except ConfigError as error:
         print(f"raylin: invalid config: {error}", file=sys.stderr)
         return 2
+    except SweepInterrupted as error:
+        print(f"raylin: {error}", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -25,7 +25,7 @@ trials). Trials with fixed teachers share one TeacherPool (one replica per node,
 of what any trial's losses need) and the activation cache, instead of each loading the teacher; a
 trajectory trial gets its own stateful pool. An interrupted sweep resumes with ``--resume``
 (``Tuner.restore``). Results: OUTPUT_DIR/tune/results.csv, results.md, curves.png (metric vs step
-per trial) and best_config.yaml, which ``raylin convert`` accepts unchanged.
+per trial), summary.json and best_config.yaml, which ``raylin convert`` accepts unchanged.
 
 Limits: the search spaces are Ray Tune's basic variants (no conditional dimensions); trial
 output folders live under OUTPUT_DIR/trials/, so on a multi-node cluster OUTPUT_DIR must be on
@@ -51,6 +51,7 @@ DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
+TRIAL_DRIVER_MEMORY = 512 * 2**20
 
 
 @dataclass
@@ -161,6 +162,11 @@ def run_trial(params: dict, base: dict, pools: dict) -> None:
         raise result.error
 
 
+def expected_trials(section: TuneSection) -> int:
+    grids = [len(next(iter(spec.values()))) for spec in section.space.values() if "grid" in spec]
+    return section.num_samples * math.prod(grids)
+
+
 def concurrency(base: RunConfig, section: TuneSection) -> int:
     import ray
 
@@ -188,7 +194,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
     trainable = tune.with_parameters(run_trial, base=base_data, pools=pools)
-    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial is a driver; its TorchTrainer holds the workers
+    # A trial is only the driver of its TorchTrainer, whose workers hold the CPUs: it reserves memory, no CPU.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     storage = str((out / TUNE_DIR).resolve())
     name = "sweep"
     if resume:
@@ -211,7 +218,19 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
         if pool is not None:
             (out / TUNE_DIR / "teacher_service.json").write_text(json.dumps(pool.stats(), indent=1))
             pool.shutdown()
+    # After Ctrl-C Tune returns normally; unfinished trials stay PENDING/RUNNING in its saved state,
+    # and grid variants it had not generated yet are missing.
+    statuses = [trial.status for trial in results._experiment_analysis.trials]
+    unfinished = sum(status not in ("TERMINATED", "ERROR") for status in statuses)
+    unfinished += max(0, expected_trials(section) - len(statuses))
+    if unfinished:
+        raise SweepInterrupted(f"The sweep stopped with {unfinished} unfinished trial(s); continue it with "
+                               f"`raylin tune {path} --resume`.")
     return write_results(results, section, base_data, out / TUNE_DIR)
+
+
+class SweepInterrupted(RuntimeError):
+    """A sweep stopped before every trial finished (Ctrl-C, a lost driver): resume it."""
 
 
 def write_results(results, section: TuneSection, base: dict, folder: Path) -> dict:
@@ -258,8 +277,10 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
         f"# Best trial of the sweep ({best['trial']}: {section.metric}={best[section.metric]:.4f}).\n"
         f"#   raylin convert {folder / 'best_config.yaml'}\n" + dump_config(best_config))
     frame.to_json(folder / "tune_dataframe.json")
-    return {"best_trial": best["trial"], section.metric: best[section.metric], "params": {p: best[p] for p in params},
-            "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}
+    summary = {"best_trial": best["trial"], section.metric: best[section.metric], "params": {p: best[p] for p in params},
+               "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _plot(rows, section: TuneSection, path: Path) -> None:
