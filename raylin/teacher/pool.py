@@ -52,6 +52,8 @@ class TeacherReplica:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.bank = TeacherBank(spec, _load_teacher_for(spec), device)
+        if spec.target is not None:
+            self.bank.model("target")  # load now, so a worker's first request does not wait for it
         # A restarted trajectory replica has lost the teacher's training since the last checkpoint.
         self.needs_state = spec.source is not None and ray.get_runtime_context().was_current_actor_reconstructed
         self._updated: asyncio.Condition | None = None

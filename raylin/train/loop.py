@@ -1,10 +1,11 @@
 """The per-worker CALD training loop (Ray Train calls ``train_loop_per_worker`` on every worker).
 
-One step, read top to bottom: take this worker's share of global batch ``step`` -> ask the
-guidance schedule which teacher and weights apply -> student forward (hidden states when the
-layer loss is on) -> teacher outputs -> task + layerwise + KD losses -> DeepSpeed backward and
-step -> trajectory teacher update -> LIT bookkeeping -> report, and every ``checkpoint_every``
-steps an atomic checkpoint through Ray Train.
+One step, read top to bottom: take this worker's share of global batch ``step`` (its teacher
+request was sent a step earlier) -> send the request for step+1 (prefetch) -> ask the guidance
+schedule which weights apply -> student forward (hidden states when the layer loss is on) ->
+teacher outputs (raylin.teacher: served by Ray actors or in-process, same interface) -> task +
+layerwise + KD losses -> DeepSpeed backward and step -> LIT bookkeeping -> report, and every
+``checkpoint_every`` steps an atomic checkpoint through Ray Train.
 
 The student lives in a DeepSpeed engine (ZeRO 0-3, optional offload); teachers never do. Random
 state is derived from (seed, step, rank), and the data order from the step, so a run resumed
