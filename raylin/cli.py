@@ -2,7 +2,9 @@
 
     raylin finetune CONFIG.yaml [--set key=value ...]  fine-tune the teacher: target teacher + waypoints
     raylin convert CONFIG.yaml [--set key=value ...]   transfer -> distill -> evaluate -> export
-    raylin demo                      convert the shipped all-MiniLM-L6 into a Linformer student
+    raylin tune CONFIG.yaml [--resume]                 Ray Tune sweep over the config's tune: section
+    raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
+    raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR]   latency / memory of teachers and students at long lengths
 """
 
@@ -11,51 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from raylin.demo import run_demo
 
-    from raylin.convert import convert
-    from raylin.data.assets import asset_path
-
-    out = Path(args.out)
-    teacher_path = asset_path("all-minilm-l6")
-    plan = {"mixer": "linformer", "linformer": {"k": args.k, "share": "kv"}}
-    print(f"[1/3] converting {teacher_path} with plan {json.dumps(plan)}", flush=True)
-    start = time.perf_counter()
-    student, report = convert(str(teacher_path), plan)
-    print(f"      {report}", flush=True)
-
-    print(f"[2/3] saving the student to {out / 'student'}", flush=True)
-    student.save_pretrained(out / "student")
-    (out / "report.md").write_text(report.to_markdown())
-
-    print(f"[3/3] timing teacher and student forwards at {args.length} tokens", flush=True)
-    from raylin.models.teachers import load_teacher
-
-    teacher, tokenizer = load_teacher(str(teacher_path))
-    ids = torch.randint(1000, tokenizer.vocab_size, (1, args.length))
-    timings = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        with torch.inference_mode():
-            model(input_ids=ids)
-            begin = time.perf_counter()
-            for _ in range(3):
-                model(input_ids=ids)
-        timings[name] = (time.perf_counter() - begin) / 3
-    lines = [
-        "",
-        f"student folder : {out / 'student'} (load with raylin.load_student)",
-        f"transfer report: {out / 'report.md'}",
-        f"forward @ {args.length} tokens: teacher {timings['teacher'] * 1e3:.1f} ms, "
-        f"student {timings['student'] * 1e3:.1f} ms ({timings['teacher'] / timings['student']:.2f}x)",
-        f"total {time.perf_counter() - start:.1f} s. The student is converted, not yet distilled: "
-        "its outputs match the teacher only after CALD training.",
-    ]
-    print("\n".join(lines))
+    run_demo(args.out, quick=args.quick, long_length=args.length)
     return 0
 
 
@@ -71,32 +35,36 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -> int:
+    """Validate CONFIG (+ --set, + ``extra``) before anything starts, run ``run(config)``, print its result."""
     from raylin.config import ConfigError, load_config
-    from raylin.pipeline import run_conversion
 
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, args.set + (extra or []))
     except ConfigError as error:
         print(f"raylin: invalid config: {error}", file=sys.stderr)
         return 2
-    metrics = run_conversion(config)
-    print(json.dumps(metrics, indent=1))
+    print(json.dumps(run(config), indent=1))
     return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from raylin.pipeline import run_conversion
+
+    return _run_config(args, run_conversion)
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from raylin.config import ConfigError, load_config
     from raylin.pipeline import run_finetune
 
-    try:
-        # The fine-tuned teacher is what this run makes: ignore target_teacher and guidance.
-        config = load_config(args.config, args.set + ["guidance={mode: unguided}", "target_teacher=null"])
-    except ConfigError as error:
-        print(f"raylin: invalid config: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(run_finetune(config), indent=1))
-    return 0
+    # The fine-tuned teacher is what this run makes: ignore target_teacher and guidance.
+    return _run_config(args, run_finetune, ["guidance={mode: unguided}", "target_teacher=null"])
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from raylin.pipeline import run_eval
+
+    return _run_config(args, lambda config: run_eval(config, args.student, args.length))
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -136,10 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="resume the interrupted sweep in the same output_dir")
     tune.set_defaults(func=_tune)
 
-    demo = commands.add_parser("demo", help="convert the shipped all-MiniLM-L6 into a Linformer student")
+    evaluate = commands.add_parser("eval", help="score teacher and student on the held-out split and time both")
+    evaluate.add_argument("config", help="the YAML run config the student was converted with")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--student", default=None, help="student folder (default OUTPUT_DIR/student)")
+    evaluate.add_argument("--length", type=int, default=None, help="tokens for the timing (default: the longest the model takes)")
+    evaluate.set_defaults(func=_eval)
+
+    demo = commands.add_parser("demo", help="fine-tune, convert and distil the shipped all-MiniLM-L6 on a local Ray")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    demo.add_argument("--k", type=int, default=128, help="Linformer projection length (default 128)")
-    demo.add_argument("--length", type=int, default=512, help="sequence length for the timing (default 512)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run: a few steps on a few hundred examples")
+    demo.add_argument("--length", type=int, default=4096, help="long sequence length for the speed-up (default 4096)")
     demo.set_defaults(func=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks")
@@ -152,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is kept")
     speed.set_defaults(func=_bench)
     return parser
+
+
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/<command>.py`` under ``ray job submit``: connects to the job's cluster
+    (RAY_ADDRESS, set by the job server), says where it is running, then runs ``raylin <command>``."""
+    import os
+
+    import ray
+
+    from raylin.train.trainer import ensure_ray
+
+    ensure_ray()
+    resources = ray.cluster_resources()
+    print(f"raylin {command}: Ray {ray.__version__} at {ray.get_runtime_context().gcs_address} "
+          f"({len([n for n in ray.nodes() if n['Alive']])} nodes, {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs), job {os.environ.get('RAY_JOB_ID') or ray.get_runtime_context().get_job_id()}, "
+          f"cwd {os.getcwd()}", flush=True)
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:

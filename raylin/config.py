@@ -39,7 +39,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "rotten_tomatoes"  # see raylin.data.text.DATASETS
+    name: str = "rotten_tomatoes"  # shipped or Hub set: raylin.data.text.DATASETS
     max_length: int = 128
     eval_fraction: float = 0.1
     max_train_examples: int | None = None
@@ -99,6 +99,10 @@ class TrainConfig:
     max_failures: int = 2
     seed: int = 0
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with GPUs: below 1 leaves room for the node's teacher replica (e.g. 0.75 + 0.25)
+    # Where Ray Train keeps checkpoints: a folder, or a URI every node reaches (s3://bucket/path,
+    # gs://bucket/path). None: OUTPUT_DIR/ray. With a URI the run's outputs are copied there too.
+    storage_path: str | None = None
 
 
 @dataclass
@@ -266,6 +270,12 @@ def validate(config: RunConfig) -> None:
 
     need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
+    from raylin.data.text import DATASETS
+    from raylin.models.teachers import MODEL_CLASSES
+
+    need(config.task.type in MODEL_CLASSES,
+         f"task.type {config.task.type!r} has losses but no data pipeline yet; training supports {sorted(MODEL_CLASSES)}.")
+    need(config.data.name in DATASETS, f"data.name {config.data.name!r} is unknown; choose one of {DATASETS}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")
     g = config.guidance
@@ -297,6 +307,8 @@ def validate(config: RunConfig) -> None:
     need(t.batch_size % t.num_workers == 0,
          f"train.batch_size={t.batch_size} must be divisible by train.num_workers={t.num_workers}.")
     need(t.lr > 0, "train.lr must be > 0.")
+    need(0 < t.gpus_per_worker <= 1, f"train.gpus_per_worker must be in (0, 1], got {t.gpus_per_worker}.")
+    need(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
     need(bool(config.output_dir), "output_dir must be set.")
     ts = config.teacher_service

@@ -9,6 +9,10 @@ scored on the same held-out split in this process. Writes:
     OUTPUT_DIR/metrics.json    {"teacher": {...}, "student": {...}, "steps", "tokens", "wall_s"}
     OUTPUT_DIR/report.md       config, scores and the XATL transfer report
     OUTPUT_DIR/config.yaml     the validated config, as run
+
+With ``train.storage_path`` set (s3://, gs:// or a shared folder) these are also copied to
+STORAGE_PATH/RUN_NAME/outputs/, next to the run's Ray Train checkpoints. ``raylin eval`` re-scores
+a finished run: OUTPUT_DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def finetune_config(config: RunConfig) -> RunConfig:
 def run_finetune(config: RunConfig) -> dict:
     """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/."""
     from raylin.train.loop import FINETUNED_DIR, SNAPSHOT_DIR
-    from raylin.train.trainer import fit
+    from raylin.train.trainer import fit, publish_outputs, published_outputs
 
     config = finetune_config(config)
     started = time.perf_counter()
@@ -75,23 +79,25 @@ def run_finetune(config: RunConfig) -> dict:
         "target_teacher": str(out / FINETUNED_DIR),
         "waypoints": [{"step": int(p.name.split("_")[1]), "path": str(p)} for p in snapshots],
     }
+    if published_outputs(config):
+        metrics["published"] = published_outputs(config)
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    publish_outputs(config, [FINETUNED_DIR, SNAPSHOT_DIR, "metrics.json", "config.yaml"])
     return metrics
 
 
 def score_teacher(config: RunConfig) -> dict[str, float]:
-    from raylin.data.text import load_text_classification
+    from raylin.data.text import load_splits
     from raylin.models.teachers import load_teacher
 
     path = config.target_teacher or config.teacher
     model, tokenizer = load_teacher(path, model_class=MODEL_CLASSES[config.task.type], num_labels=config.task.num_labels)
-    data = load_text_classification(config.data.name, config.data.eval_fraction, config.data.seed,
-                                    config.data.max_train_examples, config.data.max_eval_examples)
+    data = load_splits(config.data)
     return evaluate(model, tokenizer, data.eval_texts, data.eval_labels, config, torch.device("cpu"), 0, 1)
 
 
 def run_conversion(config: RunConfig) -> dict:
-    from raylin.train.trainer import fit
+    from raylin.train.trainer import fit, publish_outputs, published_outputs
 
     started = time.perf_counter()
     out = Path(config.output_dir)
@@ -124,10 +130,13 @@ def run_conversion(config: RunConfig) -> dict:
         "guidance": config.guidance.mode,
         "mixer": config.plan.get("mixer"),
     }
+    if published_outputs(config):
+        metrics["published"] = published_outputs(config)
     if aligned is not None:
         metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"]}
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     _write_atomic(out / "report.md", render_report(config, metrics))
+    publish_outputs(config, [STUDENT_DIR, "metrics.json", "report.md", "config.yaml", "teacher_service.json"])
     return metrics
 
 
@@ -147,3 +156,39 @@ def render_report(config: RunConfig, metrics: dict) -> str:
         f"{metrics['wall_s']} s.\n\n| metric | teacher | student |\n|---|---:|---:|\n{rows}\n\n"
         f"Student folder: `{Path(config.output_dir) / STUDENT_DIR}`.\n\n## Config\n\n```yaml\n{dump_config(config)}```\n"
     )
+
+
+def run_eval(config: RunConfig, student_dir: str | None = None, length: int | None = None) -> dict:
+    """Score the teacher and a student folder (default OUTPUT_DIR/student) on the config's held-out
+    split, and time one forward of each at ``length`` tokens (default: the model's longest), on
+    this process's CPU or GPU. Writes OUTPUT_DIR/eval.json. Limits: batch 1 for the timing."""
+    from raylin.data.text import load_splits
+    from raylin.eval.speed import measure
+    from raylin.models.student import load_student
+    from raylin.models.teachers import load_teacher
+
+    folder = Path(student_dir) if student_dir else Path(config.output_dir) / STUDENT_DIR
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"No student folder at {folder}: run `raylin convert` first or pass --student.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = load_student(folder).to(device)
+    teacher, tokenizer = load_teacher(config.target_teacher or config.teacher, model_class=MODEL_CLASSES[config.task.type],
+                                      num_labels=config.task.num_labels)
+    teacher = teacher.to(device)
+    data = load_splits(config.data)
+    result: dict = {"student_dir": str(folder), "device": str(device)}
+    for name, model in (("teacher", teacher), ("student", student)):
+        result[name] = evaluate(model, tokenizer, data.eval_texts, data.eval_labels, config, device, 0, 1)
+    positions = getattr(teacher.config, "max_position_embeddings", 512)
+    length = min(length or positions, positions)
+    ids = torch.randint(1000, tokenizer.vocab_size, (1, length), device=device)
+    forward: dict = {"length": length}
+    for name, model in (("teacher", teacher), ("student", student)):
+        latency, peak_mb = measure(lambda model=model: model(input_ids=ids), repeats=3)
+        forward[f"{name}_ms"], forward[f"{name}_peak_mb"] = round(latency * 1e3, 2), round(peak_mb, 1)
+    result["forward"] = forward
+    result["speedup"] = round(forward["teacher_ms"] / forward["student_ms"], 3)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "eval.json", json.dumps(result, indent=1))
+    return result

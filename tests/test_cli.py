@@ -1,4 +1,4 @@
-"""The `raylin` command: the demo and the speed benchmark (reduced sizes)."""
+"""The `raylin` command: the demo (its reduced mode) and the speed benchmark (reduced sizes)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,34 @@ from raylin.cli import main
 
 
 @pytest.mark.assets
-def test_demo_converts_minilm_and_writes_a_loadable_student(tmp_path, capsys):
+def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capsys):
+    """The demo end to end in its reduced mode: teacher fine-tuning, conversion and distillation on
+    a local Ray (2 workers, served teacher), accuracy and speed-up printed; a second run reuses the
+    fine-tuned teacher."""
+    import ray
+
     from conftest import require_asset
 
     require_asset("all-minilm-l6")
-    assert main(["demo", "--out", str(tmp_path), "--length", "64"]) == 0
-    printed = capsys.readouterr().out
-    assert "copied" in printed and "forward @ 64 tokens" in printed
-    assert "| copied |" in (tmp_path / "report.md").read_text()
-    student = raylin.load_student(tmp_path / "student")
-    assert student.plan.mixer == "linformer" and student.processor is not None
+    try:
+        assert main(["demo", "--quick", "--out", str(tmp_path), "--length", "512"]) == 0
+        printed = capsys.readouterr().out
+        result = json.loads((tmp_path / "demo.json").read_text())
+        assert result["quick"] and result["steps"] == 4
+        assert 0 <= result["teacher_accuracy"] <= 1 and 0 <= result["student_accuracy"] <= 1
+        assert f"teacher {result['teacher_accuracy']:.4f}" in printed and "forward @   512 tokens" in printed
+        assert all(t["teacher_ms"] > 0 and t["student_ms"] > 0 for t in result["timings"].values())
+        student = raylin.load_student(result["student_dir"])
+        assert student.plan.mixer == "linformer"
+        served = json.loads((tmp_path / "student-run" / "teacher_service.json").read_text())
+        assert served["teacher_loads"] == 1 and served["teacher_forwards"] > 0
+
+        from raylin.demo import _cached_teacher, demo_configs
+
+        finetune, _ = demo_configs(tmp_path, quick=True)
+        assert _cached_teacher(finetune) == str(tmp_path / "teacher-run" / "teacher")
+    finally:
+        ray.shutdown()
 
 
 def test_bench_speed_writes_records_summary_and_plot(tmp_path):

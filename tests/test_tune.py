@@ -41,6 +41,25 @@ def test_bad_search_spaces_fail_before_ray_starts(teachers, tmp_path):
             load_tune_config(_sweep_file(teachers, tmp_path, space))
 
 
+def test_relative_paths_mean_the_same_inside_trials(teachers, tmp_path, monkeypatch):
+    """Trials run in Ray Tune's trial folders: the base they get carries absolute paths."""
+    import shutil
+
+    from raylin.tune.search import load_tune_config, trial_config
+
+    shutil.copytree(teachers["target"], tmp_path / "target")
+    monkeypatch.chdir(tmp_path)
+    data = run_config(teachers, tmp_path / "out").to_dict()
+    data |= {"target_teacher": "target", "output_dir": "out"}
+    data["tune"] = {"space": {"loss.alpha_layer": {"grid": [0.5, 1.0]}}}
+    Path("sweep.yaml").write_text(yaml.safe_dump(data))
+    base, _, _ = load_tune_config("sweep.yaml")
+    monkeypatch.chdir(tmp_path.parent)
+    trial = trial_config(base, {"loss.alpha_layer": 0.5}, "t0")
+    assert trial.target_teacher == str(tmp_path / "target")
+    assert trial.output_dir.startswith(str(tmp_path / "out"))
+
+
 def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_its_best_config_converts(teachers, tmp_path):
     # Larger layer-loss weights give larger losses from the first report: ASHA (metric loss, min)
     # must stop some of them. One trial at a time fits 2 CPUs (2 workers x 0.5 + the teacher's 1).

@@ -90,7 +90,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     import ray
 
     from raylin.convert import freezable_copied_parameters
-    from raylin.data.text import GlobalBatches, load_text_classification
+    from raylin.data.text import GlobalBatches, load_splits
     from raylin.distill.losses import layerwise_loss
     from raylin.models.families import family_for
     from raylin.teacher import TeacherRequest
@@ -111,8 +111,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=align.lr, weight_decay=0.0) if params else None
 
-    data = load_text_classification(config.data.name, config.data.eval_fraction, config.data.seed,
-                                    config.data.max_train_examples, config.data.max_eval_examples)
+    data = load_splits(config.data)
     batches = GlobalBatches(len(data.train_texts), align.batch_size, config.data.seed + 1)
     replica = pool.replica()
 

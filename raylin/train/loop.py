@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from raylin.config import RunConfig, config_from_dict
 from raylin.convert import convert, freezable_copied_parameters
-from raylin.data.text import GlobalBatches, load_text_classification, tokenize
+from raylin.data.text import GlobalBatches, load_splits, tokenize
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.losses import classification_loss, combine, kd_loss, layerwise_loss
 from raylin.models.teachers import MODEL_CLASSES, load_teacher
@@ -116,10 +116,7 @@ def build_run(config: RunConfig, device: torch.device):
         from raylin.train.align import load_aligned
 
         load_aligned(student, config)
-    data = load_text_classification(
-        config.data.name, config.data.eval_fraction, config.data.seed,
-        config.data.max_train_examples, config.data.max_eval_examples,
-    )
+    data = load_splits(config.data)
     return config.guidance_schedule(), student.to(device), report, tokenizer, data
 
 

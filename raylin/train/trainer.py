@@ -42,8 +42,17 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        env_vars = _worker_env(False)
+        # Under `ray job submit` the job's own runtime_env (working_dir, pip, env_vars) applies;
+        # Ray refuses a driver runtime_env that sets the same variables, so those are left to the job.
+        job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+        if job_config:
+            import json
+
+            job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+            env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
         # The dashboard hosts the State API that Ray Train uses to clean up placement groups.
-        ray.init(runtime_env={"env_vars": _worker_env(False)}, dashboard_host="127.0.0.1")
+        ray.init(runtime_env={"env_vars": env_vars}, dashboard_host="127.0.0.1")
 
 
 def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks: list | None = None):
@@ -68,7 +77,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     own_pool = served and teacher_pool is None
     pool = (make_pool(config) if own_pool else teacher_pool) if served else None
     check_resources(config, served and own_pool)
-    resources = {"CPU": config.train.cpus_per_worker}
+    resources = worker_resources(config, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "finetune": finetune, "teacher_pool": pool},
@@ -76,7 +85,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
         run_config=RayRunConfig(
             name=config.run_name,
-            storage_path=str((Path(config.output_dir) / "ray").resolve()),
+            storage_path=storage_path(config),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
@@ -91,6 +100,44 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
             pool.shutdown()
 
 
+def storage_path(config: RunConfig) -> str:
+    """Ray Train's storage: train.storage_path (a folder or an s3:// / gs:// URI), else OUTPUT_DIR/ray."""
+    if config.train.storage_path is None:
+        return str((Path(config.output_dir) / "ray").resolve())
+    if "://" in config.train.storage_path:
+        return config.train.storage_path
+    return str(Path(config.train.storage_path).expanduser().resolve())
+
+
+def published_outputs(config: RunConfig) -> str | None:
+    """Where publish_outputs copies a run's outputs: STORAGE_PATH/RUN_NAME/outputs, or None."""
+    if config.train.storage_path is None:
+        return None
+    return f"{storage_path(config).rstrip('/')}/{config.run_name}/outputs"
+
+
+def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
+    """Copy OUTPUT_DIR's ``names`` (files or folders) to STORAGE_PATH/RUN_NAME/outputs when
+    train.storage_path is set, so results outlive the head node (``ray job submit`` drivers write
+    OUTPUT_DIR on the head). Returns the destination, or None when there is no storage_path."""
+    destination = published_outputs(config)
+    if destination is None:
+        return None
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(destination if "://" in destination else f"file://{destination}")
+    filesystem.create_dir(root, recursive=True)
+    for name in names:
+        source = Path(config.output_dir) / name
+        if source.exists():
+            target = f"{root}/{name}"
+            if source.is_dir():
+                filesystem.create_dir(target, recursive=True)
+            pyarrow.fs.copy_files(str(source.resolve()), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=filesystem)
+    return destination
+
+
 def _write_json(path: Path, data: dict) -> None:
     import json
 
@@ -98,6 +145,19 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def worker_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """What each Ray Train worker reserves."""
+    resources = {"CPU": config.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = config.train.gpus_per_worker
+    return resources
+
+
+def teacher_replica_resources(config: RunConfig) -> dict[str, float]:
+    """What the teacher replica on each node reserves (served teachers)."""
+    return {"CPU": config.teacher_service.cpus, **({"GPU": config.teacher_service.gpus} if config.teacher_service.gpus else {})}
 
 
 def check_resources(config: RunConfig, with_teacher_replica: bool) -> None:

@@ -80,6 +80,10 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
         raise ConfigError(f"{path} has no `tune:` section; add one with a `space:` (see docs/tune.md).")
     section = _build(TuneSection, data.pop("tune"), "tune.")
     base = config_from_dict(data)
+    # Trials run in Ray Tune's trial folders, not here: pin relative paths to what they mean here.
+    data = {**data, "teacher": base.teacher, "target_teacher": base.target_teacher, "output_dir": base.output_dir}
+    if base.guidance.waypoints:
+        data["guidance"] = {**data.get("guidance", {}), "waypoints": base.guidance.waypoints}
     validate_section(section, data)
     return data, section, base
 
