@@ -200,3 +200,8 @@ def test_a_served_run_that_cannot_fit_the_cluster_fails_before_training(teachers
     config = run_config(teachers, tmp_path / "too-big", **{"train.cpus_per_worker": 1.0})
     with pytest.raises(RuntimeError, match=r"needs 3 CPUs .*teacher_service.cpus=1\).*cluster has 2"):
         fit(config)
+    from raylin.train.trainer import check_resources
+
+    on_gpus = run_config(teachers, tmp_path / "gpus", **{"train.use_gpu": True, "train.gpus_per_worker": 0.75})
+    with pytest.raises(RuntimeError, match=r"needs 1.5 GPUs \(2 workers x train.gpus_per_worker=0.75\).*cluster has 0"):
+        check_resources(on_gpus, with_teacher_replica=False, use_gpu=True)

@@ -72,11 +72,11 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     ensure_ray()
     use_gpu = config.train.use_gpu
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers * config.train.gpus_per_worker
     served = config.teacher_service.mode == "served" and config.guidance.mode != "unguided" and not finetune
     own_pool = served and teacher_pool is None
     pool = (make_pool(config) if own_pool else teacher_pool) if served else None
-    check_resources(config, served and own_pool)
+    check_resources(config, served and own_pool, use_gpu)
     resources = worker_resources(config, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -160,21 +160,24 @@ def teacher_replica_resources(config: RunConfig) -> dict[str, float]:
     return {"CPU": config.teacher_service.cpus, **({"GPU": config.teacher_service.gpus} if config.teacher_service.gpus else {})}
 
 
-def check_resources(config: RunConfig, with_teacher_replica: bool) -> None:
+def check_resources(config: RunConfig, with_teacher_replica: bool, use_gpu: bool = False) -> None:
     """Fail fast when a single-node cluster cannot hold the workers (and the teacher replica):
-    Ray would otherwise wait for resources forever. Multi-node and autoscaling clusters are not checked."""
+    Ray would otherwise wait for resources forever. Not checked: multi-node clusters, and a lone
+    head with no CPUs (an autoscaling cluster, as cluster/ defines them, before its workers start)."""
     import ray
 
-    if len([node for node in ray.nodes() if node["Alive"]]) != 1:
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    have = ray.cluster_resources()
+    if len(alive) != 1 or have.get("CPU", 0) == 0:
         return
-    have = ray.cluster_resources().get("CPU", 0)
-    need = config.train.num_workers * config.train.cpus_per_worker
-    need += config.teacher_service.cpus if with_teacher_replica else 0
-    if need > have + 1e-9:
-        raise RuntimeError(
-            f"This run needs {need:g} CPUs ({config.train.num_workers} workers x train.cpus_per_worker="
-            f"{config.train.cpus_per_worker:g}" + (f" + teacher replica teacher_service.cpus={config.teacher_service.cpus:g}"
-                                                   if with_teacher_replica else "")
-            + f") but the Ray cluster has {have:g}. Lower train.cpus_per_worker (fractions are fine, e.g. 0.5) or "
-            "teacher_service.cpus, or set teacher_service.mode=inprocess."
-        )
+    workers = worker_resources(config, use_gpu)
+    replica = teacher_replica_resources(config) if with_teacher_replica else {}
+    for kind, knob in (("CPU", "cpus"), ("GPU", "gpus")):
+        need = config.train.num_workers * workers.get(kind, 0) + replica.get(kind, 0)
+        if need > have.get(kind, 0) + 1e-9:
+            raise RuntimeError(
+                f"This run needs {need:g} {kind}s ({config.train.num_workers} workers x train.{knob}_per_worker="
+                f"{workers.get(kind, 0):g}" + (f" + teacher replica teacher_service.{knob}={replica.get(kind, 0):g}" if replica else "")
+                + f") but the Ray cluster has {have.get(kind, 0):g}. Lower train.{knob}_per_worker (fractions are fine, "
+                f"e.g. 0.5) or teacher_service.{knob}, use fewer train.num_workers, or set teacher_service.mode=inprocess."
+            )
