@@ -205,3 +205,29 @@ def test_a_served_run_that_cannot_fit_the_cluster_fails_before_training(teachers
     on_gpus = run_config(teachers, tmp_path / "gpus", **{"train.use_gpu": True, "train.gpus_per_worker": 0.75})
     with pytest.raises(RuntimeError, match=r"needs 1.5 GPUs \(2 workers x train.gpus_per_worker=0.75\).*cluster has 0"):
         check_resources(on_gpus, with_teacher_replica=False, use_gpu=True)
+
+
+def test_trajectory_replica_made_by_a_worker_escapes_the_workers_placement_group(teachers, ray_cluster, tmp_path):
+    """Ray Train workers (and Tune trials) run in placement groups that capture child actors; the
+    single trajectory replica a worker creates must not be squeezed into the worker's bundle."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raylin.teacher import teacher_pool, teacher_spec
+
+    config = run_config(teachers, tmp_path, **{"guidance.mode": "trajectory"})
+    pool = teacher_pool(config, teacher_spec(config))
+    group = placement_group([{"CPU": 0.5}])
+    ray.get(group.ready(), timeout=60)
+
+    @ray.remote(num_cpus=0.5)
+    def like_a_train_worker(pool) -> str:
+        return ray.get(pool.replica().ping.remote())
+
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    try:
+        assert ray.get(like_a_train_worker.options(scheduling_strategy=strategy).remote(pool), timeout=120)
+    finally:
+        pool.shutdown()
+        remove_placement_group(group)

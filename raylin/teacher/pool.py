@@ -127,6 +127,9 @@ class TeacherPool:
                        num_cpus=self.cpus, num_gpus=self.gpus, max_concurrency=64)
         if self.single_replica:
             name = f"{self.name}-global"
+            # Created from a Ray Train worker, it would otherwise land in the worker group's
+            # placement group, which has no room for it (and is removed with the run).
+            options["scheduling_strategy"] = "DEFAULT"
         else:
             node_id = node_id or ray.get_runtime_context().get_node_id()
             name = f"{self.name}-{node_id[:16]}"
