@@ -148,8 +148,48 @@ def shared_pool(config: RunConfig):
     return teacher_pool(config, spec)
 
 
-def run_trial(params: dict, base: dict, pools: dict) -> None:
-    """One Tune trial: the driver of its own TorchTrainer."""
+class TrialSlots:
+    """A counting semaphore (a Ray actor) that holds trials to the sweep's concurrency.
+
+    Tune's ``max_concurrent_trials`` only limits how many new trials it generates: a restored sweep
+    starts every unfinished trial at once, and trials reserve no CPUs (their TorchTrainer's workers
+    do), so they would wait on each other's resources forever. A slot is held by a trial's actor;
+    slots of actors that died (a trial stopped by ASHA is killed) are taken back."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.holders: dict[str, Any] = {}  # trial id -> the trial's actor handle
+
+    async def acquire(self, trial: str, holder) -> None:
+        import asyncio
+
+        while trial not in self.holders and len(self.holders) >= self.slots:
+            await self._forget_dead_holders()
+            if len(self.holders) < self.slots:
+                break
+            await asyncio.sleep(2)
+        self.holders[trial] = holder
+
+    async def release(self, trial: str) -> None:
+        self.holders.pop(trial, None)
+
+    async def _forget_dead_holders(self) -> None:
+        import asyncio
+
+        import ray
+
+        for trial, holder in list(self.holders.items()):
+            try:
+                await asyncio.wait_for(holder.__ray_ready__.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                self.holders.pop(trial, None)
+            except asyncio.TimeoutError:
+                pass  # busy, not dead
+
+
+def run_trial(params: dict, base: dict, pools: dict, slots) -> None:
+    """One Tune trial: the driver of its own TorchTrainer, once it holds a slot."""
+    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -161,7 +201,11 @@ def run_trial(params: dict, base: dict, pools: dict) -> None:
     fixed_teacher = config.teacher_service.mode == "served" and config.guidance.mode not in ("unguided", "trajectory")
     # Trials with the sweep's fixed teacher share its pool; others (a swept target) get their own.
     pool = shared if fixed_teacher and shared is not None and shared.spec.target == config.target_teacher else None
-    result = fit(config, teacher_pool=pool, callbacks=[TuneReportCallback()])
+    ray.get(slots.acquire.remote(context.get_trial_id(), ray.get_runtime_context().current_actor))
+    try:
+        result = fit(config, teacher_pool=pool, callbacks=[TuneReportCallback()])
+    finally:
+        ray.get(slots.release.remote(context.get_trial_id()))
     if result.error is not None:
         raise result.error
 
@@ -171,7 +215,14 @@ def expected_trials(section: TuneSection) -> int:
     return section.num_samples * math.prod(grids)
 
 
+def searches_trajectory(base: RunConfig, section: TuneSection) -> bool:
+    spec = section.space.get("guidance.mode", {})
+    return base.guidance.mode == "trajectory" or "trajectory" in next(iter(spec.values()), [])
+
+
 def concurrency(base: RunConfig, section: TuneSection) -> int:
+    """Trials at once: what the cluster's CPUs hold next to the shared teacher replica, counting a
+    trajectory trial's own replica. Raises ConfigError when not even one trial fits."""
     import ray
 
     if section.max_concurrent_trials:
@@ -179,7 +230,15 @@ def concurrency(base: RunConfig, section: TuneSection) -> int:
     cpus = ray.cluster_resources().get("CPU", 1)
     served = base.teacher_service.mode == "served"
     free = cpus - (base.teacher_service.cpus if served else 0)
-    return max(1, math.floor(free / (base.train.num_workers * base.train.cpus_per_worker) + 1e-9))
+    per_trial = base.train.num_workers * base.train.cpus_per_worker
+    if served and searches_trajectory(base, section):
+        per_trial += base.teacher_service.cpus  # a trajectory trial trains its own teacher replica
+    if per_trial > free + 1e-9 and len([n for n in ray.nodes() if n["Alive"]]) == 1 and cpus > 0:
+        raise ConfigError(
+            f"One trial needs {per_trial:g} CPUs next to the shared teacher replica ({base.teacher_service.cpus:g}), "
+            f"but the cluster has {cpus:g}: lower teacher_service.cpus or train.cpus_per_worker (fractions are fine)."
+        )
+    return max(1, math.floor(free / per_trial + 1e-9))
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
@@ -197,7 +256,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     ensure_ray()
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
-    trainable = tune.with_parameters(run_trial, base=base_data, pools=pools)
+    slots = ray.remote(TrialSlots).options(num_cpus=0).remote(concurrency(base, section))
+    trainable = tune.with_parameters(run_trial, base=base_data, pools=pools, slots=slots)
     # A trial is only the driver of its TorchTrainer, whose workers hold the CPUs: it reserves memory, no CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     storage = str((out / TUNE_DIR).resolve())
