@@ -280,7 +280,12 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
         results = tuner.fit()
     finally:
         if pool is not None:
-            (out / TUNE_DIR / "teacher_service.json").write_text(json.dumps(pool.stats(), indent=1))
+            # Counters add up over an interrupted sweep and its resumes (each has its own pool).
+            stats_file = out / TUNE_DIR / "teacher_service.json"
+            totals = json.loads(stats_file.read_text()) if resume and stats_file.is_file() else {}
+            for key, value in pool.stats().items():
+                totals[key] = totals.get(key, 0) + value
+            stats_file.write_text(json.dumps(totals, indent=1))
             pool.shutdown()
     # After Ctrl-C Tune returns normally; unfinished trials stay PENDING/RUNNING in its saved state,
     # and grid variants it had not generated yet are missing.
