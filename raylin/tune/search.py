@@ -254,9 +254,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
     base_data["output_dir"] = str(out)
     ensure_ray()
+    limit = concurrency(base, section)  # before the teacher replica starts: may refuse the sweep
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
-    slots = ray.remote(TrialSlots).options(num_cpus=0).remote(concurrency(base, section))
+    slots = ray.remote(TrialSlots).options(num_cpus=0).remote(limit)
     trainable = tune.with_parameters(run_trial, base=base_data, pools=pools, slots=slots)
     # A trial is only the driver of its TorchTrainer, whose workers hold the CPUs: it reserves memory, no CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
@@ -273,7 +274,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
             trainable,
             param_space=param_space(section),
             tune_config=tune.TuneConfig(metric=section.metric, mode=section.mode, num_samples=section.num_samples,
-                                        scheduler=scheduler, max_concurrent_trials=concurrency(base, section)),
+                                        scheduler=scheduler, max_concurrent_trials=limit),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     try:
