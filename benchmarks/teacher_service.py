@@ -42,11 +42,11 @@ class StudentWorker:
         self.teacher, self.alpha_layer, self.length = teacher, alpha_layer, length
 
     def _batch(self, step: int):
-        from raylin.train.loop import make_batch
+        from raylin.data.text import tokenize
 
         ids = self.batches.indices(step)
-        batch = make_batch(self.tokenizer, [self.data.train_texts[i] for i in ids], [self.data.train_labels[i] for i in ids],
-                           self.length, torch.device("cpu"))
+        batch = dict(tokenize(self.tokenizer, [self.data.train_texts[i] for i in ids], self.length))
+        batch["labels"] = torch.tensor([self.data.train_labels[i] for i in ids])
         return ids, batch
 
     def run(self, mode: str, spec, pool, steps: int, warmup: int = 2) -> dict:

@@ -6,6 +6,7 @@
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR]   latency / memory of teachers and students at long lengths
+    raylin bench quality [--quick] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def _bench(args: argparse.Namespace) -> int:
     (Path(args.out) / "speed_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {Path(args.out) / 'speed.json'} and {Path(args.out) / 'speed.png'}")
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from raylin.eval.quality import SUITES, run_quality_benchmark, summary_lines
+
+    suites = tuple(args.only.split(",")) if args.only else SUITES
+    docs = args.docs or (args.out if args.quick else "docs")
+    result = run_quality_benchmark(args.out, quick=args.quick, suites=suites, docs=docs)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(docs) / 'results.md'}")
     return 0
 
 
@@ -126,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--layers", type=int, default=2, help="blocks per model (default 2)")
     speed.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is kept")
     speed.set_defaults(func=_bench)
+    quality = bench_kinds.add_parser("quality", help="teacher vs students on text, language modelling and speech")
+    quality.add_argument("--quick", action="store_true", help="a few steps per run: a smoke test of every pipeline")
+    quality.add_argument("--out", default="outputs/bench-quality", help="run folders and quality.json")
+    quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,speed (default all)")
+    quality.add_argument("--docs", default=None, help="where results.md and its plots go (default docs/, or OUT with --quick)")
+    quality.set_defaults(func=_bench_quality)
     return parser
 
 

@@ -39,8 +39,11 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "rotten_tomatoes"  # shipped or Hub set: raylin.data.text.DATASETS
-    max_length: int = 128
+    name: str = "rotten_tomatoes"  # per task: raylin.data.tasks.datasets_for(task.type)
+    max_length: int = 128  # tokens (text); language modelling windows are exactly this long
+    held_out: str | None = None  # causal_lm austen: the novel held out (default persuasion)
+    max_seconds: float = 2.0  # speech: clips are cropped / padded to this length
+    size: str = "full"  # spoken_digits: full | quick (a smoke-test sized synthesis)
     eval_fraction: float = 0.1
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -270,12 +273,14 @@ def validate(config: RunConfig) -> None:
 
     need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
-    from raylin.data.text import DATASETS
-    from raylin.models.teachers import MODEL_CLASSES
+    from raylin.data.tasks import METRICS, datasets_for
 
-    need(config.task.type in MODEL_CLASSES,
-         f"task.type {config.task.type!r} has losses but no data pipeline yet; training supports {sorted(MODEL_CLASSES)}.")
-    need(config.data.name in DATASETS, f"data.name {config.data.name!r} is unknown; choose one of {DATASETS}.")
+    need(config.task.type in METRICS,
+         f"task.type {config.task.type!r} has losses but no data pipeline yet; training supports {sorted(METRICS)}.")
+    datasets = datasets_for(config.task.type)
+    need(config.data.name in datasets,
+         f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
+    need(config.data.max_seconds > 0, f"data.max_seconds must be > 0, got {config.data.max_seconds}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")
     g = config.guidance

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from raylin.config import RunConfig, dump_config
-from raylin.train.loop import MODEL_CLASSES, STUDENT_DIR, evaluate
+from raylin.train.loop import STUDENT_DIR, evaluate
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -87,13 +87,11 @@ def run_finetune(config: RunConfig) -> dict:
 
 
 def score_teacher(config: RunConfig) -> dict[str, float]:
-    from raylin.data.text import load_splits
-    from raylin.models.teachers import load_teacher
+    """The teacher's held-out scores (the target teacher when there is one, else the source model)."""
+    from raylin.data.tasks import load_task_data, load_task_model
 
-    path = config.target_teacher or config.teacher
-    model, tokenizer = load_teacher(path, model_class=MODEL_CLASSES[config.task.type], num_labels=config.task.num_labels)
-    data = load_splits(config.data)
-    return evaluate(model, tokenizer, data.eval_texts, data.eval_labels, config, torch.device("cpu"), 0, 1)
+    model, processor = load_task_model(config, config.target_teacher or config.teacher)
+    return evaluate(model, load_task_data(config, processor), config, torch.device("cpu"), 0, 1)
 
 
 def run_conversion(config: RunConfig) -> dict:
@@ -160,31 +158,34 @@ def render_report(config: RunConfig, metrics: dict) -> str:
 
 def run_eval(config: RunConfig, student_dir: str | None = None, length: int | None = None) -> dict:
     """Score the teacher and a student folder (default OUTPUT_DIR/student) on the config's held-out
-    split, and time one forward of each at ``length`` tokens (default: the model's longest), on
-    this process's CPU or GPU. Writes OUTPUT_DIR/eval.json. Limits: batch 1 for the timing."""
-    from raylin.data.text import load_splits
+    sets, and time one forward of each on this process's CPU or GPU: at ``length`` tokens (default:
+    the model's longest) for text, on one held-out clip for speech. Writes OUTPUT_DIR/eval.json.
+    Limits: batch 1 for the timing."""
+    from raylin.data.tasks import load_task_data, load_task_model
     from raylin.eval.speed import measure
     from raylin.models.student import load_student
-    from raylin.models.teachers import load_teacher
 
     folder = Path(student_dir) if student_dir else Path(config.output_dir) / STUDENT_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No student folder at {folder}: run `raylin convert` first or pass --student.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(folder).to(device)
-    teacher, tokenizer = load_teacher(config.target_teacher or config.teacher, model_class=MODEL_CLASSES[config.task.type],
-                                      num_labels=config.task.num_labels)
+    teacher, processor = load_task_model(config, config.target_teacher or config.teacher)
     teacher = teacher.to(device)
-    data = load_splits(config.data)
+    data = load_task_data(config, processor)
     result: dict = {"student_dir": str(folder), "device": str(device)}
     for name, model in (("teacher", teacher), ("student", student)):
-        result[name] = evaluate(model, tokenizer, data.eval_texts, data.eval_labels, config, device, 0, 1)
-    positions = getattr(teacher.config, "max_position_embeddings", 512)
-    length = min(length or positions, positions)
-    ids = torch.randint(1000, tokenizer.vocab_size, (1, length), device=device)
+        result[name] = evaluate(model, data, config, device, 0, 1)
+    if student.family.modality == "text":
+        positions = getattr(teacher.config, "max_position_embeddings", 512)
+        length = min(length or positions, positions)
+        inputs = {"input_ids": torch.randint(1000, processor.vocab_size, (1, length), device=device)}
+    else:
+        inputs = {k: v.to(device) for k, v in data.eval_batch("", [0]).items() if k != "labels"}
+        length = next(iter(inputs.values())).shape[-1]
     forward: dict = {"length": length}
     for name, model in (("teacher", teacher), ("student", student)):
-        latency, peak_mb = measure(lambda model=model: model(input_ids=ids), repeats=3)
+        latency, peak_mb = measure(lambda model=model: model(**inputs), repeats=3)
         forward[f"{name}_ms"], forward[f"{name}_peak_mb"] = round(latency * 1e3, 2), round(peak_mb, 1)
     result["forward"] = forward
     result["speedup"] = round(forward["teacher_ms"] / forward["student_ms"], 3)

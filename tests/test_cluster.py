@@ -43,11 +43,24 @@ def roberta_base(tmp_path_factory) -> str:
     return str(folder)
 
 
-def load_run_config(path: Path, roberta_base: str):
+@pytest.fixture(scope="module")
+def pythia_1b(tmp_path_factory) -> str:
+    """EleutherAI/pythia-1b's architecture (config.json only) for validating the Pile config offline."""
+    from transformers import GPTNeoXConfig
+
+    folder = tmp_path_factory.mktemp("pythia-1b")
+    GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                  intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25,
+                  architectures=["GPTNeoXForCausalLM"]).save_pretrained(folder)
+    return str(folder)
+
+
+def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None):
     """The config as `raylin convert` would validate it, with teachers that exist offline."""
     data = yaml.safe_load(path.read_text())
     data.pop("tune", None)
-    teacher = roberta_base if data["teacher"] == "roberta-base" else data["teacher"]
+    offline = {"roberta-base": roberta_base, "EleutherAI/pythia-1b": pythia_1b}
+    teacher = offline.get(data["teacher"]) or data["teacher"]
     return config_from_dict(data, [f"teacher={teacher}", f"target_teacher={teacher}"])
 
 
@@ -164,8 +177,8 @@ def workers_per_node(config, node: dict[str, float]) -> int:
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "jobs" / "configs")))
-def test_run_config_validates_and_fits_the_clusters(path, roberta_base):
-    config = load_run_config(path, roberta_base)
+def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b):
+    config = load_run_config(path, roberta_base, pythia_1b)
     header = path.read_text().split("\nteacher:")[0]
     assert "Expected resources:" in header, f"{path.name} must state its expected resources in its header"
     if not config.train.use_gpu:

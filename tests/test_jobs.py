@@ -105,7 +105,7 @@ def test_ray_job_submit_converts_and_evaluates_on_a_ray_head(ray_head, tmp_path,
     (jobs/eval.py) re-scores the run on the same cluster."""
     import raylin
     from raylin.config import config_from_dict
-    from raylin.data.text import load_splits
+    from raylin.data.tasks import load_task_data
     from raylin.train.loop import evaluate
 
     address, env = ray_head
@@ -131,10 +131,9 @@ def test_ray_job_submit_converts_and_evaluates_on_a_ray_head(ray_head, tmp_path,
     assert (Path(metrics["published"]) / "student" / "model.safetensors").is_file()
     student = raylin.load_student(out / "student")
     run = config_from_dict(config)
-    data = load_splits(run.data)
     import torch
 
-    scores = evaluate(student, student.processor, data.eval_texts, data.eval_labels, run, torch.device("cpu"), 0, 1)
+    scores = evaluate(student, load_task_data(run, student.processor), run, torch.device("cpu"), 0, 1)
     assert scores["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
 
     wait_for(address, env, submit(address, env, "python", "jobs/eval.py", str(path), "--length", "64"))

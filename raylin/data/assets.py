@@ -33,6 +33,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYLIN_CACHE", Path.home() / ".cache" / "raylin"))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so readers never see a
+    partial file (creates the parent folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
 def _package_dir(module: str, asset: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:

@@ -23,17 +23,20 @@ def teacher_spec(config) -> TeacherSpec:
     import os
     from pathlib import Path
 
-    from raylin.models.teachers import MODEL_CLASSES
+    from raylin.data.tasks import model_options
     from raylin.teacher.cache import teacher_fingerprint
 
     mode, loss, service = config.guidance.mode, config.loss, config.teacher_service
     schedule = config.guidance_schedule()
     tokenizer_source = config.target_teacher if schedule.student_starts_from_target else config.teacher
     d = config.data
-    data_key = f"{d.name}|{d.eval_fraction}|{d.seed}|{d.max_train_examples}|{d.max_length}|{teacher_fingerprint(tokenizer_source)}"
+    data_key = (f"{d.name}|{d.eval_fraction}|{d.seed}|{d.max_train_examples}|{d.max_length}|{d.held_out}|"
+                f"{d.max_seconds}|{d.size}|{teacher_fingerprint(tokenizer_source)}")
+    options = model_options(config, config.target_teacher or config.teacher)
     return TeacherSpec(
-        model_class=MODEL_CLASSES[config.task.type],
-        num_labels=config.task.num_labels,
+        model_class=options.pop("model_class"),
+        num_labels=options.pop("num_labels", config.task.num_labels),
+        load_options=tuple(sorted(options.items())),
         task=config.task.type,
         target=config.target_teacher if mode in ("target", "hybrid") else None,
         source=config.teacher if mode == "trajectory" else None,
@@ -65,9 +68,8 @@ def open_teachers(config, device: torch.device, rank: int, world: int, pool=None
         from raylin.teacher.pool import ServedTeachers
 
         return ServedTeachers(pool, device, rank, world)
-    from raylin.models.teachers import MODEL_CLASSES, load_teacher
+    from raylin.teacher.bank import teacher_loader
     from raylin.teacher.inprocess import InProcessTeachers
 
     spec = teacher_spec(config)
-    load = lambda path: load_teacher(path, model_class=MODEL_CLASSES[config.task.type], num_labels=config.task.num_labels)[0]
-    return InProcessTeachers(spec, load, device)
+    return InProcessTeachers(spec, teacher_loader(spec), device)

@@ -39,6 +39,7 @@ class TeacherSpec:
     model_class: str  # transformers class with the task head, e.g. "AutoModelForSequenceClassification"
     num_labels: int
     task: str = "sequence_classification"
+    load_options: tuple[tuple[str, Any], ...] = ()  # further from_pretrained arguments (Whisper's positions)
     target: str | None = None  # the fixed fine-tuned teacher (target / hybrid)
     source: str | None = None  # the pretrained model the trajectory teacher starts from
     trajectory_lr: float = 3e-5
@@ -76,6 +77,14 @@ class TeacherRequest:
 class TeacherOutput:
     hidden_states: list[torch.Tensor | None]  # one entry per state index; None where not served
     logits: torch.Tensor | None
+
+
+def teacher_loader(spec: TeacherSpec) -> Callable[[str], torch.nn.Module]:
+    """``path -> model`` loading a teacher checkpoint with the task head the spec names."""
+    from raylin.models.teachers import load_teacher
+
+    options = dict(spec.load_options)
+    return lambda path: load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels, **options)[0]
 
 
 # ----- compact wire format: numpy arrays (zero-copy through Ray's object store) ---------------------
@@ -219,6 +228,8 @@ class TeacherBank:
         first = entries[0]
         rows, length = next(iter(inputs.values())).shape[:2]
         indices = sorted(int(k[1:]) for k in first if k.startswith("h"))
+        if "attention_mask" not in inputs and indices:  # unmasked inputs (Whisper's mel frames): states set the length
+            length = first[f"h{indices[0]}"].shape[0]
         hidden: list[torch.Tensor | None] = [None] * num_states
         for i in indices:
             sample = first[f"h{i}"]

@@ -32,15 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from raylin.teacher.bank import TeacherBank, TeacherOutput, TeacherRequest, TeacherSpec, pack, unpack
+from raylin.teacher.bank import TeacherBank, TeacherOutput, TeacherRequest, TeacherSpec, pack, teacher_loader, unpack
 
 NAMESPACE = "raylin"
-
-
-def _load_teacher_for(spec: TeacherSpec):
-    from raylin.models.teachers import load_teacher
-
-    return lambda path: load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels)[0]
 
 
 class TeacherReplica:
@@ -51,7 +45,7 @@ class TeacherReplica:
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.bank = TeacherBank(spec, _load_teacher_for(spec), device)
+        self.bank = TeacherBank(spec, teacher_loader(spec), device)
         if spec.target is not None:
             self.bank.model("target")  # load now, so a worker's first request does not wait for it
         # A restarted trajectory replica has lost the teacher's training since the last checkpoint.

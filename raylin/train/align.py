@@ -90,16 +90,17 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     import ray
 
     from raylin.convert import freezable_copied_parameters
-    from raylin.data.text import GlobalBatches, load_splits
+    from raylin.data.tasks import load_task_data
+    from raylin.data.text import GlobalBatches
     from raylin.distill.losses import layerwise_loss
     from raylin.models.families import family_for
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
-    from raylin.train.loop import converted_student, make_batch
+    from raylin.train.loop import converted_student, model_inputs
 
     config = config_from_dict(config_dict)
     align = config.align
-    student, report, tokenizer = converted_student(config)
+    student, report, processor = converted_student(config)
     student.eval()  # no dropout: the target is a deterministic map
     blocks = family_for(student.model).layers(student.model)
     copied = {id(p) for p in freezable_copied_parameters(student, report)}
@@ -111,18 +112,17 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=align.lr, weight_decay=0.0) if params else None
 
-    data = load_splits(config.data)
-    batches = GlobalBatches(len(data.train_texts), align.batch_size, config.data.seed + 1)
+    data = load_task_data(config, processor)
+    batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)
     replica = pool.replica()
 
     def request(step: int):
         if step < 0:  # the held-out batch: the first eval examples (never cached: ids are training ids)
-            texts, labels, ids = data.eval_texts[: align.batch_size], data.eval_labels[: align.batch_size], None
+            ids = None
+            inputs = model_inputs(data.eval_batch("", list(range(min(align.batch_size, data.eval_sets[""])))))
         else:
             ids = batches.indices(step)
-            texts, labels = [data.train_texts[i] for i in ids], [data.train_labels[i] for i in ids]
-        batch = make_batch(tokenizer, texts, labels, config.data.max_length, torch.device("cpu"))
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = model_inputs(data.train_batch(ids))
         ref = replica.serve.remote(TeacherRequest(step, "target", {k: v.numpy() for k, v in inputs.items()}, example_ids=ids))
         return inputs, ref
 
@@ -132,7 +132,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         losses = {}
         for i in layer_ids:
             predicted = run_block(blocks[i], states[i].float(), args, kwargs)
-            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=inputs["attention_mask"])
+            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=inputs.get("attention_mask"))
         return losses
 
     with torch.no_grad():

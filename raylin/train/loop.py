@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from raylin.config import RunConfig, config_from_dict
 from raylin.convert import convert, freezable_copied_parameters
-from raylin.data.text import GlobalBatches, load_splits, tokenize
+from raylin.data.tasks import METRICS, TaskData, finish_scores, load_task_data, load_task_model, score_sums
+from raylin.data.text import GlobalBatches
 from raylin.distill.freezing import LossImprovementThreshold
-from raylin.distill.losses import classification_loss, combine, kd_loss, layerwise_loss
-from raylin.models.teachers import MODEL_CLASSES, load_teacher
+from raylin.distill.losses import combine, kd_loss, layerwise_loss, task_loss
 from raylin.teacher import TeacherRequest, open_teachers
 from raylin.train.deepspeed import deepspeed_config
 STATE_FILE = "trainer_state.json"
@@ -90,18 +90,17 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 
 
 def converted_student(config: RunConfig):
-    """The XATL-converted student (and transfer report, tokenizer) a run starts from: converted from
-    the target teacher for target/hybrid guidance, else from the pretrained model. Deterministic."""
-    if config.task.type not in MODEL_CLASSES:
+    """The XATL-converted student (and transfer report, tokenizer or feature extractor) a run starts
+    from: converted from the target teacher for target/hybrid guidance, else from the pretrained
+    model. Deterministic."""
+    if config.task.type not in METRICS:
         raise NotImplementedError(
-            f"task.type {config.task.type!r} has losses but no data pipeline yet; "
-            f"supported in training now: {sorted(MODEL_CLASSES)}."
+            f"task.type {config.task.type!r} has losses but no data pipeline yet; supported in training now: {sorted(METRICS)}."
         )
     torch.manual_seed(config.train.seed)  # a new task head and new mixers start the same on every rank
-    init_model, tokenizer = load_teacher(init_teacher(config), model_class=MODEL_CLASSES[config.task.type],
-                                         num_labels=config.task.num_labels)
-    student, report = convert(init_model, config.plan, tokenizer)
-    return student, report, tokenizer
+    init_model, processor = load_task_model(config, init_teacher(config))
+    student, report = convert(init_model, config.plan, processor)
+    return student, report, processor
 
 
 def init_teacher(config: RunConfig) -> str:
@@ -111,37 +110,44 @@ def init_teacher(config: RunConfig) -> str:
 def build_run(config: RunConfig, device: torch.device):
     """Student (converted, then aligned when the align stage ran), data and task pieces for one
     worker. Same on every rank."""
-    student, report, tokenizer = converted_student(config)
+    student, report, processor = converted_student(config)
     if config.align.enabled:
         from raylin.train.align import load_aligned
 
         load_aligned(student, config)
-    data = load_splits(config.data)
-    return config.guidance_schedule(), student.to(device), report, tokenizer, data
+    data = load_task_data(config, processor)
+    return config.guidance_schedule(), student.to(device), report, processor, data
 
 
-def make_batch(tokenizer, texts, labels, max_length, device) -> dict[str, torch.Tensor]:
-    batch = tokenize(tokenizer, texts, max_length)
-    batch["labels"] = torch.tensor(labels)
-    return {k: v.to(device) for k, v in batch.items()}
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real tokens of a batch (mel frames for Whisper, whose inputs carry no mask)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    inputs = next(iter(model_inputs(batch).values()))
+    return torch.tensor(inputs.shape[0] * inputs.shape[-1], device=inputs.device)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, texts, labels, config: RunConfig, device, rank: int, world: int) -> dict[str, float]:
-    """Accuracy on the held-out split, each worker scoring its shard."""
+def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world: int) -> dict[str, float]:
+    """The task metric on every held-out set, each worker scoring its shard. The main set's scores are
+    ``{metric: value}``, an extra set's ``{f"{name}_{metric}": value}``."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = torch.zeros((), dtype=torch.long, device=device)
     batch_size = max(config.train.batch_size // world, 8)
-    shard = list(range(rank, len(texts), world))
-    for start in range(0, len(shard), batch_size):
-        idx = shard[start : start + batch_size]
-        batch = make_batch(tokenizer, [texts[i] for i in idx], [labels[i] for i in idx], config.data.max_length, device)
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        correct += (logits.argmax(-1) == batch["labels"]).sum()
-        count += len(idx)
+    scores: dict[str, float] = {}
+    for name, size in data.eval_sets.items():
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        shard = list(range(rank, size, world))
+        for start in range(0, len(shard), batch_size):
+            batch = {k: v.to(device) for k, v in data.eval_batch(name, shard[start : start + batch_size]).items()}
+            sums += score_sums(config.task.type, model(**model_inputs(batch)).logits, batch).double()
+        prefix = f"{name}_" if name else ""
+        scores |= {prefix + k: v for k, v in finish_scores(config.task.type, _sum_across_workers(sums)).items()}
     model.train()
-    return {"accuracy": (_sum_across_workers(correct) / _sum_across_workers(count).clamp(min=1)).item()}
+    return scores
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -156,21 +162,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     started = time.perf_counter()
 
-    schedule, student, report, tokenizer, data = build_run(config, device)
+    schedule, student, report, processor, data = build_run(config, device)
     teachers = open_teachers(config, device, rank, world, pool=loop_config.get("teacher_pool"))
-    batches = GlobalBatches(len(data.train_texts), config.train.batch_size, config.data.seed)
+    batches = GlobalBatches(data.num_train, config.train.batch_size, config.data.seed)
 
     def batch_for(step: int) -> tuple[list[int], dict[str, torch.Tensor]]:
         idx = batches.shard(step, rank, world)
-        return idx, make_batch(tokenizer, [data.train_texts[i] for i in idx], [data.train_labels[i] for i in idx],
-                               config.data.max_length, device)
+        return idx, {k: v.to(device) for k, v in data.train_batch(idx).items()}
 
     def ask_teacher(step: int, idx: list[int], batch: dict[str, torch.Tensor]) -> None:
         guidance = schedule.at(step)
         if guidance.teacher is not None:
+            labels = batch["labels"].cpu().numpy() if "labels" in batch else None
             teachers.submit(TeacherRequest(
-                step, guidance.teacher, {k: v.cpu().numpy() for k, v in batch.items() if k != "labels"},
-                labels=batch["labels"].cpu().numpy(), example_ids=idx, update_teacher=guidance.update_teacher))
+                step, guidance.teacher, {k: v.cpu().numpy() for k, v in model_inputs(batch).items()},
+                labels=labels, example_ids=idx, update_teacher=guidance.update_teacher))
 
     # Two parameter groups: copied (XATL-frozen until LIT unfreezes them) and the rest.
     copied = freezable_copied_parameters(student, report)
@@ -239,20 +245,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             prefetched = batch_for(step + 1)
             ask_teacher(step + 1, *prefetched)
         guidance = schedule.at(step)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = model_inputs(batch)
         out = engine(**inputs, output_hidden_states=guidance.weights.layer > 0)
         teacher_out = teachers.result(step) if guidance.teacher is not None else None
-        task = classification_loss(out.logits, batch["labels"])
+        task = task_loss(config.task.type, out.logits, batch.get("labels"), batch)
         layer = kd = None
+        # Padding masks apply where states are per token; Whisper's inputs have none.
+        mask = batch.get("attention_mask")
         if guidance.weights.layer > 0:
             layer = layerwise_loss(out.hidden_states, teacher_out.hidden_states, loss_cfg.layers,
-                                   loss_cfg.normalization, batch["attention_mask"], loss_cfg.reduction)
+                                   loss_cfg.normalization, mask, loss_cfg.reduction)
         if guidance.weights.out > 0:
-            kd = kd_loss(out.logits, teacher_out.logits, loss_cfg.temperature)
+            kd = kd_loss(out.logits, teacher_out.logits, loss_cfg.temperature,
+                         mask if config.task.type == "causal_lm" else None)
         parts = combine(guidance.weights, task, layer, kd)
         if _fault(config, "nan", step, rank, rank_wanted=0):
             parts["loss"] = parts["loss"] * float("nan")
-        means, step_tokens = _step_totals(parts, batch["attention_mask"].sum())
+        means, step_tokens = _step_totals(parts, count_tokens(batch))
         global_loss = means["loss"]
         if not math.isfinite(global_loss):
             raise FloatingPointError(
@@ -272,7 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
         if config.train.eval_every and (step + 1) % config.train.eval_every == 0 or done:
-            scores = evaluate(engine.module, tokenizer, data.eval_texts, data.eval_labels, config, device, rank, world)
+            scores = evaluate(engine.module, data, config, device, rank, world)
             metrics |= {f"eval_{k}": v for k, v in scores.items()}
         if rank == 0:
             with open(Path(config.output_dir) / TRAIN_LOG, "a") as log:
@@ -281,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[raylin] {shown}", flush=True)
         checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or done
-        if "eval_accuracy" in metrics and not checkpoint_now:
+        if any(key.startswith("eval_") for key in metrics) and not checkpoint_now:
             ray.train.report(metrics)  # evaluation results reach Ray Tune's schedulers between checkpoints
         if checkpoint_now:
             state = {"step": step + 1, "tokens": tokens_seen, "lit": lit.state_dict() if lit else None,
@@ -289,13 +298,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             crash = _fault(config, "crash-in-checkpoint", step + 1, rank, rank_wanted=0)
             if finetune:
                 name = f"{SNAPSHOT_DIR}/step_{step + 1}"
-                _save_plain_model(engine, tokenizer, Path(config.output_dir) / name, rank)
+                _save_plain_model(engine, processor, Path(config.output_dir) / name, rank)
                 if done:
-                    _save_plain_model(engine, tokenizer, Path(config.output_dir) / FINETUNED_DIR, rank)
+                    _save_plain_model(engine, processor, Path(config.output_dir) / FINETUNED_DIR, rank)
             _save_checkpoint(engine, teachers, state, metrics, rank, done, crash)
 
 
-def _save_plain_model(engine, tokenizer, folder: Path, rank: int) -> None:
+def _save_plain_model(engine, processor, folder: Path, rank: int) -> None:
     """Write the wrapped transformers model as an ordinary checkpoint (teacher fine-tuning)."""
     import deepspeed
 
@@ -305,7 +314,7 @@ def _save_plain_model(engine, tokenizer, folder: Path, rank: int) -> None:
             staging = folder.with_name(f".{folder.name}.incoming")
             shutil.rmtree(staging, ignore_errors=True)
             engine.module.model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            processor.save_pretrained(staging)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staging, folder)
 

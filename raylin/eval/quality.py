@@ -1,0 +1,447 @@
+"""``raylin bench quality``: what conversion keeps of real models on real data, in three modalities.
+
+Suites (all on shipped assets, no downloads):
+
+* ``text``: all-MiniLM-L6 fine-tuned on Rotten Tomatoes and on IMDB (the target teachers; their
+  snapshots are the waypoints), converted to Linformer and to bimamba2 under all five guidance
+  modes; held-out accuracy.
+* ``lm``: SmolLM2-135M -> Mamba2 in every layer, and a hybrid keeping two attention layers, on
+  five Jane Austen novels; perplexity on the sixth (Persuasion), unguided vs target guidance (the
+  target teacher is SmolLM2 itself: language modelling needs no task head).
+* ``speech``: the Whisper tiny.en encoder fine-tuned on spoken digits synthesised by espeak-ng
+  (the target teacher), converted to bimamba2, unguided vs target; accuracy on held-out espeak-ng
+  accents and on the flite engine, which training never sees.
+* ``speed``: teacher vs student forward latency and memory at long lengths (raylin.eval.speed),
+  and the decoding state a causal student keeps per generated token vs the teacher's KV cache.
+
+Every run is a normal ``raylin finetune`` / ``raylin convert`` run under OUT/<suite>/<run>/ (a run
+whose outputs exist with the same config is reused, so an interrupted benchmark continues).
+Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png. The full
+benchmark is sized for about 45 minutes on 2 CPU cores; ``quick`` is a few-step smoke run of
+every pipeline (CI). Limits: short CPU budgets mean short training, so the gaps are those of
+tens of steps, not of the paper's epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUITES = ("text", "lm", "speech", "speed")
+MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
+TARGETS = {  # the issue's targets: largest acceptable gap per suite
+    "text": ("accuracy within 1 point of the teacher", lambda row: row["gap"] <= 0.01),
+    "speech": ("accuracy within 2 points of the teacher", lambda row: row["gap"] <= 0.02),
+    "lm": ("perplexity within 15% of the teacher's", lambda row: row["student_value"] <= 1.15 * row["teacher_value"]),
+}
+
+_COMMON = {
+    "loss": {"alpha_task": 1.0, "alpha_layer": 1.0, "alpha_out": 1.0, "temperature": 2.0},
+    "train": {"num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2},
+    "teacher_service": {"mode": "served", "cpus": 0.5, "cache": True},
+}
+TEXT = {
+    "teacher": "asset:all-minilm-l6",
+    "task": {"type": "sequence_classification", "num_labels": 2},
+    "data": {"max_eval_examples": 600},
+    "train": {"batch_size": 16, "lr": 2.0e-4},
+}
+TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
+TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share": "kv"}},
+              "bimamba2": {"mixer": "bimamba2", "init": "attention"}}
+LM = {
+    "teacher": "asset:smollm2-135m",
+    "target_teacher": "asset:smollm2-135m",
+    "task": {"type": "causal_lm"},
+    "data": {"name": "austen", "held_out": "persuasion", "max_length": 128, "max_eval_examples": 48},
+    "loss": {"normalization": "layernorm", "reduction": "mean"},
+    "train": {"batch_size": 8, "lr": 3.0e-4},
+}
+LM_PLANS = {"mamba2": {"mixer": "mamba2", "init": "attention"},
+            "hybrid": {"mixer": "mamba2", "init": "attention", "keep_attention": [9, 19]}}
+SPEECH = {
+    "teacher": "asset:whisper-tiny-en",
+    "task": {"type": "utterance_classification", "num_labels": 10},
+    "data": {"name": "spoken_digits", "max_seconds": 2.0},
+    "plan": {"mixer": "bimamba2", "init": "attention"},
+    "train": {"batch_size": 32, "lr": 3.0e-4},
+}
+# What each suite runs: the full grid, and one run per pipeline for the quick smoke run.
+GRIDS = {
+    False: {"text_data": tuple(TEXT_DATA), "text_mixers": tuple(TEXT_PLANS), "text_modes": MODES,
+            "lm": tuple((plan, mode) for plan in LM_PLANS for mode in ("unguided", "target")),
+            "speech_modes": ("unguided", "target", "hybrid")},
+    True: {"text_data": ("rotten_tomatoes",), "text_mixers": ("linformer",), "text_modes": ("unguided", "waypoint"),
+           "lm": (("hybrid", "target"),), "speech_modes": ("target",)},
+}
+# Steps (student runs, teacher fine-tuning) and data caps per suite, full and quick.
+SIZES = {
+    False: {"text": (60, 120, None), "lm": (40, None, None), "speech": (80, 60, None)},
+    True: {"text": (2, 4, 96), "lm": (2, None, 32), "speech": (2, 4, 64)},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, section by section (a new dict)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: int = 4) -> dict:
+    extra: dict[str, Any] = {"train": {"max_steps": steps, "checkpoint_every": steps, "warmup_steps": max(1, steps // 10),
+                                       "eval_every": max(1, steps // eval_points)}}
+    if quick:
+        extra["data"] = {"max_train_examples": cap, "max_eval_examples": cap // 2}
+        extra["train"]["batch_size"] = 8
+    return merge(base, extra)
+
+
+def _reusable(out: Path, config) -> dict | None:
+    """The metrics of a finished run in ``out`` with exactly this config, else None."""
+    from raylin.config import dump_config
+
+    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(config)
+    return json.loads((out / "metrics.json").read_text()) if same and (out / "metrics.json").is_file() else None
+
+
+def _finetune(config_dict: dict, log: Callable[[str], None]) -> dict:
+    from raylin.config import config_from_dict
+    from raylin.pipeline import finetune_config, run_finetune
+
+    config = config_from_dict(config_dict)
+    cached = _reusable(Path(config.output_dir), finetune_config(config))
+    if cached:
+        log(f"  reusing the fine-tuned teacher in {config.output_dir}")
+        return cached
+    log(f"  fine-tuning the teacher -> {config.output_dir}")
+    return run_finetune(config)
+
+
+def _convert(config_dict: dict, log: Callable[[str], None]) -> dict:
+    from raylin.config import config_from_dict
+    from raylin.pipeline import run_conversion
+
+    config = config_from_dict(config_dict)
+    cached = _reusable(Path(config.output_dir), config)
+    if cached:
+        log(f"  reusing {config.output_dir}")
+        return cached
+    log(f"  {config.guidance.mode:10s} {config.plan['mixer']} -> {config.output_dir}")
+    return run_conversion(config)
+
+
+def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, held-out metric) points of a run's train log."""
+    points = {}
+    log = out / "train_log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if metric in entry:
+                points[entry["step"]] = entry[metric]
+    return sorted(points.items())
+
+
+def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: str, teacher_name: str) -> dict:
+    teacher, student = metrics["teacher"][metric], metrics["student"][metric]
+    gap = teacher - student if metric == "accuracy" else student - teacher
+    row = {"suite": suite, "data": data, "teacher_model": teacher_name, "mixer": mixer, "guidance": metrics["guidance"],
+           "metric": metric, "teacher_value": teacher, "student_value": student, "gap": gap, "steps": metrics["steps"],
+           "tokens": metrics["tokens"], "wall_s": metrics["wall_s"], "curve": _curve(out, f"eval_{metric}"),
+           "output_dir": str(out)}
+    extra = {k: v for k, v in metrics["student"].items() if k != metric and k.endswith(metric)}
+    if extra:  # extra held-out sets (flite)
+        row["extra"] = {k: {"teacher": metrics["teacher"].get(k), "student": v} for k, v in extra.items()}
+    return row
+
+
+def text_suite(out: Path, quick: bool, log) -> list[dict]:
+    steps, finetune_steps, cap = SIZES[quick]["text"]
+    grid = GRIDS[quick]
+    rows = []
+    for data_name in grid["text_data"]:
+        max_length = TEXT_DATA[data_name]
+        base = _sized(merge(merge(_COMMON, TEXT), {"data": {"name": data_name, "max_length": max_length}}), steps, cap, quick)
+        log(f"text / {data_name}")
+        teacher_run = merge(_sized(base, finetune_steps, cap, quick), {
+            "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
+            "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, finetune_steps // 4)}})
+        finetuned = _finetune(teacher_run, log)
+        snapshots = finetuned["waypoints"][-4:]
+        waypoints = [{"step": max(1, (i + 1) * steps // len(snapshots)), "path": w["path"]} for i, w in enumerate(snapshots)]
+        for mixer in grid["text_mixers"]:
+            plan = TEXT_PLANS[mixer]
+            for mode in grid["text_modes"]:
+                run_dir = out / "text" / data_name / f"{mixer}-{mode}"
+                run = merge(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
+                                   "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
+                                                "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
+                metrics = _convert(run, log)
+                rows.append(_row("text", data_name, mixer, metrics, run_dir, "accuracy", "all-MiniLM-L6"))
+    return rows
+
+
+def lm_suite(out: Path, quick: bool, log) -> list[dict]:
+    steps, _, cap = SIZES[quick]["lm"]
+    base = _sized(merge(_COMMON, LM), steps, cap, quick)
+    if quick:
+        base = merge(base, {"data": {"max_length": 32}})
+    rows = []
+    log("lm / austen")
+    for name, mode in GRIDS[quick]["lm"]:
+        run_dir = out / "lm" / f"{name}-{mode}"
+        metrics = _convert(merge(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
+        rows.append(_row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M"))
+    return rows
+
+
+def speech_suite(out: Path, quick: bool, log) -> list[dict]:
+    steps, finetune_steps, cap = SIZES[quick]["speech"]
+    base = _sized(merge(_COMMON, SPEECH), steps, cap, quick)
+    if quick:
+        base = merge(base, {"data": {"size": "quick"}})
+    log("speech / spoken digits")
+    teacher_run = merge(_sized(base, finetune_steps, cap, quick), {
+        "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4}})
+    finetuned = _finetune(teacher_run, log)
+    rows = []
+    for mode in GRIDS[quick]["speech_modes"]:
+        run_dir = out / "speech" / f"bimamba2-{mode}"
+        run = merge(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
+                           "guidance": {"mode": mode, "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
+        metrics = _convert(run, log)
+        rows.append(_row("speech", "spoken_digits", "bimamba2", metrics, run_dir, "accuracy", "Whisper tiny.en encoder"))
+    return rows
+
+
+@torch.no_grad()
+def decoding_state(lengths: tuple[int, ...], student_dir: str | None = None, log=print) -> list[dict]:
+    """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
+    (a Mamba2 student and the two-attention-layer hybrid; trained folders when given, else freshly
+    converted: state size does not depend on the weights)."""
+    from transformers import DynamicCache
+
+    from raylin.convert import convert
+    from raylin.models.teachers import load_teacher
+
+    teacher, _ = load_teacher("asset:smollm2-135m", model_class="AutoModelForCausalLM")
+    students = {name: convert(teacher, plan)[0] for name, plan in LM_PLANS.items()}
+    records = []
+    for length in lengths:
+        ids = torch.randint(100, 40_000, (1, length))
+        cache = DynamicCache(config=teacher.config)
+        teacher(input_ids=ids, past_key_values=cache, use_cache=True)
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        records.append({"model": "teacher (KV cache)", "length": length, "state_bytes": kv})
+        for name, student in students.items():
+            state = student.new_cache()
+            student(input_ids=ids, past_key_values=state)
+            records.append({"model": f"{name} student", "length": length, "state_bytes": state.state_bytes()})
+        log(f"  decoding state at {length} tokens: " + ", ".join(
+            f"{r['model']} {r['state_bytes'] / 2**20:.1f} MiB" for r in records if r["length"] == length))
+    return records
+
+
+def speed_suite(out: Path, quick: bool, log) -> dict:
+    from raylin.eval.speed import run_speed_benchmark, summarize
+
+    lengths = (128, 256) if quick else (512, 1024, 2048, 4096, 8192)
+    log("speed")
+    records = run_speed_benchmark(out / "speed", lengths=lengths, repeats=1 if quick else 2, inputs=("unpadded",), log=log)
+    state = decoding_state((16, 32) if quick else (256, 1024, 4096), log=log)
+    return {"forward": summarize(records), "lengths": list(lengths), "decoding_state": state,
+            "plot": str(out / "speed" / "speed.png")}
+
+
+def run_quality_benchmark(out: str | Path = "outputs/bench-quality", quick: bool = False,
+                          suites: tuple[str, ...] = SUITES, docs: str | Path | None = None,
+                          log: Callable[[str], None] = print) -> dict:
+    """Run the suites, write OUT/quality.json (and DOCS/results.md + DOCS/results/*.png when ``docs``)."""
+    from raylin.train.trainer import ensure_ray
+
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise ValueError(f"Unknown benchmark suite(s) {sorted(unknown)}; choose from {SUITES}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / "quality.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if result.get("quick") != quick:
+        result = {}
+    result |= {"quick": quick, "machine": _machine()}
+    if any(s in suites for s in ("text", "lm", "speech")):
+        ensure_ray()
+    for suite in suites:
+        started = time.perf_counter()
+        runner = {"text": text_suite, "lm": lm_suite, "speech": speech_suite, "speed": speed_suite}[suite]
+        result[suite] = runner(out, quick, log)
+        result.setdefault("wall_s", {})[suite] = round(time.perf_counter() - started, 1)
+        _write_json(result_file, result)
+    if docs is not None:
+        write_results_page(result, Path(docs))
+    return result
+
+
+def _machine() -> dict:
+    import os
+
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ----- the results page ---------------------------------------------------------------------------
+
+
+def write_results_page(result: dict, docs: Path) -> Path:
+    """DOCS/results.md: every run's teacher, student and gap, the targets met or missed, and plots."""
+    figures = docs / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# Results", "", "Generated by `raylin bench quality` "
+             f"({'quick smoke run' if result.get('quick') else 'full run'}) on {result['machine']['date']}: "
+             f"{result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}, "
+             f"CUDA {'yes' if result['machine']['cuda'] else 'no'}. Wall time per suite: "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.get("wall_s", {}).items()) + ".", ""]
+    for suite, title in (("text", "Text classification"), ("lm", "Language modelling (perplexity, lower is better)"),
+                         ("speech", "Speech: spoken digits")):
+        rows = result.get(suite)
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| data | student | guidance | teacher | student | gap | steps | tokens | wall s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            fmt = (lambda v: f"{v:.4f}") if row["metric"] == "accuracy" else (lambda v: f"{v:.2f}")
+            gap = f"{100 * row['gap']:+.1f} pt" if row["metric"] == "accuracy" else f"{100 * row['gap'] / row['teacher_value']:+.1f} %"
+            lines.append(f"| {row['data']} | {row['teacher_model']} -> {row['mixer']} | {row['guidance']} | "
+                         f"{fmt(row['teacher_value'])} | {fmt(row['student_value'])} | {gap} | {row['steps']} | "
+                         f"{row['tokens']:,} | {row['wall_s']:.0f} |")
+            for name, values in row.get("extra", {}).items():
+                lines.append(f"| {row['data']} ({name.removesuffix('_' + row['metric'])}) | | {row['guidance']} | "
+                             f"{fmt(values['teacher'])} | {fmt(values['student'])} | "
+                             f"{100 * (values['teacher'] - values['student']):+.1f} pt | | | |")
+        lines += ["", _target_line(suite, rows), _guided_line(rows), ""]
+        if any(row["curve"] for row in rows):
+            name = f"curves-{suite}.png"
+            plot_curves(rows, figures / name)
+            lines += [f"![{suite} training curves](results/{name})", ""]
+    speed = result.get("speed")
+    if speed:
+        shutil.copy(speed["plot"], figures / "speed.png")
+        plot_decoding_state(speed["decoding_state"], figures / "decoding-state.png")
+        longest = max(speed["lengths"])
+        lines += ["## Speed and memory", "", f"Whole-model forward at {longest} tokens (batch 1, fp32, CPU):", "",
+                  "| family / student | speed-up | memory ratio | faster from (tokens) |", "|---|---:|---:|---:|"]
+        for key, entry in speed["forward"].items():
+            model = entry["model"]
+            lines.append(f"| {key} | {model[f'speedup_at_{longest}']:.2f}x | {model[f'memory_ratio_at_{longest}']:.2f}x | "
+                         f"{model['faster_from'] or 'never'} |")
+        lines += ["", "![speed and memory vs length](results/speed.png)", "",
+                  "Decoding state of the causal students (SmolLM2-135M, fp32) after a prompt:", "",
+                  "| model | " + " | ".join(f"{L} tokens" for L in sorted({r['length'] for r in speed['decoding_state']})) + " | per token |",
+                  "|---|" + "---:|" * (len({r['length'] for r in speed['decoding_state']}) + 1)]
+        for model in dict.fromkeys(r["model"] for r in speed["decoding_state"]):
+            points = sorted((r["length"], r["state_bytes"]) for r in speed["decoding_state"] if r["model"] == model)
+            per_token = (points[-1][1] - points[0][1]) / max(points[-1][0] - points[0][0], 1)
+            lines.append(f"| {model} | " + " | ".join(f"{b / 2**20:.2f} MiB" for _, b in points) + f" | {per_token / 1024:.1f} KiB |")
+        lines += ["", "![decoding state vs context](results/decoding-state.png)", ""]
+    page = docs / "results.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
+def _target_line(suite: str, rows: list[dict]) -> str:
+    description, met = TARGETS[suite]
+    guided = [row for row in rows if row["guidance"] != "unguided"]
+    if not guided:
+        return f"Target ({description}): no guided run."
+    hits = [row for row in guided if met(row)]
+    best = min(guided, key=lambda r: r["gap"] if r["metric"] == "accuracy" else r["gap"] / r["teacher_value"])
+    status = "met" if hits else "**missed**"
+    return (f"Target ({description}): {status} by {len(hits)} of {len(guided)} guided runs; best {best['mixer']} / "
+            f"{best['guidance']} on {best['data']}.")
+
+
+def _guided_line(rows: list[dict]) -> str:
+    better = lambda a, b: a["student_value"] > b["student_value"] if a["metric"] == "accuracy" else a["student_value"] < b["student_value"]
+    verdicts = []
+    for key in dict.fromkeys((r["data"], r["mixer"]) for r in rows):
+        group = [r for r in rows if (r["data"], r["mixer"]) == key]
+        unguided = next((r for r in group if r["guidance"] == "unguided"), None)
+        if unguided is None:
+            continue
+        ahead = [r["guidance"] for r in group if r["guidance"] != "unguided" and better(r, unguided)]
+        behind = [r["guidance"] for r in group if r["guidance"] != "unguided" and not better(r, unguided)]
+        verdicts.append(f"{key[0]} / {key[1]}: ahead of unguided: {', '.join(ahead) or 'none'}"
+                        + (f"; not ahead: {', '.join(behind)}" if behind else ""))
+    return "Guided vs unguided: " + "; ".join(verdicts) + "."
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Held-out metric vs step, one panel per (data, student), one line per guidance mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["data"], r["mixer"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for row in (r for r in rows if (r["data"], r["mixer"]) == key):
+            if row["curve"]:
+                ax.plot(*zip(*row["curve"]), marker="o", label=row["guidance"])
+        teacher = next(r["teacher_value"] for r in rows if (r["data"], r["mixer"]) == key)
+        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+        ax.set_title(f"{key[0]} -> {key[1]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(rows[0]["metric"])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_decoding_state(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model in dict.fromkeys(r["model"] for r in records):
+        points = sorted((r["length"], r["state_bytes"] / 2**20) for r in records if r["model"] == model)
+        ax.plot(*zip(*points), marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decoding state (MiB)")
+    ax.set_title("Generation memory: KV cache vs recurrent state")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per run, for the terminal."""
+    lines = []
+    for suite in ("text", "lm", "speech"):
+        for row in result.get(suite) or []:
+            lines.append(f"{suite:6s} {row['data']:16s} {row['mixer']:9s} {row['guidance']:10s} "
+                         f"teacher {row['teacher_value']:.4f} student {row['student_value']:.4f}")
+    return lines

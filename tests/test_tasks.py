@@ -1,0 +1,73 @@
+"""Task pipelines (raylin.data.tasks): language modelling on Jane Austen, spoken digits on a shortened
+Whisper encoder, and the metrics both report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylin.config import ConfigError, config_from_dict
+from raylin.data.tasks import finish_scores, load_task_data, load_task_model, score_sums, token_windows
+from raylin.distill.losses import causal_lm_loss
+from raylin.train.loop import converted_student, evaluate
+
+from conftest import require_asset
+
+LM = {"teacher": "asset:smollm2-135m", "target_teacher": "asset:smollm2-135m", "output_dir": "/tmp/raylin-tasks",
+      "plan": {"mixer": "mamba2"},
+      "task": {"type": "causal_lm"}, "data": {"name": "austen", "max_length": 64, "max_eval_examples": 8},
+      "guidance": {"mode": "target"}}
+
+
+def test_token_windows_are_exact_and_drop_the_tail():
+    windows = token_windows(list(range(10)), 4)
+    assert windows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_perplexity_sums_add_up_over_batches():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(4, 9, 11), torch.randint(0, 11, (4, 9))
+    batch = lambda rows: {"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows])}
+    halves = score_sums("causal_lm", logits[:2], batch(slice(0, 2))) + score_sums("causal_lm", logits[2:], batch(slice(2, 4)))
+    expected = causal_lm_loss(logits, ids).item()
+    assert finish_scores("causal_lm", halves)["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_task_refuses_data_of_another_task():
+    with pytest.raises(ConfigError, match="not a causal_lm data set"):
+        config_from_dict(LM, ["data.name=rotten_tomatoes"])
+
+
+@pytest.mark.assets
+def test_lm_student_keeping_every_attention_layer_has_the_teachers_perplexity():
+    """Held-out windows come from Persuasion only; a student that keeps all 30 attention layers is
+    the teacher, so its perplexity is exactly the teacher's."""
+    require_asset("smollm2-135m")
+    from raylin.data.austen import load_austen
+
+    config = config_from_dict(LM, ["plan={mixer: mamba2, keep_attention: [" + ", ".join(map(str, range(30))) + "]}"])
+    student, _, tokenizer = converted_student(config)
+    data = load_task_data(config, tokenizer)
+    assert data.eval_sets == {"": 8}
+    window = data.eval_batch("", [0])["input_ids"][0]
+    assert tokenizer.decode(window) in load_austen()["persuasion"]
+    teacher, _ = load_task_model(config, config.teacher)
+    cpu = torch.device("cpu")
+    assert evaluate(student, data, config, cpu, 0, 1) == evaluate(teacher, data, config, cpu, 0, 1)
+
+
+@pytest.mark.assets
+def test_spoken_digits_on_a_shortened_whisper_encoder():
+    require_asset("whisper-tiny-en")
+    config = config_from_dict({
+        "teacher": "asset:whisper-tiny-en", "output_dir": "/tmp/raylin-tasks", "plan": {"mixer": "bimamba2"},
+        "task": {"type": "utterance_classification", "num_labels": 10},
+        "data": {"name": "spoken_digits", "size": "quick", "max_seconds": 2.0}, "guidance": {"mode": "unguided"}})
+    student, _, extractor = converted_student(config)
+    assert student.teacher_config.max_source_positions == 100
+    data = load_task_data(config, extractor)
+    assert set(data.eval_sets) == {"", "flite"} and min(data.eval_sets.values()) > 0
+    batch = data.train_batch([0, 1, 2])
+    assert batch["input_features"].shape == (3, 80, 200) and batch["labels"].shape == (3,)
+    scores = evaluate(student, data, config, torch.device("cpu"), 0, 1)
+    assert set(scores) == {"accuracy", "flite_accuracy"}
