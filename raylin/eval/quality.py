@@ -177,7 +177,7 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
             "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
             "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, finetune_steps // 4)}})
         finetuned = _finetune(teacher_run, log)
-        snapshots = finetuned["waypoints"][-4:]
+        snapshots = finetuned["waypoints"][-min(4, steps):]  # one waypoint per student step at most
         waypoints = [{"step": max(1, (i + 1) * steps // len(snapshots)), "path": w["path"]} for i, w in enumerate(snapshots)]
         for mixer in grid["text_mixers"]:
             plan = TEXT_PLANS[mixer]
