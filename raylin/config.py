@@ -183,6 +183,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return config_from_dict(data, overrides)
 
 
+def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in section by section (nested mappings merge, other values
+    replace); a new dict, neither argument is changed."""
+    import copy
+
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_sections(merged[key], value) if both else copy.deepcopy(value)
+    return merged
+
+
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("A config must be a mapping of keys to values.")

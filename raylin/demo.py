@@ -38,38 +38,22 @@ QUICK = {"train": {"max_steps": 4, "checkpoint_every": 4, "warmup_steps": 1},
          "data": {"max_train_examples": 256, "max_eval_examples": 64}}
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
 
 def demo_configs(out: str | Path, quick: bool = False):
     """(teacher fine-tuning config, conversion config builder) for the demo under ``out``."""
-    from raylin.config import config_from_dict
+    from raylin.config import config_from_dict, merge_sections
     from raylin.pipeline import finetune_config
 
-    base = _merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
-    teacher_run = _merge(base, {"output_dir": str(Path(out) / "teacher-run"), "guidance": {"mode": "unguided"},
+    base = merge_sections(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
+    teacher_run = merge_sections(base, {"output_dir": str(Path(out) / "teacher-run"), "guidance": {"mode": "unguided"},
                                 "train": {"lr": FINETUNE_LR}})
     finetune = finetune_config(config_from_dict(teacher_run))
 
     def conversion(target_teacher: str):
-        return config_from_dict(_merge(base, {"output_dir": str(Path(out) / "student-run"), "target_teacher": target_teacher}))
+        return config_from_dict(merge_sections(base, {"output_dir": str(Path(out) / "student-run"), "target_teacher": target_teacher}))
 
     return finetune, conversion
 
-
-def _cached_teacher(config) -> str | None:
-    """The fine-tuned teacher of an earlier run with exactly this config, if it finished."""
-    from raylin.config import dump_config
-    from raylin.train.loop import FINETUNED_DIR
-
-    out = Path(config.output_dir)
-    done = (out / "metrics.json").is_file() and (out / FINETUNED_DIR / "config.json").is_file()
-    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(config)
-    return str(out / FINETUNED_DIR) if done and same else None
 
 
 def forward_ms(model: torch.nn.Module, length: int, vocab_size: int, repeats: int = 3) -> float:
@@ -105,12 +89,14 @@ def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length:
 
     from raylin.models.student import load_student
     from raylin.models.teachers import load_teacher, resolve_teacher_path
-    from raylin.pipeline import _write_atomic, run_conversion, run_finetune
+    from raylin.data.assets import write_text_atomic
+    from raylin.pipeline import finished_run, run_conversion, run_finetune
 
     started = time.perf_counter()
     finetune, conversion = demo_configs(out, quick)
     print(f"[1/4] fine-tuning all-MiniLM-L6 on Rotten Tomatoes -> {finetune.output_dir}", flush=True)
-    target = _cached_teacher(finetune)
+    earlier = finished_run(finetune)  # the same fine-tuning already finished there
+    target = earlier["target_teacher"] if earlier else None
     if target:
         print(f"      reusing the fine-tuned teacher of an earlier demo run: {target}", flush=True)
     else:
@@ -136,7 +122,7 @@ def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length:
     result = {"teacher_accuracy": metrics["teacher"]["accuracy"], "student_accuracy": metrics["student"]["accuracy"],
               "steps": metrics["steps"], "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
               "student_dir": str(Path(config.output_dir) / "student"), "quick": quick}
-    _write_atomic(Path(out) / "demo.json", json.dumps(result, indent=1))
+    write_text_atomic(Path(out) / "demo.json", json.dumps(result, indent=1))
     trained, stretched = timings["trained"], timings["stretched"]
     print("[4/4] done\n"
           f"  held-out accuracy  teacher {result['teacher_accuracy']:.4f}   student {result['student_accuracy']:.4f} "

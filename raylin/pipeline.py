@@ -26,13 +26,16 @@ from pathlib import Path
 import torch
 
 from raylin.config import RunConfig, dump_config
+from raylin.data.assets import write_text_atomic
 from raylin.train.loop import STUDENT_DIR, evaluate
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def finished_run(config: RunConfig) -> dict | None:
+    """The metrics of a run that already finished in ``config.output_dir`` with exactly this config
+    (as written to its config.yaml), else None: callers reuse it instead of training again."""
+    out = Path(config.output_dir)
+    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(config)
+    return json.loads((out / "metrics.json").read_text()) if same and (out / "metrics.json").is_file() else None
 
 
 def finetune_config(config: RunConfig) -> RunConfig:
@@ -66,7 +69,7 @@ def run_finetune(config: RunConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.yaml", dump_config(config))
+    write_text_atomic(out / "config.yaml", dump_config(config))
     result = fit(config, finetune=True)
     if result.error is not None:
         raise result.error
@@ -81,7 +84,7 @@ def run_finetune(config: RunConfig) -> dict:
     }
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     publish_outputs(config, [FINETUNED_DIR, SNAPSHOT_DIR, "metrics.json", "config.yaml"])
     return metrics
 
@@ -100,7 +103,7 @@ def run_conversion(config: RunConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.yaml", dump_config(config))
+    write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:
         from raylin.train.align import run_align
@@ -132,8 +135,8 @@ def run_conversion(config: RunConfig) -> dict:
         metrics["published"] = published_outputs(config)
     if aligned is not None:
         metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"]}
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    _write_atomic(out / "report.md", render_report(config, metrics))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_text_atomic(out / "report.md", render_report(config, metrics))
     publish_outputs(config, [STUDENT_DIR, "metrics.json", "report.md", "config.yaml", "teacher_service.json"])
     return metrics
 
@@ -191,5 +194,5 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     result["speedup"] = round(forward["teacher_ms"] / forward["student_ms"], 3)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "eval.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "eval.json", json.dumps(result, indent=1))
     return result

@@ -33,10 +33,11 @@ def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capsys):
         served = json.loads((tmp_path / "student-run" / "teacher_service.json").read_text())
         assert served["teacher_loads"] == 1 and served["teacher_forwards"] > 0
 
-        from raylin.demo import _cached_teacher, demo_configs
+        from raylin.demo import demo_configs
+        from raylin.pipeline import finished_run
 
-        finetune, _ = demo_configs(tmp_path, quick=True)
-        assert _cached_teacher(finetune) == str(tmp_path / "teacher-run" / "teacher")
+        finetune, _ = demo_configs(tmp_path, quick=True)  # a second demo reuses this fine-tuned teacher
+        assert finished_run(finetune)["target_teacher"] == str(tmp_path / "teacher-run" / "teacher")
     finally:
         ray.shutdown()
 

@@ -24,7 +24,6 @@ tens of steps, not of the paper's epochs.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import shutil
@@ -34,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from raylin.config import merge_sections
+from raylin.data.assets import write_text_atomic
 
 SUITES = ("text", "lm", "speech", "speed")
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
@@ -89,13 +91,6 @@ SIZES = {
 }
 
 
-def merge(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` merged in, section by section (a new dict)."""
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
 
 def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: int = 4) -> dict:
     extra: dict[str, Any] = {"train": {"max_steps": steps, "checkpoint_every": steps, "warmup_steps": max(1, steps // 10),
@@ -103,23 +98,16 @@ def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: in
     if quick:
         extra["data"] = {"max_train_examples": cap, "max_eval_examples": cap // 2}
         extra["train"]["batch_size"] = 8
-    return merge(base, extra)
+    return merge_sections(base, extra)
 
-
-def _reusable(out: Path, config) -> dict | None:
-    """The metrics of a finished run in ``out`` with exactly this config, else None."""
-    from raylin.config import dump_config
-
-    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(config)
-    return json.loads((out / "metrics.json").read_text()) if same and (out / "metrics.json").is_file() else None
 
 
 def _finetune(config_dict: dict, log: Callable[[str], None]) -> dict:
     from raylin.config import config_from_dict
-    from raylin.pipeline import finetune_config, run_finetune
+    from raylin.pipeline import finetune_config, finished_run, run_finetune
 
     config = config_from_dict(config_dict)
-    cached = _reusable(Path(config.output_dir), finetune_config(config))
+    cached = finished_run(finetune_config(config))
     if cached:
         log(f"  reusing the fine-tuned teacher in {config.output_dir}")
         return cached
@@ -129,10 +117,10 @@ def _finetune(config_dict: dict, log: Callable[[str], None]) -> dict:
 
 def _convert(config_dict: dict, log: Callable[[str], None]) -> dict:
     from raylin.config import config_from_dict
-    from raylin.pipeline import run_conversion
+    from raylin.pipeline import finished_run, run_conversion
 
     config = config_from_dict(config_dict)
-    cached = _reusable(Path(config.output_dir), config)
+    cached = finished_run(config)
     if cached:
         log(f"  reusing {config.output_dir}")
         return cached
@@ -171,9 +159,9 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
     rows = []
     for data_name in grid["text_data"]:
         max_length = TEXT_DATA[data_name]
-        base = _sized(merge(merge(_COMMON, TEXT), {"data": {"name": data_name, "max_length": max_length}}), steps, cap, quick)
+        base = _sized(merge_sections(merge_sections(_COMMON, TEXT), {"data": {"name": data_name, "max_length": max_length}}), steps, cap, quick)
         log(f"text / {data_name}")
-        teacher_run = merge(_sized(base, finetune_steps, cap, quick), {
+        teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
             "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
             "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, finetune_steps // 4)}})
         finetuned = _finetune(teacher_run, log)
@@ -183,7 +171,7 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
             plan = TEXT_PLANS[mixer]
             for mode in grid["text_modes"]:
                 run_dir = out / "text" / data_name / f"{mixer}-{mode}"
-                run = merge(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
+                run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
                 metrics = _convert(run, log)
@@ -193,31 +181,31 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
 
 def lm_suite(out: Path, quick: bool, log) -> list[dict]:
     steps, _, cap = SIZES[quick]["lm"]
-    base = _sized(merge(_COMMON, LM), steps, cap, quick)
+    base = _sized(merge_sections(_COMMON, LM), steps, cap, quick)
     if quick:
-        base = merge(base, {"data": {"max_length": 32}})
+        base = merge_sections(base, {"data": {"max_length": 32}})
     rows = []
     log("lm / austen")
     for name, mode in GRIDS[quick]["lm"]:
         run_dir = out / "lm" / f"{name}-{mode}"
-        metrics = _convert(merge(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
+        metrics = _convert(merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
         rows.append(_row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M"))
     return rows
 
 
 def speech_suite(out: Path, quick: bool, log) -> list[dict]:
     steps, finetune_steps, cap = SIZES[quick]["speech"]
-    base = _sized(merge(_COMMON, SPEECH), steps, cap, quick)
+    base = _sized(merge_sections(_COMMON, SPEECH), steps, cap, quick)
     if quick:
-        base = merge(base, {"data": {"size": "quick"}})
+        base = merge_sections(base, {"data": {"size": "quick"}})
     log("speech / spoken digits")
-    teacher_run = merge(_sized(base, finetune_steps, cap, quick), {
+    teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
         "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4}})
     finetuned = _finetune(teacher_run, log)
     rows = []
     for mode in GRIDS[quick]["speech_modes"]:
         run_dir = out / "speech" / f"bimamba2-{mode}"
-        run = merge(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
+        run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
                            "guidance": {"mode": mode, "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
         metrics = _convert(run, log)
         rows.append(_row("speech", "spoken_digits", "bimamba2", metrics, run_dir, "accuracy", "Whisper tiny.en encoder"))
@@ -286,7 +274,7 @@ def run_quality_benchmark(out: str | Path = "outputs/bench-quality", quick: bool
         runner = {"text": text_suite, "lm": lm_suite, "speech": speech_suite, "speed": speed_suite}[suite]
         result[suite] = runner(out, quick, log)
         result.setdefault("wall_s", {})[suite] = round(time.perf_counter() - started, 1)
-        _write_json(result_file, result)
+        write_text_atomic(result_file, json.dumps(result, indent=1))
     if docs is not None:
         write_results_page(result, Path(docs))
     return result
@@ -298,11 +286,6 @@ def _machine() -> dict:
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 # ----- the results page ---------------------------------------------------------------------------

@@ -250,14 +250,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         teacher_out = teachers.result(step) if guidance.teacher is not None else None
         task = task_loss(config.task.type, out.logits, batch.get("labels"), batch)
         layer = kd = None
-        # Padding masks apply where states are per token; Whisper's inputs have none.
+        # Padding masks apply where states (and logits) are per token; Whisper's inputs have none.
         mask = batch.get("attention_mask")
         if guidance.weights.layer > 0:
             layer = layerwise_loss(out.hidden_states, teacher_out.hidden_states, loss_cfg.layers,
                                    loss_cfg.normalization, mask, loss_cfg.reduction)
         if guidance.weights.out > 0:
-            kd = kd_loss(out.logits, teacher_out.logits, loss_cfg.temperature,
-                         mask if config.task.type == "causal_lm" else None)
+            kd = kd_loss(out.logits, teacher_out.logits, loss_cfg.temperature, mask if out.logits.dim() == 3 else None)
         parts = combine(guidance.weights, task, layer, kd)
         if _fault(config, "nan", step, rank, rank_wanted=0):
             parts["loss"] = parts["loss"] * float("nan")

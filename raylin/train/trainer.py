@@ -9,10 +9,12 @@ multi-node cluster ``output_dir`` must be on storage every node can reach.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from raylin.config import RunConfig
+from raylin.data.assets import write_text_atomic
 from raylin.train.loop import train_loop_per_worker
 
 TEACHER_STATS = "teacher_service.json"  # the served teacher's counters: forwards, cache hits, bytes served
@@ -96,7 +98,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         return trainer.fit()
     finally:
         if own_pool:
-            _write_json(Path(config.output_dir) / TEACHER_STATS, pool.stats())
+            write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(pool.stats(), indent=1))
             pool.shutdown()
 
 
@@ -137,14 +139,6 @@ def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
                                   destination_filesystem=filesystem)
     return destination
 
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def worker_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:

@@ -285,7 +285,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
             stats_file = out / TUNE_DIR / "teacher_service.json"
             totals = json.loads(stats_file.read_text()) if resume and stats_file.is_file() else {}
             for key, value in pool.stats().items():
-                totals[key] = totals.get(key, 0) + value
+                # Counters add up; the cache's size is a state of the shared folder: the latest wins.
+                totals[key] = value if key in ("cache_bytes", "cache_entries") else totals.get(key, 0) + value
             stats_file.write_text(json.dumps(totals, indent=1))
             pool.shutdown()
     # After Ctrl-C Tune returns normally; unfinished trials stay PENDING/RUNNING in its saved state,
