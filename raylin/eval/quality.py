@@ -54,6 +54,7 @@ TEXT = {
     "teacher": "asset:all-minilm-l6",
     "task": {"type": "sequence_classification", "num_labels": 2},
     "data": {"max_eval_examples": 600},
+    "loss": {"alpha_layer": 2.0},  # the weight the Tune sweep picked (docs/tune.md)
     "train": {"batch_size": 16, "lr": 2.0e-4},
 }
 TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
