@@ -42,8 +42,9 @@ class DataConfig:
     name: str = "rotten_tomatoes"  # per task: raylin.data.tasks.datasets_for(task.type)
     max_length: int = 128  # tokens (text); language modelling windows are exactly this long
     held_out: str | None = None  # causal_lm austen: the novel held out (default persuasion)
-    max_seconds: float = 2.0  # speech: clips are cropped / padded to this length
+    max_seconds: float = 2.0  # speech classification: clips are cropped to this length (ctc: never cropped)
     size: str = "full"  # spoken_digits: full | quick (a smoke-test sized synthesis)
+    source: dict[str, Any] = field(default_factory=dict)  # hub_audio: where the audio is (raylin.data.audio)
     eval_fraction: float = 0.1
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -285,13 +286,18 @@ def validate(config: RunConfig) -> None:
 
     need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
-    from raylin.data.tasks import METRICS, datasets_for
+    from raylin.data.tasks import datasets_for
 
-    need(config.task.type in METRICS,
-         f"task.type {config.task.type!r} has losses but no data pipeline yet; training supports {sorted(METRICS)}.")
     datasets = datasets_for(config.task.type)
     need(config.data.name in datasets,
          f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
+    if config.data.name == "hub_audio":
+        from raylin.data.audio import audio_source
+
+        try:
+            audio_source(config.data.source, config.task.type)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     need(config.data.max_seconds > 0, f"data.max_seconds must be > 0, got {config.data.max_seconds}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")

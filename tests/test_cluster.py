@@ -55,11 +55,24 @@ def pythia_1b(tmp_path_factory) -> str:
     return str(folder)
 
 
-def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None):
+@pytest.fixture(scope="module")
+def wav2vec2_large(tmp_path_factory) -> str:
+    """facebook/wav2vec2-large-lv60's architecture (config.json only) for validating the speech configs offline."""
+    from transformers import Wav2Vec2Config
+
+    folder = tmp_path_factory.mktemp("wav2vec2-large-lv60")
+    Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                   feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                   architectures=["Wav2Vec2ForPreTraining"]).save_pretrained(folder)
+    return str(folder)
+
+
+def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None, wav2vec2_large: str | None = None):
     """The config as `raylin convert` would validate it, with teachers that exist offline."""
     data = yaml.safe_load(path.read_text())
     data.pop("tune", None)
-    offline = {"roberta-base": roberta_base, "EleutherAI/pythia-1b": pythia_1b}
+    offline = {"roberta-base": roberta_base, "EleutherAI/pythia-1b": pythia_1b,
+               "facebook/wav2vec2-large-lv60": wav2vec2_large}
     teacher = offline.get(data["teacher"]) or data["teacher"]
     return config_from_dict(data, [f"teacher={teacher}", f"target_teacher={teacher}"])
 
@@ -177,8 +190,8 @@ def workers_per_node(config, node: dict[str, float]) -> int:
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "jobs" / "configs")))
-def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b):
-    config = load_run_config(path, roberta_base, pythia_1b)
+def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b, wav2vec2_large):
+    config = load_run_config(path, roberta_base, pythia_1b, wav2vec2_large)
     header = path.read_text().split("\nteacher:")[0]
     assert "Expected resources:" in header, f"{path.name} must state its expected resources in its header"
     if not config.train.use_gpu:
@@ -198,6 +211,26 @@ def test_paper_configs_follow_the_reference_recipe(roberta_base):
         assert config.guidance.hybrid_cutoff == cutoff and t.max_steps == 10 * t.checkpoint_every
         assert round(t.warmup_steps / t.max_steps, 3) == 0.06
         assert [w["step"] for w in config.guidance.waypoints] == [t.checkpoint_every * (e + 1) for e in range(10)]
+
+
+def test_paper_speech_configs_follow_the_reference_recipe(roberta_base, wav2vec2_large):
+    """90k steps, 5k warmup, lr 3e-4, layer-normed MSE on all 24 layer outputs with the paper's alphas and
+    hybrid cut-offs, waypoints every 10k steps, fresh bidirectional Mamba2 mixers (expand 1, state 128)."""
+    recipe = {"tedlium": ("ctc", 15.0, 1.0, 40000), "slurp": ("utterance_classification", 15.0, 0.0, 30000),
+              "voxceleb1": ("utterance_classification", 30.0, 0.0, 50000)}
+    for name, (task, alpha_layer, alpha_out, cutoff) in recipe.items():
+        path = ROOT / "jobs" / "configs" / "paper" / f"wav2vec2-large-{name}-bimamba2.yaml"
+        config = load_run_config(path, roberta_base, wav2vec2_large=wav2vec2_large)
+        t, loss = config.train, config.loss
+        assert config.task.type == task and config.data.name == "hub_audio"
+        assert (t.max_steps, t.warmup_steps, t.lr, t.weight_decay, t.grad_clip) == (90000, 5000, 3e-4, 5e-3, 1.0)
+        assert (loss.alpha_layer, loss.alpha_out, loss.normalization, loss.reduction) == (alpha_layer, alpha_out, "layernorm", "mean")
+        assert loss.layers == list(range(1, 25)) and config.guidance.hybrid_cutoff == cutoff
+        assert [w["step"] for w in config.guidance.waypoints] == list(range(10000, 90001, 10000))
+        plan = config.plan
+        assert (plan["mixer"], plan["init"], plan["mamba2"]["expand"], plan["mamba2"]["state_size"]) == ("bimamba2", "default", 1, 128)
+    assert load_run_config(ROOT / "jobs" / "configs" / "paper" / "wav2vec2-large-voxceleb1-bimamba2.yaml", roberta_base,
+                           wav2vec2_large=wav2vec2_large).task.num_labels == 1251
 
 
 def test_a_config_that_cannot_fit_is_caught(roberta_base):

@@ -56,9 +56,9 @@ from pathlib import Path
 import numpy as np
 
 from raylin.data.assets import cache_dir
+from raylin.data.audio import SAMPLING_RATE, resample
 from raylin.data.debian import debian_package_with_dependencies, library_path
 
-SAMPLING_RATE = 16000
 MAX_SECONDS = 2.0
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -343,14 +343,7 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 def _clean(audio: np.ndarray, rate: int) -> np.ndarray:
     """Resample to 16 kHz, trim leading / trailing silence (-40 dB of peak, 20 ms kept), cap at 2 s."""
-    try:
-        import soxr
-    except ImportError as error:
-        raise ImportError(
-            "Spoken digits need soxr to resample: `pip install soxr` (or `pip install raylin[speech]`)."
-        ) from error
-    if rate != SAMPLING_RATE:
-        audio = soxr.resample(audio, rate, SAMPLING_RATE)
+    audio = resample(audio, rate)
     frame = SAMPLING_RATE // 100  # 10 ms
     usable = len(audio) // frame * frame
     loudness = np.abs(audio[:usable]).reshape(-1, frame).max(axis=1)

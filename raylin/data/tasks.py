@@ -5,7 +5,8 @@ built from example indices, and the held-out metric.
 |--------------------------|--------------------------------------------|-----------------------------------------|------------|
 | sequence_classification  | rotten_tomatoes, imdb (shipped); sst2, qnli, qqp (Hub) | input_ids, attention_mask, labels | accuracy |
 | causal_lm                | austen (shipped); pile (Hub, streamed)     | input_ids, attention_mask               | perplexity |
-| utterance_classification | spoken_digits (synthesised)                | input_features (Whisper) or input_values + attention_mask, labels | accuracy |
+| utterance_classification | spoken_digits (synthesised); hub_audio (Hub or local, raylin.data.audio) | input_features (Whisper) or input_values + attention_mask, labels | accuracy |
+| ctc                      | spoken_digits (the digit words); hub_audio | input_values + attention_mask, labels (characters, -100 padded) | wer (and cer) |
 
 Language modelling reads a corpus as one token stream per document and cuts it into
 non-overlapping windows of ``data.max_length`` tokens; every window is one example. ``austen``
@@ -15,7 +16,9 @@ are fixed sinusoids, re-made for the first ``50 * max_seconds`` positions: the o
 its fp16 storage rounding).
 
 Extra held-out sets (the spoken digits' unseen ``flite`` engine) are scored too and reported as
-``eval_<name>_<metric>``. CTC has losses (raylin.distill.losses) but no data pipeline yet.
+``eval_<name>_<metric>``. CTC targets are characters of raylin's vocabulary (raylin.data.transcripts);
+the held-out word error rate decodes greedily (best path). CTC needs a model class with a CTC head
+(Wav2Vec2, HuBERT); the Whisper encoder has none.
 
 Every batch is built on the CPU from example indices only, so any worker, the teacher service and
 a resumed run build exactly the same batch for the same indices.
@@ -33,8 +36,9 @@ import torch
 from raylin.models.teachers import MODEL_CLASSES
 
 LM_DATASETS = ("austen", "pile")
-SPEECH_DATASETS = ("spoken_digits",)
-METRICS = {"sequence_classification": "accuracy", "causal_lm": "perplexity", "utterance_classification": "accuracy"}
+SPEECH_DATASETS = ("spoken_digits", "hub_audio")
+METRICS = {"sequence_classification": "accuracy", "causal_lm": "perplexity", "utterance_classification": "accuracy",
+           "ctc": "wer"}
 WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's strided conv
 
 
@@ -42,12 +46,13 @@ def datasets_for(task: str) -> tuple[str, ...]:
     """The data sets a task can train on."""
     from raylin.data.text import DATASETS
 
-    return {"sequence_classification": DATASETS, "causal_lm": LM_DATASETS, "utterance_classification": SPEECH_DATASETS}.get(task, ())
+    return {"sequence_classification": DATASETS, "causal_lm": LM_DATASETS, "utterance_classification": SPEECH_DATASETS,
+            "ctc": SPEECH_DATASETS}.get(task, ())
 
 
 def metric_mode(metric: str) -> str:
-    """``max`` for accuracies, ``min`` for perplexities and losses (Tune's ``mode``)."""
-    return "min" if metric.endswith(("perplexity", "loss")) else "max"
+    """``max`` for accuracies, ``min`` for perplexities, error rates and losses (Tune's ``mode``)."""
+    return "min" if metric.endswith(("perplexity", "loss", "wer", "cer")) else "max"
 
 
 # ----- models -----------------------------------------------------------------------------------
@@ -60,10 +65,20 @@ def model_options(config, path: str) -> dict[str, Any]:
 
     from raylin.models.teachers import resolve_teacher_path
 
-    options: dict[str, Any] = {"model_class": MODEL_CLASSES[config.task.type]}
-    if config.task.type != "causal_lm":
+    task = config.task.type
+    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(path))
+    model_type = getattr(teacher_config, "model_type", None)
+    options: dict[str, Any] = {"model_class": MODEL_CLASSES[task]}
+    if task == "ctc":
+        from raylin.data.transcripts import BLANK_ID, CTC_VOCAB, check_ctc_head
+
+        if model_type == "whisper":
+            raise ValueError("task.type ctc needs a model with a CTC head (Wav2Vec2, HuBERT); the Whisper encoder has "
+                             "none. Use utterance_classification with Whisper.")
+        check_ctc_head(teacher_config)
+        options |= {"vocab_size": len(CTC_VOCAB), "pad_token_id": BLANK_ID}
+    elif task != "causal_lm":
         options["num_labels"] = config.task.num_labels
-    model_type = getattr(AutoConfig.from_pretrained(resolve_teacher_path(path)), "model_type", None)
     if model_type == "whisper":
         # A shorter encoder: the position table is cut (re-made as the same sinusoids on load).
         options["max_source_positions"] = int(math.ceil(config.data.max_seconds * WHISPER_POSITIONS_PER_SECOND))
@@ -124,8 +139,8 @@ def load_task_data(config, processor) -> TaskData:
         return _text_classification(data, processor)
     if task == "causal_lm":
         return _language_modelling(data, processor)
-    if task == "utterance_classification":
-        return _spoken_utterances(data, processor)
+    if task in ("utterance_classification", "ctc"):
+        return _speech(data, processor, task, config.task.num_labels)
     raise NotImplementedError(f"task.type {task!r} has no data pipeline yet; supported: {sorted(METRICS)}.")
 
 
@@ -208,21 +223,29 @@ def _pile_documents(data) -> dict[str, list[str]]:
     return {"train": take("train", data.max_train_examples or 20_000), "eval": take("validation", data.max_eval_examples or 500)}
 
 
-def _spoken_utterances(data, processor) -> TaskData:
-    from raylin.data.speech import SAMPLING_RATE, load_spoken_digits
+def _speech(data, processor, task: str, num_labels: int) -> TaskData:
+    """Clips with class ids (utterance_classification) or transcripts (ctc)."""
+    from raylin.data.audio import SAMPLING_RATE
 
-    splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
-    sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels),
-            **splits.extra}
-    if data.max_train_examples is not None:
-        order = torch.randperm(len(splits.train_audio), generator=torch.Generator().manual_seed(data.seed)).tolist()
-        keep = order[: data.max_train_examples]
-        sets["train"] = ([splits.train_audio[i] for i in keep], [splits.train_labels[i] for i in keep])
-    max_samples = int(data.max_seconds * SAMPLING_RATE)
+    if data.name == "hub_audio":
+        from raylin.data.audio import load_audio_splits
+
+        sets, extra = load_audio_splits(data, task), {}
+    else:
+        sets, extra = _spoken_digit_sets(data, task)
+    if task == "utterance_classification":
+        classes = 1 + max(max(sets["train"][1], default=0), max(sets["eval"][1], default=0))
+        if classes > num_labels:
+            raise ValueError(f"data.{data.name} has {classes} classes but task.num_labels is {num_labels}; set "
+                             f"task.num_labels: {classes}.")
+    # Classification crops clips to data.max_seconds; CTC never crops (a cropped clip no longer says
+    # its transcript), so its batches are as long as their longest clip.
+    max_samples = None if task == "ctc" else int(data.max_seconds * SAMPLING_RATE)
     whisper = type(processor).__name__ == "WhisperFeatureExtractor"
+    sets |= extra
 
     def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        audio, labels = sets[name]
+        audio, targets = sets[name]
         clips = [np.asarray(audio[i][:max_samples], dtype=np.float32) for i in indices]
         if whisper:  # fixed-length log-mel windows, silence after the clip; no mask
             features = processor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt")
@@ -231,18 +254,43 @@ def _spoken_utterances(data, processor) -> TaskData:
             features = processor(clips, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True,
                                  return_tensors="pt")
             batch = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
-        batch["labels"] = torch.tensor([labels[i] for i in indices])
+        if task == "ctc":
+            from raylin.data.transcripts import encode_transcripts
+
+            batch["labels"] = encode_transcripts([targets[i] for i in indices])
+        else:
+            batch["labels"] = torch.tensor([targets[i] for i in indices])
         return batch
 
-    eval_sets = {"": len(sets["eval"][0])} | {name: len(sets[name][0]) for name in splits.extra}
-    return TaskData("utterance_classification", len(sets["train"][0]), eval_sets, build)
+    eval_sets = {"": len(sets["eval"][0])} | {name: len(sets[name][0]) for name in extra}
+    return TaskData(task, len(sets["train"][0]), eval_sets, build)
+
+
+def _spoken_digit_sets(data, task: str) -> tuple[dict, dict]:
+    """Spoken digits as (clips, targets) per split: digit ids, or the digit words for ctc."""
+    from raylin.data.speech import DIGITS, load_spoken_digits
+
+    splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
+    sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels)}
+    extra = dict(splits.extra)
+    if data.max_train_examples is not None:
+        order = torch.randperm(len(splits.train_audio), generator=torch.Generator().manual_seed(data.seed)).tolist()
+        keep = order[: data.max_train_examples]
+        sets["train"] = ([splits.train_audio[i] for i in keep], [splits.train_labels[i] for i in keep])
+    if task == "ctc":
+        as_words = lambda pair: (pair[0], [DIGITS[label] for label in pair[1]])
+        sets, extra = {k: as_words(v) for k, v in sets.items()}, {k: as_words(v) for k, v in extra.items()}
+    return sets, extra
 
 
 # ----- scoring ----------------------------------------------------------------------------------
 
 
-def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sums that add up over batches and workers: (correct, count) or (summed NLL, predicted tokens)."""
+def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+               state_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sums that add up over batches and workers: (correct, count), (summed NLL, predicted tokens), or
+    for ctc (word errors, reference words, character errors, reference characters). ``state_mask``
+    (ctc): the real frames of the logits (``FamilyAdapter.state_mask``)."""
     if task == "causal_lm":
         from raylin.distill.losses import causal_lm_loss
 
@@ -250,12 +298,25 @@ def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) 
         count = (mask[:, 1:].sum() if mask is not None else torch.tensor(batch["input_ids"][:, 1:].numel())).float()
         nll = causal_lm_loss(logits, batch["input_ids"], mask) * count
         return torch.stack([nll.detach().float(), count.to(nll.device)])
+    if task == "ctc":
+        from raylin.data.transcripts import error_counts, greedy_decode, ids_to_text
+
+        references = [ids_to_text(row[row >= 0].tolist()) for row in batch["labels"].cpu()]
+        counts = error_counts(references, greedy_decode(logits, state_mask))
+        return torch.tensor(counts, dtype=torch.float32, device=logits.device)
     correct = (logits.argmax(-1) == batch["labels"]).sum().float()
     return torch.stack([correct, torch.tensor(float(len(batch["labels"])), device=correct.device)])
 
 
+def score_width(task: str) -> int:
+    """How many sums ``score_sums`` returns for ``task``."""
+    return 4 if task == "ctc" else 2
+
+
 def finish_scores(task: str, sums: torch.Tensor) -> dict[str, float]:
     """The metric from ``score_sums`` totals."""
+    if task == "ctc":
+        return {"wer": sums[0].item() / max(sums[1].item(), 1.0), "cer": sums[2].item() / max(sums[3].item(), 1.0)}
     total, count = sums[0].item(), max(sums[1].item(), 1.0)
     if task == "causal_lm":
         return {"perplexity": math.exp(total / count), "loss": total / count}

@@ -135,13 +135,16 @@ def combine(weights: LossWeights, task: torch.Tensor, layer: torch.Tensor | None
     return {"loss": total, **parts}
 
 
-def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The task loss of ``task`` (a config ``task.type``) from a model's logits and its batch."""
+def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor | None, inputs: dict[str, torch.Tensor],
+              state_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The task loss of ``task`` (a config ``task.type``) from a model's logits and its batch.
+    ``state_mask`` (ctc): the real frames of the logits; without it every frame counts."""
     if task in ("sequence_classification", "utterance_classification"):
         return classification_loss(logits, labels)
     if task == "causal_lm":
         return causal_lm_loss(logits, inputs["input_ids"], inputs.get("attention_mask"))
     if task == "ctc":
-        frames = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
+        frames = (state_mask.sum(-1) if state_mask is not None
+                  else torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device))
         return ctc_loss(logits, labels, frames)
     raise ValueError(f"Unknown task {task!r}.")

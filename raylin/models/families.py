@@ -135,6 +135,29 @@ class FamilyAdapter:
             for handle in handles:
                 handle.remove()
 
+    # ----- padding ----------------------------------------------------------------------------
+    def state_mask(self, config: PretrainedConfig, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which positions of the hidden states (and per-position logits) are real: (batch, positions).
+
+        Text: the attention mask. Wav2Vec2 / HuBERT: the frames the convolutional feature encoder
+        makes of the real samples (its strided convolutions, as transformers computes them). Whisper
+        and unmasked inputs: None (every position counts).
+        """
+        mask = inputs.get("attention_mask")
+        if mask is None or self.modality == "text":
+            return mask
+        if self.name != "wav2vec2":
+            return None
+
+        def frames(lengths: torch.Tensor) -> torch.Tensor:
+            for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+                lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+            return lengths
+
+        total = int(frames(torch.tensor(mask.shape[1])))
+        real = frames(mask.sum(-1))
+        return (torch.arange(total, device=mask.device)[None, :] < real[:, None]).long()
+
     # ----- example inputs (tests, benchmarks) -------------------------------------------------
     def example_inputs(
         self, config: PretrainedConfig, lengths: list[int], total_length: int | None = None, seed: int = 0
@@ -191,6 +214,13 @@ def family_for_config(config: PretrainedConfig) -> FamilyAdapter:
         f"Unsupported teacher architecture model_type={model_type!r}. raylin converts: {', '.join(supported)}. "
         "Pick a checkpoint of one of these families, or add a FamilyAdapter in raylin/models/families.py."
     )
+
+
+def state_mask(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``FamilyAdapter.state_mask`` for a teacher, a student or a DeepSpeed engine around either."""
+    model = getattr(model, "module", model)
+    config = getattr(model, "teacher_config", None) or model.config
+    return family_for_config(config).state_mask(config, inputs)
 
 
 def family_for(model: PreTrainedModel) -> FamilyAdapter:

@@ -23,6 +23,7 @@ MODEL_CLASSES = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
     "utterance_classification": "AutoModelForAudioClassification",
+    "ctc": "AutoModelForCTC",
 }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -204,10 +204,13 @@ class TeacherBank:
         return TeacherOutput(hidden, logits)
 
     def _cached(self, request: TeacherRequest, inputs: dict[str, torch.Tensor]) -> TeacherOutput:
-        """Read each example from the cache; run the teacher on the misses only and store them."""
+        """Read each example from the cache; run the teacher on the misses only and store them. An entry
+        keeps the real positions only (tokens, Wav2Vec2 frames; Whisper's are all real)."""
+        from raylin.models.families import state_mask
+
         namespace = self._namespace(request.teacher)
         model = self.model(request.teacher)
-        mask = inputs.get("attention_mask")
+        mask = state_mask(model, inputs)
         rows = next(iter(inputs.values())).shape[0]
         real = [mask[r].bool() if mask is not None else slice(None) for r in range(rows)]
         entries = [self.cache.get(namespace, i) for i in request.example_ids]
@@ -222,14 +225,17 @@ class TeacherBank:
                     entry["logits"] = logits[real[r]] if logits.dim() == 2 and mask is not None else logits
                 self.cache.put(namespace, request.example_ids[r], entry)
                 entries[r] = entry
-        return self._assemble(entries, real, inputs, num_states=self._num_states(model))
+        return self._assemble(entries, real, mask, rows, num_states=self._num_states(model))
 
-    def _assemble(self, entries, real, inputs, num_states: int) -> TeacherOutput:
+    def _assemble(self, entries, real, mask, rows: int, num_states: int) -> TeacherOutput:
         first = entries[0]
-        rows, length = next(iter(inputs.values())).shape[:2]
         indices = sorted(int(k[1:]) for k in first if k.startswith("h"))
-        if "attention_mask" not in inputs and indices:  # unmasked inputs (Whisper's mel frames): states set the length
+        if mask is not None:
+            length = mask.shape[1]
+        elif indices:  # unmasked inputs (Whisper's mel frames): the states set the length
             length = first[f"h{indices[0]}"].shape[0]
+        else:  # no states kept: per-position logits set the length
+            length = first["logits"].shape[0] if "logits" in first and first["logits"].dim() == 2 else 0
         hidden: list[torch.Tensor | None] = [None] * num_states
         for i in indices:
             sample = first[f"h{i}"]
@@ -268,13 +274,14 @@ class TeacherBank:
     # ----- the trajectory teacher ------------------------------------------------------------------
     def _trajectory(self, request: TeacherRequest, inputs: dict[str, torch.Tensor]) -> TeacherOutput:
         from raylin.distill.losses import task_loss
+        from raylin.models.families import state_mask
 
         model = self._models["trajectory"]
         self.forwards += 1
         self.examples_forwarded += next(iter(inputs.values())).shape[0]
         out = model(**inputs, output_hidden_states=True)
         labels = _from_numpy(request.labels, None, self.device)
-        loss = task_loss(self.spec.task, out.logits, labels, inputs)
+        loss = task_loss(self.spec.task, out.logits, labels, inputs, state_mask(model, inputs))
         (loss / (self.spec.trajectory_every * request.micro_batches)).backward()
         dtype = COMPACT_DTYPES[self.spec.dtype]
         keep = set(range(len(out.hidden_states)) if self.spec.layers is None else self.spec.layers)

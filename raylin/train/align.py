@@ -93,7 +93,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     from raylin.data.tasks import load_task_data
     from raylin.data.text import GlobalBatches
     from raylin.distill.losses import layerwise_loss
-    from raylin.models.families import family_for
+    from raylin.models.families import family_for, state_mask
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
     from raylin.train.loop import converted_student, model_inputs
@@ -132,7 +132,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         losses = {}
         for i in layer_ids:
             predicted = run_block(blocks[i], states[i].float(), args, kwargs)
-            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=inputs.get("attention_mask"))
+            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=state_mask(student, inputs))
         return losses
 
     with torch.no_grad():

@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from raylin.config import RunConfig, config_from_dict
 from raylin.convert import convert, freezable_copied_parameters
-from raylin.data.tasks import METRICS, TaskData, finish_scores, load_task_data, load_task_model, score_sums
+from raylin.data.tasks import TaskData, finish_scores, load_task_data, load_task_model, score_sums, score_width
 from raylin.data.text import GlobalBatches
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.losses import combine, kd_loss, layerwise_loss, task_loss
+from raylin.models.families import state_mask
 from raylin.teacher import TeacherRequest, open_teachers
 from raylin.train.deepspeed import deepspeed_config
 STATE_FILE = "trainer_state.json"
@@ -93,10 +94,6 @@ def converted_student(config: RunConfig):
     """The XATL-converted student (and transfer report, tokenizer or feature extractor) a run starts
     from: converted from the target teacher for target/hybrid guidance, else from the pretrained
     model. Deterministic."""
-    if config.task.type not in METRICS:
-        raise NotImplementedError(
-            f"task.type {config.task.type!r} has losses but no data pipeline yet; supported in training now: {sorted(METRICS)}."
-        )
     torch.manual_seed(config.train.seed)  # a new task head and new mixers start the same on every rank
     init_model, processor = load_task_model(config, init_teacher(config))
     student, report = convert(init_model, config.plan, processor)
@@ -123,10 +120,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real tokens of a batch (mel frames for Whisper, whose inputs carry no mask)."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
+def count_tokens(batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Real positions of a batch: tokens, Wav2Vec2 frames (``mask`` is its state mask), or mel frames
+    for Whisper, whose inputs carry no mask."""
+    if mask is not None:
+        return mask.sum()
     inputs = next(iter(model_inputs(batch).values()))
     return torch.tensor(inputs.shape[0] * inputs.shape[-1], device=inputs.device)
 
@@ -139,11 +137,13 @@ def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world:
     batch_size = max(config.train.batch_size // world, 8)
     scores: dict[str, float] = {}
     for name, size in data.eval_sets.items():
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        sums = torch.zeros(score_width(config.task.type), dtype=torch.float64, device=device)
         shard = list(range(rank, size, world))
         for start in range(0, len(shard), batch_size):
             batch = {k: v.to(device) for k, v in data.eval_batch(name, shard[start : start + batch_size]).items()}
-            sums += score_sums(config.task.type, model(**model_inputs(batch)).logits, batch).double()
+            logits = model(**model_inputs(batch)).logits
+            part = score_sums(config.task.type, logits, batch, state_mask(model, batch)).double()
+            sums += part
         prefix = f"{name}_" if name else ""
         scores |= {prefix + k: v for k, v in finish_scores(config.task.type, _sum_across_workers(sums)).items()}
     model.train()
@@ -248,10 +248,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         inputs = model_inputs(batch)
         out = engine(**inputs, output_hidden_states=guidance.weights.layer > 0)
         teacher_out = teachers.result(step) if guidance.teacher is not None else None
-        task = task_loss(config.task.type, out.logits, batch.get("labels"), batch)
+        # Real positions of the hidden states and per-position logits: tokens, Wav2Vec2 frames, or
+        # None (Whisper's mel frames all count).
+        mask = state_mask(engine, batch)
+        task = task_loss(config.task.type, out.logits, batch.get("labels"), batch, mask)
         layer = kd = None
-        # Padding masks apply where states (and logits) are per token; Whisper's inputs have none.
-        mask = batch.get("attention_mask")
         if guidance.weights.layer > 0:
             layer = layerwise_loss(out.hidden_states, teacher_out.hidden_states, loss_cfg.layers,
                                    loss_cfg.normalization, mask, loss_cfg.reduction)
@@ -260,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         parts = combine(guidance.weights, task, layer, kd)
         if _fault(config, "nan", step, rank, rank_wanted=0):
             parts["loss"] = parts["loss"] * float("nan")
-        means, step_tokens = _step_totals(parts, count_tokens(batch))
+        means, step_tokens = _step_totals(parts, count_tokens(batch, mask))
         global_loss = means["loss"]
         if not math.isfinite(global_loss):
             raise FloatingPointError(
