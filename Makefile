@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/raylin demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: setup
 	$(PY) -m pytest -q -m 'slow or not slow'
