@@ -38,7 +38,6 @@ QUICK = {"train": {"max_steps": 4, "checkpoint_every": 4, "warmup_steps": 1},
          "data": {"max_train_examples": 256, "max_eval_examples": 64}}
 
 
-
 def demo_configs(out: str | Path, quick: bool = False):
     """(teacher fine-tuning config, conversion config builder) for the demo under ``out``."""
     from raylin.config import config_from_dict, merge_sections
@@ -53,7 +52,6 @@ def demo_configs(out: str | Path, quick: bool = False):
         return config_from_dict(merge_sections(base, {"output_dir": str(Path(out) / "student-run"), "target_teacher": target_teacher}))
 
     return finetune, conversion
-
 
 
 def forward_ms(model: torch.nn.Module, length: int, vocab_size: int, repeats: int = 3) -> float:

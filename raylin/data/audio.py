@@ -80,16 +80,22 @@ class AudioClips(Sequence):
 
 def decode_audio(value: Any, rate: int = SAMPLING_RATE) -> np.ndarray:
     """Mono float32 audio at ``rate`` from ``{bytes, path}``, ``{array, sampling_rate}`` or a file path."""
-    import soundfile
-
     if isinstance(value, dict) and value.get("array") is not None:
         audio, source_rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
     else:
         where = io.BytesIO(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else (
             value["path"] if isinstance(value, dict) else value)
-        audio, source_rate = soundfile.read(where, dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
+        audio, source_rate = read_audio(where)
     return resample(audio, source_rate, rate)
+
+
+def read_audio(where) -> tuple[np.ndarray, int]:
+    """Mono float32 samples (channels averaged) and their rate, from a file path or file object
+    (any format libsndfile reads: WAV, FLAC, OGG, MP3)."""
+    import soundfile
+
+    audio, rate = soundfile.read(where, dtype="float32", always_2d=True)
+    return audio.mean(axis=1), rate
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLING_RATE) -> np.ndarray:

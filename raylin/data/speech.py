@@ -48,7 +48,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from raylin.data.assets import cache_dir
-from raylin.data.audio import SAMPLING_RATE, resample
+from raylin.data.audio import SAMPLING_RATE, read_audio, resample
 from raylin.data.debian import debian_package_with_dependencies, library_path
 
 MAX_SECONDS = 2.0
@@ -266,7 +265,7 @@ def _render(recipe: DigitRecipe, out: Path, workers: int) -> None:
         result = programs[voice.engine].run(*command)
         if result.returncode != 0 or not path.is_file():
             raise RuntimeError(f"`{voice.engine} {' '.join(command)}` failed: {result.stderr.strip()[-300:]}")
-        audio = _read_wav(path)
+        audio = read_audio(path)
         path.unlink()
         return audio
 
@@ -329,16 +328,6 @@ def _checked(clip: np.ndarray, voice: _Voice) -> np.ndarray:
     if clip.size == 0:
         raise RuntimeError(f"{voice.engine} {' '.join(str(o) for o in voice.options if o is not _WAV)} said nothing.")
     return clip
-
-
-def _read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Float32 mono samples and rate of a 16-bit PCM WAV file."""
-    with wave.open(str(path)) as file:
-        if file.getsampwidth() != 2:
-            raise ValueError(f"{path}: {8 * file.getsampwidth()}-bit WAV, expected 16-bit PCM.")
-        samples = np.frombuffer(file.readframes(file.getnframes()), "<i2").astype(np.float32) / 32768.0
-        channels, rate = file.getnchannels(), file.getframerate()
-    return samples.reshape(-1, channels).mean(axis=1), rate
 
 
 def _clean(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ SIZES = {
 }
 
 
-
 def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: int = 4) -> dict:
     extra: dict[str, Any] = {"train": {"max_steps": steps, "checkpoint_every": steps, "warmup_steps": max(1, steps // 10),
                                        "eval_every": max(1, steps // eval_points)}}
@@ -104,31 +103,20 @@ def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: in
     return merge_sections(base, extra)
 
 
-
-def _finetune(config_dict: dict, log: Callable[[str], None]) -> dict:
+def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) -> dict:
+    """The metrics of the run ``config_dict`` describes (a teacher fine-tuning when ``finetune``): an
+    earlier run with exactly this config is reused, so an interrupted benchmark continues."""
     from raylin.config import config_from_dict
-    from raylin.pipeline import finetune_config, finished_run, run_finetune
+    from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
 
     config = config_from_dict(config_dict)
-    cached = finished_run(finetune_config(config))
-    if cached:
-        log(f"  reusing the fine-tuned teacher in {config.output_dir}")
-        return cached
-    log(f"  fine-tuning the teacher -> {config.output_dir}")
-    return run_finetune(config)
-
-
-def _convert(config_dict: dict, log: Callable[[str], None]) -> dict:
-    from raylin.config import config_from_dict
-    from raylin.pipeline import finished_run, run_conversion
-
-    config = config_from_dict(config_dict)
-    cached = finished_run(config)
+    cached = finished_run(finetune_config(config) if finetune else config)
     if cached:
         log(f"  reusing {config.output_dir}")
         return cached
-    log(f"  {config.guidance.mode:10s} {config.plan['mixer']} -> {config.output_dir}")
-    return run_conversion(config)
+    log(f"  fine-tuning the teacher -> {config.output_dir}" if finetune
+        else f"  {config.guidance.mode:10s} {config.plan['mixer']} -> {config.output_dir}")
+    return run_finetune(config) if finetune else run_conversion(config)
 
 
 def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
@@ -156,10 +144,10 @@ def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: st
     return row
 
 
-def text_suite(out: Path, quick: bool, log) -> list[dict]:
+def text_suite(out: Path, quick: bool, log) -> Iterator[dict]:
+    """One row per student run, as each finishes."""
     steps, finetune_steps, cap = SIZES[quick]["text"]
     grid = GRIDS[quick]
-    rows = []
     for data_name in grid["text_data"]:
         max_length = TEXT_DATA[data_name]
         base = _sized(merge_sections(merge_sections(_COMMON, TEXT), {"data": {"name": data_name, "max_length": max_length}}), steps, cap, quick)
@@ -167,7 +155,7 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
         teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
             "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
             "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, finetune_steps // 4)}})
-        finetuned = _finetune(teacher_run, log)
+        finetuned = _run(teacher_run, log, finetune=True)
         snapshots = finetuned["waypoints"][-min(4, steps):]  # one waypoint per student step at most
         waypoints = [{"step": max(1, (i + 1) * steps // len(snapshots)), "path": w["path"]} for i, w in enumerate(snapshots)]
         for mixer in grid["text_mixers"]:
@@ -177,26 +165,22 @@ def text_suite(out: Path, quick: bool, log) -> list[dict]:
                 run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-                metrics = _convert(run, log)
-                rows.append(_row("text", data_name, mixer, metrics, run_dir, "accuracy", "all-MiniLM-L6"))
-    return rows
+                yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
-def lm_suite(out: Path, quick: bool, log) -> list[dict]:
+def lm_suite(out: Path, quick: bool, log) -> Iterator[dict]:
     steps, _, cap = SIZES[quick]["lm"]
     base = _sized(merge_sections(_COMMON, LM), steps, cap, quick)
     if quick:
         base = merge_sections(base, {"data": {"max_length": 32}})
-    rows = []
     log("lm / austen")
     for name, mode in GRIDS[quick]["lm"]:
         run_dir = out / "lm" / f"{name}-{mode}"
-        metrics = _convert(merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
-        rows.append(_row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M"))
-    return rows
+        metrics = _run(merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
+        yield _row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M")
 
 
-def speech_suite(out: Path, quick: bool, log) -> list[dict]:
+def speech_suite(out: Path, quick: bool, log) -> Iterator[dict]:
     steps, finetune_steps, cap = SIZES[quick]["speech"]
     base = _sized(merge_sections(_COMMON, SPEECH), steps, cap, quick)
     if quick:
@@ -204,22 +188,19 @@ def speech_suite(out: Path, quick: bool, log) -> list[dict]:
     log("speech / spoken digits")
     teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
         "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4}})
-    finetuned = _finetune(teacher_run, log)
-    rows = []
+    finetuned = _run(teacher_run, log, finetune=True)
     for mode in GRIDS[quick]["speech_modes"]:
         run_dir = out / "speech" / f"bimamba2-{mode}"
         run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
                            "guidance": {"mode": mode, "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-        metrics = _convert(run, log)
-        rows.append(_row("speech", "spoken_digits", "bimamba2", metrics, run_dir, "accuracy", "Whisper tiny.en encoder"))
-    return rows
+        yield _row("speech", "spoken_digits", "bimamba2", _run(run, log), run_dir, "accuracy", "Whisper tiny.en encoder")
 
 
 @torch.no_grad()
-def decoding_state(lengths: tuple[int, ...], student_dir: str | None = None, log=print) -> list[dict]:
+def decoding_state(lengths: tuple[int, ...], log=print) -> list[dict]:
     """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
-    (a Mamba2 student and the two-attention-layer hybrid; trained folders when given, else freshly
-    converted: state size does not depend on the weights)."""
+    (a Mamba2 student and the two-attention-layer hybrid, freshly converted: state size does not
+    depend on the weights)."""
     from transformers import DynamicCache
 
     from raylin.convert import convert
@@ -274,8 +255,13 @@ def run_quality_benchmark(out: str | Path = "outputs/bench-quality", quick: bool
         ensure_ray()
     for suite in suites:
         started = time.perf_counter()
-        runner = {"text": text_suite, "lm": lm_suite, "speech": speech_suite, "speed": speed_suite}[suite]
-        result[suite] = runner(out, quick, log)
+        if suite == "speed":
+            result[suite] = speed_suite(out, quick, log)
+        else:  # rows are saved as each run finishes: an interrupted suite keeps what it measured
+            result[suite] = []
+            for row in {"text": text_suite, "lm": lm_suite, "speech": speech_suite}[suite](out, quick, log):
+                result[suite].append(row)
+                write_text_atomic(result_file, json.dumps(result, indent=1))
         result.setdefault("wall_s", {})[suite] = round(time.perf_counter() - started, 1)
         write_text_atomic(result_file, json.dumps(result, indent=1))
     if docs is not None:
@@ -288,7 +274,6 @@ def _machine() -> dict:
 
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-
 
 
 # ----- the results page ---------------------------------------------------------------------------

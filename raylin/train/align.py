@@ -129,10 +129,10 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     def block_losses(inputs, ref) -> dict[int, torch.Tensor]:
         states = unpack(ray.get(ref)).hidden_states
         args, kwargs = block_call_arguments(student, inputs)
-        losses = {}
+        losses, mask = {}, state_mask(student, inputs)
         for i in layer_ids:
             predicted = run_block(blocks[i], states[i].float(), args, kwargs)
-            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=state_mask(student, inputs))
+            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=mask)
         return losses
 
     with torch.no_grad():

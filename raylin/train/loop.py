@@ -142,8 +142,7 @@ def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world:
         for start in range(0, len(shard), batch_size):
             batch = {k: v.to(device) for k, v in data.eval_batch(name, shard[start : start + batch_size]).items()}
             logits = model(**model_inputs(batch)).logits
-            part = score_sums(config.task.type, logits, batch, state_mask(model, batch)).double()
-            sums += part
+            sums += score_sums(config.task.type, logits, batch, state_mask(model, batch)).double()
         prefix = f"{name}_" if name else ""
         scores |= {prefix + k: v for k, v in finish_scores(config.task.type, _sum_across_workers(sums)).items()}
     model.train()

@@ -140,7 +140,6 @@ def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
     return destination
 
 
-
 def worker_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
     """What each Ray Train worker reserves."""
     resources = {"CPU": config.train.cpus_per_worker}

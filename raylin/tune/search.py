@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from raylin.config import ConfigError, RunConfig, config_from_dict, dump_config
+from raylin.data.assets import write_text_atomic
 
 DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -287,7 +288,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
             for key, value in pool.stats().items():
                 # Counters add up; the cache's size is a state of the shared folder: the latest wins.
                 totals[key] = value if key in ("cache_bytes", "cache_entries") else totals.get(key, 0) + value
-            stats_file.write_text(json.dumps(totals, indent=1))
+            write_text_atomic(stats_file, json.dumps(totals, indent=1))
             pool.shutdown()
     # After Ctrl-C Tune returns normally; unfinished trials stay PENDING/RUNNING in its saved state,
     # and grid variants it had not generated yet are missing.
@@ -336,7 +337,7 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     for rank, row in enumerate(ordered, 1):
         lines.append(f"| {rank} | {row['trial']} | " + " | ".join(str(row[p]) for p in params)
                      + f" | {row[section.metric]:.4f} | {row['steps']} | {'yes' if row['stopped_early'] else 'no'} |")
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder / "results.md", "\n".join(lines) + "\n")
     _plot(rows, section, folder / "curves.png")
     if not ordered:
         raise RuntimeError(f"No trial reported {section.metric!r}; see {folder}/sweep for the trials' errors.")
@@ -344,13 +345,14 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     best_config = trial_config(base, {p: best[p] for p in params}, "best")
     best_config = dataclasses.replace(best_config, output_dir=str(Path(base["output_dir"]).expanduser().resolve() / "best"),
                                       name=None)
-    (folder / "best_config.yaml").write_text(
+    write_text_atomic(
+        folder / "best_config.yaml",
         f"# Best trial of the sweep ({best['trial']}: {section.metric}={best[section.metric]:.4f}).\n"
         f"#   raylin convert {folder / 'best_config.yaml'}\n" + dump_config(best_config))
     frame.to_json(folder / "tune_dataframe.json")
     summary = {"best_trial": best["trial"], section.metric: best[section.metric], "params": {p: best[p] for p in params},
                "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
