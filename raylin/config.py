@@ -129,6 +129,9 @@ class AlignConfig:
     lr: float = 1e-3
     num_workers: int = 2  # Ray tasks; layers are spread round-robin across them
     parameters: str = "new"  # new: only the new mixer weights learn | all: the whole block
+    # A store of aligned blocks shared across runs, keyed by what the alignment depends on (teacher,
+    # plan, data, align settings): runs that align the same way align once. None: OUTPUT_DIR/aligned.
+    dir: str | None = None
 
 
 @dataclass
@@ -209,6 +212,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 def _absolute_paths(config: RunConfig) -> None:
     """Make local paths absolute: Ray Train workers run in their own working directory."""
     config.output_dir = str(Path(config.output_dir).expanduser().resolve())
+    if config.align.dir:
+        config.align.dir = str(Path(config.align.dir).expanduser().resolve())
     local = lambda path: str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
     config.teacher, config.target_teacher = local(config.teacher), local(config.target_teacher)
     for waypoint in config.guidance.waypoints:

@@ -134,7 +134,10 @@ def run_conversion(config: RunConfig) -> dict:
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
     if aligned is not None:
-        metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"]}
+        from raylin.train.align import aligned_dir
+
+        metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"],
+                            "wall_s": aligned.get("wall_s"), "dir": str(aligned_dir(config))}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     write_text_atomic(out / "report.md", render_report(config, metrics))
     publish_outputs(config, [STUDENT_DIR, "metrics.json", "report.md", "config.yaml", "teacher_service.json"])

@@ -36,8 +36,10 @@ def test_defaults_and_overrides(base):
 
 def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Ray Train workers do not share the driver's working directory
-    config = config_from_dict({**base, "teacher": "teacher", "target_teacher": "teacher", "output_dir": "runs/a"})
+    config = config_from_dict({**base, "teacher": "teacher", "target_teacher": "teacher", "output_dir": "runs/a",
+                               "align": {"dir": "runs/aligned"}})
     assert config.output_dir == str(tmp_path / "runs" / "a")
+    assert config.align.dir == str(tmp_path / "runs" / "aligned")
     assert config.teacher == config.target_teacher == str(tmp_path / "teacher")
     assert config_from_dict({**base, "teacher": "asset:all-minilm-l6", "guidance": {"mode": "unguided"},
                              "target_teacher": None}).teacher == "asset:all-minilm-l6"

@@ -194,6 +194,28 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
     assert metrics["align"]["layers"] == summary["layers"] and metrics["steps"] == 12
 
 
+def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir(teachers, ray_cluster, tmp_path):
+    from raylin.train.align import aligned_dir, load_aligned, run_align
+    from raylin.train.loop import converted_student
+
+    align = {"enabled": True, "steps": 3, "num_workers": 2, "dir": str(tmp_path / "store")}
+    first = run_config(teachers, tmp_path / "target", align=align)
+    # hybrid guidance also starts from the target teacher; other distillation settings do not matter
+    same = run_config(teachers, tmp_path / "hybrid", align=align, guidance={"mode": "hybrid", "hybrid_cutoff": 6},
+                      **{"loss.alpha_out": 0.0})
+    from_source = run_config(teachers, tmp_path / "unguided", align=align, guidance={"mode": "unguided"})
+    longer = run_config(teachers, tmp_path / "longer", align={**align, "steps": 4})
+    assert aligned_dir(first) == aligned_dir(same) and aligned_dir(first).parent == tmp_path / "store"
+    assert len({aligned_dir(c) for c in (first, from_source, longer)}) == 3
+    summary = run_align(first)
+    assert run_align(same) == summary  # reused: same worker pids and wall time, nothing recomputed
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [aligned_dir(first).name]  # no staging left
+    student, _, _ = converted_student(same)
+    load_aligned(student, same)
+    with pytest.raises(FileNotFoundError, match="align.enabled is set but .* does not exist"):
+        load_aligned(student, from_source)
+
+
 def test_a_served_run_that_cannot_fit_the_cluster_fails_before_training(teachers, ray_cluster, tmp_path):
     from raylin.train.trainer import fit
 

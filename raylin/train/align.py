@@ -10,14 +10,19 @@ model the student was converted from (the target teacher for target/hybrid guida
 pretrained one). By default only the new mixer weights learn (``align.parameters: new``); the
 copied weights already match the teacher.
 
-Writes OUTPUT_DIR/aligned/model.safetensors (the aligned blocks' weights) and
-OUTPUT_DIR/aligned/align.json (per-layer MSE before and after, on a held-out batch); the distill
-stage loads them onto the freshly converted student (``load_aligned``). A finished stage is reused
-when the run restarts with the same config.
+Writes ALIGNED/model.safetensors (the aligned blocks' weights) and ALIGNED/align.json (per-layer
+MSE before and after, on a held-out batch); the distill stage loads them onto the freshly converted
+student (``load_aligned``). ALIGNED is OUTPUT_DIR/aligned, or ``align.dir``/FINGERPRINT when runs
+share a store: the fingerprint covers everything the aligned weights depend on (the model aligned
+to, plan, data, align settings, seed), not the guidance mode or distillation settings, so runs
+that differ only there (Tune trials, a benchmark's guidance modes) align once. A finished stage is
+reused when its fingerprint matches.
 
 Limits: a task holds the whole student (only its blocks train); block inputs other than the
 hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
-is what every block receives in the supported families.
+is what every block receives in the supported families. On a multi-node
+cluster ``align.dir`` (like OUTPUT_DIR) must be storage every node reads. Two runs that start the
+same alignment at the same moment both compute it; the second to finish keeps the first's result.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -70,10 +76,29 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs:
 
 
 def _fingerprint(config: RunConfig) -> str:
-    data = {"align": dataclasses.asdict(config.align), "plan": config.plan, "teacher": config.teacher,
-            "target": config.target_teacher, "mode": config.guidance.mode, "data": dataclasses.asdict(config.data),
-            "seed": config.train.seed, "dtype": config.teacher_service.dtype}
+    """What the aligned weights depend on; the guidance mode only through the model aligned to."""
+    from raylin.train.loop import init_teacher
+
+    align = {k: v for k, v in dataclasses.asdict(config.align).items() if k not in ("enabled", "dir")}
+    data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": init_teacher(config),
+            "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def aligned_dir(config: RunConfig) -> Path:
+    """Where this run's aligned blocks live: OUTPUT_DIR/aligned, or align.dir/FINGERPRINT when shared."""
+    if config.align.dir:
+        return Path(config.align.dir).expanduser() / _fingerprint(config)
+    return Path(config.output_dir) / ALIGNED_DIR
+
+
+def _finished(out: Path, fingerprint: str) -> dict | None:
+    summary_file = out / SUMMARY_FILE
+    if summary_file.exists() and (out / WEIGHTS_FILE).exists():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("fingerprint") == fingerprint:
+            return summary
+    return None
 
 
 def align_spec(config: RunConfig):
@@ -157,7 +182,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
 
 
 def run_align(config: RunConfig) -> dict:
-    """Driver side: align every block across ``align.num_workers`` Ray tasks; write OUTPUT_DIR/aligned/."""
+    """Driver side: align every block across ``align.num_workers`` Ray tasks; write ``aligned_dir``."""
     import ray
     from safetensors.torch import save_file
 
@@ -166,13 +191,12 @@ def run_align(config: RunConfig) -> dict:
     from raylin.teacher import teacher_pool
     from raylin.train.loop import init_teacher
 
-    out = Path(config.output_dir) / ALIGNED_DIR
+    out = aligned_dir(config)
     fingerprint = _fingerprint(config)
-    summary_file = out / SUMMARY_FILE
-    if summary_file.exists() and (out / WEIGHTS_FILE).exists():
-        summary = json.loads(summary_file.read_text())
-        if summary.get("fingerprint") == fingerprint:
-            return summary
+    finished = _finished(out, fingerprint)
+    if finished:
+        return finished
+    started = time.perf_counter()
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(init_teacher(config)))
@@ -189,14 +213,19 @@ def run_align(config: RunConfig) -> dict:
     state = {k: v for result in results for k, v in result["state"].items()}
     layers = {int(i): v for result in results for i, v in result["layers"].items()}
     summary = {"fingerprint": fingerprint, "steps": config.align.steps, "workers": workers,
+               "wall_s": round(time.perf_counter() - started, 1),
                "layers": {str(i): layers[i] for i in sorted(layers)},
                "worker_pids": sorted({r["pid"] for r in results}), "teacher": teacher_stats}
-    staging = out.with_name(f".{ALIGNED_DIR}.incoming")
+    staging = out.with_name(f".{out.name}.incoming-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
     (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     import shutil
 
+    finished = _finished(out, fingerprint)  # a run sharing align.dir finished the same alignment first
+    if finished:
+        shutil.rmtree(staging)
+        return finished
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return summary
@@ -206,7 +235,7 @@ def load_aligned(student: torch.nn.Module, config: RunConfig) -> None:
     """Put the aligned blocks' weights (written by ``run_align``) onto a freshly converted student."""
     from safetensors.torch import load_file
 
-    file = Path(config.output_dir) / ALIGNED_DIR / WEIGHTS_FILE
+    file = aligned_dir(config) / WEIGHTS_FILE
     if not file.exists():
         raise FileNotFoundError(f"align.enabled is set but {file} does not exist: run the align stage first "
                                 "(raylin convert runs it), or set align.enabled=false.")
