@@ -25,3 +25,31 @@ def test_quick_quality_benchmark_writes_every_suite(tmp_path):
     page = (tmp_path / "docs" / "results.md").read_text()
     assert "## Language modelling" in page and "## Speed and memory" in page
     assert json.loads((tmp_path / "bench" / "quality.json").read_text())["quick"] is True
+
+
+def _row(suite, data, mixer, guidance, teacher, student, wall_s, metric="accuracy"):
+    gap = teacher - student if metric == "accuracy" else student - teacher
+    return {"suite": suite, "data": data, "teacher_model": "t", "mixer": mixer, "guidance": guidance, "metric": metric,
+            "teacher_value": teacher, "student_value": student, "gap": gap, "steps": 60, "tokens": 1000,
+            "wall_s": wall_s, "curve": [(30, student - 0.1), (60, student)], "output_dir": "x"}
+
+
+def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
+    """The page is assembled from rows alone: targets met or missed per run, guided vs unguided per
+    student, and each suite's time as the sum of its runs' own wall times (not the last invocation's)."""
+    from raylin.eval.quality import write_results_page
+
+    result = {"quick": False, "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
+              "wall_s": {"text": 5.0},  # a resumed invocation that reused every run
+              "text": [_row("text", "rt", "bimamba2", "unguided", 0.80, 0.52, 120.0),
+                       _row("text", "rt", "bimamba2", "target", 0.80, 0.795, 300.0),
+                       _row("text", "rt", "bimamba2", "waypoint", 0.80, 0.50, 180.0)],
+              "lm": [_row("lm", "austen", "mamba2", "unguided", 50.0, 60.0, 600.0, "perplexity"),
+                     _row("lm", "austen", "mamba2", "target", 50.0, 57.0, 600.0, "perplexity")]}
+    page = write_results_page(result, tmp_path).read_text()
+    assert "text 10.0 min (3 runs), lm 20.0 min (2 runs)" in page
+    assert "Target (accuracy within 1 point of the teacher): met, met by 1 of 2 guided runs; best bimamba2 / target" in page
+    assert "Target (perplexity within 15% of the teacher's): met, met by 1 of 1 guided runs" in page  # 57 <= 57.5
+    assert "rt / bimamba2: ahead of unguided: target; not ahead: waypoint" in page
+    assert "| rt | t -> bimamba2 | target | 0.8000 | 0.7950 | +0.5 pt | 60 | 1,000 | 300 |" in page
+    assert (tmp_path / "results" / "curves-text.png").stat().st_size > 0
