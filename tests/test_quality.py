@@ -42,7 +42,7 @@ def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
     result = {"quick": False, "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
               "wall_s": {"text": 5.0},  # a resumed invocation that reused every run
               "text": [_row("text", "rt", "bimamba2", "unguided", 0.80, 0.52, 120.0),
-                       _row("text", "rt", "bimamba2", "target", 0.80, 0.795, 300.0),
+                       _row("text", "rt", "bimamba2", "target", 0.80, 0.795, 300.0) | {"align": {"steps": 150, "wall_s": 90.0}},
                        _row("text", "rt", "bimamba2", "waypoint", 0.80, 0.50, 180.0)],
               "lm": [_row("lm", "austen", "mamba2", "unguided", 50.0, 60.0, 600.0, "perplexity"),
                      _row("lm", "austen", "mamba2", "target", 50.0, 57.0, 600.0, "perplexity")]}
@@ -51,5 +51,5 @@ def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
     assert "Target (accuracy within 1 point of the teacher): met, met by 1 of 2 guided runs; best bimamba2 / target" in page
     assert "Target (perplexity within 15% of the teacher's): met, met by 1 of 1 guided runs" in page  # 57 <= 57.5
     assert "rt / bimamba2: ahead of unguided: target; not ahead: waypoint" in page
-    assert "| rt | t -> bimamba2 | target | 0.8000 | 0.7950 | +0.5 pt | 60 | 1,000 | 300 |" in page
+    assert "| rt | t -> bimamba2 (align 150) | target | 0.8000 | 0.7950 | +0.5 pt | 60 | 1,000 | 300 |" in page
     assert (tmp_path / "results" / "curves-text.png").stat().st_size > 0

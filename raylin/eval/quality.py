@@ -328,7 +328,8 @@ def write_results_page(result: dict, docs: Path) -> Path:
         for row in rows:
             fmt = (lambda v: f"{v:.4f}") if row["metric"] == "accuracy" else (lambda v: f"{v:.2f}")
             gap = f"{100 * row['gap']:+.1f} pt" if row["metric"] == "accuracy" else f"{100 * row['gap'] / row['teacher_value']:+.1f} %"
-            lines.append(f"| {row['data']} | {row['teacher_model']} -> {row['mixer']} | {row['guidance']} | "
+            aligned = f" (align {row['align']['steps']})" if row.get("align") else ""
+            lines.append(f"| {row['data']} | {row['teacher_model']} -> {row['mixer']}{aligned} | {row['guidance']} | "
                          f"{fmt(row['teacher_value'])} | {fmt(row['student_value'])} | {gap} | {row['steps']} | "
                          f"{row['tokens']:,} | {row['wall_s']:.0f} |")
             for name, values in row.get("extra", {}).items():
