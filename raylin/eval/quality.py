@@ -17,9 +17,10 @@ Suites (all on shipped assets, no downloads):
 Every run is a normal ``raylin finetune`` / ``raylin convert`` run under OUT/<suite>/<run>/ (a run
 whose outputs exist with the same config is reused, so an interrupted benchmark continues).
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png. The full
-benchmark takes about 2.7 hours on 2 CPU cores (measured: text 85 min for its 20 runs and 2 teacher
-fine-tunes, language modelling about 12 min per run, speech about 6 min per run, speed about 5 min),
-not the hour it was meant to fit; ``--only`` splits it, and runs already finished are reused.
+benchmark takes about 2.7 hours on 2 CPU cores (measured: text 95 min for its 20 runs, 4 alignments
+and 2 teacher fine-tunes; language modelling 9-13 min per run, 45 min in all; speech about 6 min
+per run and 3 min for its teacher; speed about 3 min), not the hour it was meant to fit;
+``--only`` splits it, and runs already finished are reused.
 The bimamba2 text students start from the align stage, computed once per data set and starting
 model and shared through ``align.dir``. ``quick`` is a few-step smoke run of every pipeline (CI).
 Limits: short CPU budgets mean short training, so the gaps are those of tens of steps, not of the
