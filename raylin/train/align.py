@@ -20,9 +20,9 @@ reused when its fingerprint matches.
 
 Limits: a task holds the whole student (only its blocks train); block inputs other than the
 hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
-is what every block receives in the supported families. On a multi-node
-cluster ``align.dir`` (like OUTPUT_DIR) must be storage every node reads. Two runs that start the
-same alignment at the same moment both compute it; the second to finish keeps the first's result.
+is what every block receives in the supported families. On a multi-node cluster ``align.dir``
+(like OUTPUT_DIR) must be storage every node reads. Two runs that start the same alignment at the
+same moment both compute it; the second to finish keeps the first's result.
 """
 
 from __future__ import annotations
