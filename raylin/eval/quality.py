@@ -22,7 +22,8 @@ and 2 teacher fine-tunes; language modelling 9-13 min per run, 45 min in all; sp
 per run and 3 min for its teacher; speed about 3 min), not the hour it was meant to fit;
 ``--only`` splits it, and runs already finished are reused.
 The bimamba2 text and speech students start from the align stage, computed once per data set and
-starting model and shared through ``align.dir``. ``quick`` is a few-step smoke run of every pipeline (CI).
+starting model and shared through ``align.dir``. ``quick`` is a few-step smoke run of every
+pipeline (CI).
 Limits: short CPU budgets mean short training, so the gaps are those of tens of steps, not of the
 paper's epochs.
 """
@@ -65,10 +66,10 @@ TEXT = {
 TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
 TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share": "kv"}},
               "bimamba2": {"mixer": "bimamba2", "init": "attention"}}
-# bimamba2 replaces the mixer of all six layers; without the align stage its students still predict
-# one class after 60 steps (task loss 0.69 throughout), with it they start near the teacher. The
-# alignment is shared by the runs that align to the same model (align.dir).
-TEXT_ALIGN = {"bimamba2": {"enabled": True, "steps": 150}}
+# The bimamba2 students (text and speech) replace the mixer of every layer: without the align stage
+# the text ones still predict one class after 60 steps (task loss 0.69 throughout), with it they
+# start near the teacher. The alignment is shared by the runs that align to the same model.
+ALIGN = {"enabled": True, "steps": 150}
 LM = {
     "teacher": "asset:smollm2-135m",
     "target_teacher": "asset:smollm2-135m",
@@ -86,8 +87,6 @@ SPEECH = {
     "plan": {"mixer": "bimamba2", "init": "attention"},
     "train": {"batch_size": 32, "lr": 3.0e-4},
 }
-# The four Whisper blocks are aligned first, as the bimamba2 text students are (shared per starting model).
-SPEECH_ALIGN = {"enabled": True, "steps": 150}
 # What each suite runs: the full grid, and one run per pipeline for the quick smoke run.
 GRIDS = {
     False: {"text_data": tuple(TEXT_DATA), "text_mixers": tuple(TEXT_PLANS), "text_modes": MODES,
@@ -110,6 +109,11 @@ def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: in
         extra["data"] = {"max_train_examples": cap, "max_eval_examples": cap // 2}
         extra["train"]["batch_size"] = 8
     return merge_sections(base, extra)
+
+
+def _aligned(run: dict, store: Path) -> dict:
+    """``run`` starting from the align stage, shared through the store ``store`` (align.dir)."""
+    return merge_sections(run, {"align": {**ALIGN, "dir": str(store)}})
 
 
 def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) -> dict:
@@ -176,8 +180,8 @@ def text_suite(out: Path, quick: bool, log) -> Iterator[dict]:
                 run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-                if mixer in TEXT_ALIGN:
-                    run = merge_sections(run, {"align": {**TEXT_ALIGN[mixer], "dir": str(out / "text" / data_name / "aligned")}})
+                if mixer == "bimamba2":
+                    run = _aligned(run, out / "text" / data_name / "aligned")
                 yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
@@ -206,8 +210,8 @@ def speech_suite(out: Path, quick: bool, log) -> Iterator[dict]:
         run_dir = out / "speech" / f"bimamba2-{mode}"
         run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
                            "guidance": {"mode": mode, "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-        if not quick:
-            run = merge_sections(run, {"align": {**SPEECH_ALIGN, "dir": str(out / "speech" / "aligned")}})
+        if not quick:  # the smoke run skips the stage (its own tests cover it)
+            run = _aligned(run, out / "speech" / "aligned")
         yield _row("speech", "spoken_digits", "bimamba2", _run(run, log), run_dir, "accuracy", "Whisper tiny.en encoder")
 
 
