@@ -99,6 +99,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(teachers, ray_c
     assert step6 and all(len(list(p.glob("engine/*optim_states.pt"))) == 2 for p in step6)
     with result.checkpoint.as_directory() as folder:
         assert json.loads((Path(folder) / STATE_FILE).read_text())["step"] == 12
+    # The dead worker's half-written staging folder was replaced by the next save and removed after it.
+    assert not list((out / ".checkpoint-staging").glob("rank*"))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(teachers, ray_cluster, tmp_path, monkeypatch):

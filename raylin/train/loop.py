@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -300,7 +299,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _save_plain_model(engine, processor, Path(config.output_dir) / name, rank)
                 if done:
                     _save_plain_model(engine, processor, Path(config.output_dir) / FINETUNED_DIR, rank)
-            _save_checkpoint(engine, teachers, state, metrics, rank, done, crash)
+            _save_checkpoint(engine, teachers, state, metrics, rank, done, Path(config.output_dir), crash)
 
 
 def _save_plain_model(engine, processor, folder: Path, rank: int) -> None:
@@ -318,13 +317,18 @@ def _save_plain_model(engine, processor, folder: Path, rank: int) -> None:
             os.replace(staging, folder)
 
 
-def _save_checkpoint(engine, teachers, state, metrics, rank, final, crash=False) -> None:
+def _save_checkpoint(engine, teachers, state, metrics, rank, final, output_dir: Path, crash=False) -> None:
     """Write this worker's part of a checkpoint and report it; Ray Train registers it only once
-    every part is stored, so a crash mid-write leaves the previous checkpoint as the latest."""
+    every part is stored, so a crash mid-write leaves the previous checkpoint as the latest.
+
+    Each rank stages in one fixed folder of the run (OUTPUT_DIR/.checkpoint-staging/rank<R>), emptied
+    before every save: a worker killed mid-write leaves at most that folder, not a temp dir per crash."""
     import deepspeed
     import ray.train
 
-    folder = Path(tempfile.mkdtemp(prefix=f"raylin-ckpt-{state['step']}-"))
+    folder = output_dir / ".checkpoint-staging" / f"rank{rank}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     try:
         engine.save_checkpoint(str(folder), tag="engine")
         if crash:
