@@ -6,7 +6,7 @@
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR]   latency / memory of teachers and students at long lengths
-    raylin bench quality [--quick] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
+    raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from raylin.eval.quality import SUITES, run_quality_benchmark, summary_lines
+    from raylin.eval.quality import DEFAULT_OUT, PAGES, SUITES, run_quality_benchmark, summary_lines
 
+    budget = "quick" if args.quick else "long" if args.long else "hour"
     suites = tuple(args.only.split(",")) if args.only else SUITES
-    docs = args.docs or (args.out if args.quick else "docs")
-    result = run_quality_benchmark(args.out, quick=args.quick, suites=suites, docs=docs)
+    out = args.out or DEFAULT_OUT[budget]
+    docs = args.docs or (out if budget == "quick" else "docs")
+    result = run_quality_benchmark(out, budget=budget, suites=suites, docs=docs)
     print("\n".join(summary_lines(result)))
-    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(docs) / 'results.md'}")
+    print(f"wrote {Path(out) / 'quality.json'} and {Path(docs) / PAGES[budget]}")
     return 0
 
 
@@ -139,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is kept")
     speed.set_defaults(func=_bench)
     quality = bench_kinds.add_parser("quality", help="teacher vs students on text, language modelling and speech")
-    quality.add_argument("--quick", action="store_true", help="a few steps per run: a smoke test of every pipeline")
-    quality.add_argument("--out", default="outputs/bench-quality", help="run folders and quality.json")
+    budget = quality.add_mutually_exclusive_group()
+    budget.add_argument("--quick", action="store_true", help="a few steps per run: a smoke test of every pipeline")
+    budget.add_argument("--long", action="store_true",
+                        help="2-3x the steps of the default one-hour budget (about 2.7 h on 2 cores): docs/results-long.md")
+    quality.add_argument("--out", default=None,
+                         help="run folders and quality.json (default outputs/bench-quality[-quick|-long])")
     quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,speed (default all)")
-    quality.add_argument("--docs", default=None, help="where results.md and its plots go (default docs/, or OUT with --quick)")
+    quality.add_argument("--docs", default=None, help="where the results page and its plots go (default docs/, or OUT with --quick)")
     quality.set_defaults(func=_bench_quality)
     return parser
 

@@ -16,7 +16,7 @@ def test_quick_quality_benchmark_writes_every_suite(tmp_path):
     from raylin.eval.quality import SUITES, run_quality_benchmark
 
     try:
-        result = run_quality_benchmark(tmp_path / "bench", quick=True, docs=tmp_path / "docs")
+        result = run_quality_benchmark(tmp_path / "bench", budget="quick", docs=tmp_path / "docs")
     finally:
         ray.shutdown()
     assert all(result[suite] for suite in SUITES)
@@ -24,7 +24,7 @@ def test_quick_quality_benchmark_writes_every_suite(tmp_path):
     assert "flite_accuracy" in result["speech"][0]["extra"]
     page = (tmp_path / "docs" / "results.md").read_text()
     assert "## Language modelling" in page and "## Speed and memory" in page
-    assert json.loads((tmp_path / "bench" / "quality.json").read_text())["quick"] is True
+    assert json.loads((tmp_path / "bench" / "quality.json").read_text())["budget"] == "quick"
 
 
 def _row(suite, data, mixer, guidance, teacher, student, wall_s, metric="accuracy"):
@@ -39,17 +39,44 @@ def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
     student, and each suite's time as the sum of its runs' own wall times (not the last invocation's)."""
     from raylin.eval.quality import write_results_page
 
-    result = {"quick": False, "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
+    result = {"budget": "hour", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
               "wall_s": {"text": 5.0},  # a resumed invocation that reused every run
+              "teacher_wall_s": {"text/rt": 240.0},
               "text": [_row("text", "rt", "bimamba2", "unguided", 0.80, 0.52, 120.0),
                        _row("text", "rt", "bimamba2", "target", 0.80, 0.795, 300.0) | {"align": {"steps": 150, "wall_s": 90.0}},
                        _row("text", "rt", "bimamba2", "waypoint", 0.80, 0.50, 180.0)],
               "lm": [_row("lm", "austen", "mamba2", "unguided", 50.0, 60.0, 600.0, "perplexity"),
                      _row("lm", "austen", "mamba2", "target", 50.0, 57.0, 600.0, "perplexity")]}
     page = write_results_page(result, tmp_path).read_text()
-    assert "text 10.0 min (3 runs), lm 20.0 min (2 runs)" in page
+    assert ("Time from scratch, summing each run's own wall time: 34 min (text 10.0 min (3 runs), "
+            "lm 20.0 min (2 runs), teacher fine-tuning 4.0 min (1 teachers))") in page
     assert "Target (accuracy within 1 point of the teacher): met, met by 1 of 2 guided runs; best bimamba2 / target" in page
     assert "Target (perplexity within 15% of the teacher's): met, met by 1 of 1 guided runs" in page  # 57 <= 57.5
     assert "rt / bimamba2: ahead of unguided: target; not ahead: waypoint" in page
     assert "| rt | t -> bimamba2 (align 150) | target | 0.8000 | 0.7950 | +0.5 pt | 60 | 1,000 | 300 |" in page
     assert (tmp_path / "results" / "curves-text.png").stat().st_size > 0
+    assert "raylin bench quality`" in page and "docs/results-long.md" in page  # points at the other budget
+
+
+def test_long_budget_writes_its_own_page_and_plots(tmp_path):
+    """The long budget's page does not overwrite the default one: results-long.md and results-long/."""
+    from raylin.eval.quality import write_results_page
+
+    result = {"budget": "long", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
+              "text": [_row("text", "rt", "linformer", "unguided", 0.80, 0.60, 100.0),
+                       _row("text", "rt", "linformer", "target", 0.80, 0.70, 100.0)]}
+    page = write_results_page(result, tmp_path)
+    assert page == tmp_path / "results-long.md"
+    text = page.read_text()
+    assert text.startswith("# Results (long budget)") and "`raylin bench quality --long`" in text
+    assert "](results-long/curves-text.png)" in text and (tmp_path / "results-long" / "curves-text.png").is_file()
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_unknown_budget_is_refused_before_anything_runs(tmp_path):
+    from raylin.eval.quality import run_quality_benchmark
+
+    with pytest.raises(ValueError, match=r"Unknown benchmark budget 'day'; choose from \('quick', 'hour', 'long'\)"):
+        run_quality_benchmark(tmp_path, budget="day")
+    assert not any(tmp_path.iterdir())
+

@@ -16,14 +16,15 @@ Suites (all on shipped assets, no downloads):
 
 Every run is a normal ``raylin finetune`` / ``raylin convert`` run under OUT/<suite>/<run>/ (a run
 whose outputs exist with the same config is reused, so an interrupted benchmark continues).
-Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png. The full
-benchmark takes about 2.7 hours on 2 CPU cores (measured: text 95 min for its 20 runs, 4 alignments
-and 2 teacher fine-tunes; language modelling 9-13 min per run, 45 min in all; speech about 6 min
-per run and 3 min for its teacher; speed about 3 min), not the hour it was meant to fit;
-``--only`` splits it, and runs already finished are reused.
+Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
+(results-long.md and results-long/ for the long budget).
+
+Budgets (SIZES): ``hour`` (the default) runs the whole grid in about an hour on 2 CPU cores, so each
+student gets 16-30 steps; ``long`` gives them 40-80 steps and takes about 2.7 hours (text 95 min,
+language modelling 45 min, speech about 28 min, speed 3 min); ``quick`` is a few-step smoke run of
+every pipeline (CI). ``--only`` splits a budget into parts, and runs already finished are reused.
 The bimamba2 text and speech students start from the align stage, computed once per data set and
-starting model and shared through ``align.dir``. ``quick`` is a few-step smoke run of every
-pipeline (CI).
+starting model and shared through ``align.dir``.
 Limits: short CPU budgets mean short training, so the gaps are those of tens of steps, not of the
 paper's epochs.
 """
@@ -69,7 +70,6 @@ TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share"
 # The bimamba2 students (text and speech) replace the mixer of every layer: without the align stage
 # the text ones still predict one class after 60 steps (task loss 0.69 throughout), with it they
 # start near the teacher. The alignment is shared by the runs that align to the same model.
-ALIGN = {"enabled": True, "steps": 150}
 LM = {
     "teacher": "asset:smollm2-135m",
     "target_teacher": "asset:smollm2-135m",
@@ -87,33 +87,53 @@ SPEECH = {
     "plan": {"mixer": "bimamba2", "init": "attention"},
     "train": {"batch_size": 32, "lr": 3.0e-4},
 }
-# What each suite runs: the full grid, and one run per pipeline for the quick smoke run.
+BUDGETS = ("quick", "hour", "long")
+# What each budget runs. ``hour`` and ``long`` run the whole grid; ``hour`` leaves out the speech
+# hybrid. ``quick`` runs one run per pipeline (the CI smoke run).
+_FULL_GRID = {"text_data": tuple(TEXT_DATA), "text_mixers": tuple(TEXT_PLANS), "text_modes": MODES,
+              "lm": tuple((plan, mode) for plan in LM_PLANS for mode in ("unguided", "target")),
+              "speech_modes": ("unguided", "target", "hybrid")}
 GRIDS = {
-    False: {"text_data": tuple(TEXT_DATA), "text_mixers": tuple(TEXT_PLANS), "text_modes": MODES,
-            "lm": tuple((plan, mode) for plan in LM_PLANS for mode in ("unguided", "target")),
-            "speech_modes": ("unguided", "target", "hybrid")},
-    True: {"text_data": ("rotten_tomatoes",), "text_mixers": ("linformer",), "text_modes": ("unguided", "waypoint"),
-           "lm": (("hybrid", "target"),), "speech_modes": ("target",)},
+    "long": _FULL_GRID,
+    "hour": _FULL_GRID | {"speech_modes": ("unguided", "target")},
+    "quick": {"text_data": ("rotten_tomatoes",), "text_mixers": ("linformer",), "text_modes": ("unguided", "waypoint"),
+              "lm": (("hybrid", "target"),), "speech_modes": ("target",)},
 }
-# Steps (student runs, teacher fine-tuning) and data caps per suite, full and quick.
+# How long each run is, per budget and suite: student steps, teacher fine-tuning steps, align steps
+# (bimamba2 students), held-out evaluations per run, and the data caps.
+# ``hour`` fits the grid in about an hour on 2 cores, which leaves each student tens of seconds of
+# training: about 40 s of each run goes to starting Ray Train workers, loading models and
+# evaluating, whatever its steps. ``long`` gives every student 2-3x the steps (about 2.7 hours).
 SIZES = {
-    False: {"text": (60, 120, None), "lm": (40, None, None), "speech": (80, 60, None)},
-    True: {"text": (2, 4, 96), "lm": (2, None, 32), "speech": (2, 4, 64)},
+    "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": 150, "evals": 4, "max_length": TEXT_DATA},
+             "lm": {"steps": 40, "evals": 4, "max_length": 128},
+             "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 150, "evals": 4}},
+    "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": 60, "evals": 2,
+                      "max_length": {"rotten_tomatoes": 64, "imdb": 64}},
+             "lm": {"steps": 16, "evals": 2, "max_length": 64},
+             "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 60, "evals": 2}},
+    "quick": {"text": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "max_length": TEXT_DATA, "cap": 96},
+              "lm": {"steps": 2, "evals": 4, "max_length": 32, "cap": 32},
+              "speech": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "cap": 64, "size": "quick"}},
 }
+DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
+PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
+BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the one-hour budget", "long": "the long budget, about 2.7 hours"}
 
 
-def _sized(base: dict, steps: int, cap: int | None, quick: bool, eval_points: int = 4) -> dict:
+def _sized(base: dict, steps: int, size: dict) -> dict:
+    """``base`` trained for ``steps`` steps, evaluated ``size["evals"]`` times, on ``size``'s data caps."""
     extra: dict[str, Any] = {"train": {"max_steps": steps, "checkpoint_every": steps, "warmup_steps": max(1, steps // 10),
-                                       "eval_every": max(1, steps // eval_points)}}
-    if quick:
-        extra["data"] = {"max_train_examples": cap, "max_eval_examples": cap // 2}
+                                       "eval_every": max(1, steps // size["evals"])}}
+    if "cap" in size:  # the quick smoke run
+        extra["data"] = {"max_train_examples": size["cap"], "max_eval_examples": size["cap"] // 2}
         extra["train"]["batch_size"] = 8
     return merge_sections(base, extra)
 
 
-def _aligned(run: dict, store: Path) -> dict:
-    """``run`` starting from the align stage, shared through the store ``store`` (align.dir)."""
-    return merge_sections(run, {"align": {**ALIGN, "dir": str(store)}})
+def _aligned(run: dict, steps: int | None, store: Path) -> dict:
+    """``run`` starting from ``steps`` align steps (none: as it is), shared through ``store`` (align.dir)."""
+    return merge_sections(run, {"align": {"enabled": True, "steps": steps, "dir": str(store)}}) if steps else run
 
 
 def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) -> dict:
@@ -159,18 +179,20 @@ def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: st
     return row
 
 
-def text_suite(out: Path, quick: bool, log) -> Iterator[dict]:
-    """One row per student run, as each finishes."""
-    steps, finetune_steps, cap = SIZES[quick]["text"]
-    grid = GRIDS[quick]
+def text_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
+    """One row per student run, as each finishes; each teacher fine-tuning's wall time goes to ``teachers``."""
+    size, grid = SIZES[budget]["text"], GRIDS[budget]
+    steps = size["steps"]
     for data_name in grid["text_data"]:
-        max_length = TEXT_DATA[data_name]
-        base = _sized(merge_sections(merge_sections(_COMMON, TEXT), {"data": {"name": data_name, "max_length": max_length}}), steps, cap, quick)
+        data = {"name": data_name, "max_length": size["max_length"][data_name]}
+        base = _sized(merge_sections(merge_sections(_COMMON, TEXT), {"data": data}), steps, size)
         log(f"text / {data_name}")
-        teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
+        teacher_steps = size["teacher_steps"]
+        teacher_run = merge_sections(_sized(base, teacher_steps, size), {
             "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
-            "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, finetune_steps // 4)}})
+            "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, teacher_steps // 4)}})
         finetuned = _run(teacher_run, log, finetune=True)
+        teachers[f"text/{data_name}"] = finetuned["wall_s"]
         snapshots = finetuned["waypoints"][-min(4, steps):]  # one waypoint per student step at most
         waypoints = [{"step": max(1, (i + 1) * steps // len(snapshots)), "path": w["path"]} for i, w in enumerate(snapshots)]
         for mixer in grid["text_mixers"]:
@@ -181,37 +203,37 @@ def text_suite(out: Path, quick: bool, log) -> Iterator[dict]:
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
                 if mixer == "bimamba2":
-                    run = _aligned(run, out / "text" / data_name / "aligned")
+                    run = _aligned(run, size["align_steps"], out / "text" / data_name / "aligned")
                 yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
-def lm_suite(out: Path, quick: bool, log) -> Iterator[dict]:
-    steps, _, cap = SIZES[quick]["lm"]
-    base = _sized(merge_sections(_COMMON, LM), steps, cap, quick)
-    if quick:
-        base = merge_sections(base, {"data": {"max_length": 32}})
+def lm_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
+    """The LM students (their target teacher is SmolLM2 itself: nothing to fine-tune)."""
+    size = SIZES[budget]["lm"]
+    base = _sized(merge_sections(merge_sections(_COMMON, LM), {"data": {"max_length": size["max_length"]}}), size["steps"], size)
     log("lm / austen")
-    for name, mode in GRIDS[quick]["lm"]:
+    for name, mode in GRIDS[budget]["lm"]:
         run_dir = out / "lm" / f"{name}-{mode}"
         metrics = _run(merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
         yield _row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M")
 
 
-def speech_suite(out: Path, quick: bool, log) -> Iterator[dict]:
-    steps, finetune_steps, cap = SIZES[quick]["speech"]
-    base = _sized(merge_sections(_COMMON, SPEECH), steps, cap, quick)
-    if quick:
-        base = merge_sections(base, {"data": {"size": "quick"}})
+def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
+    size = SIZES[budget]["speech"]
+    steps = size["steps"]
+    base = _sized(merge_sections(_COMMON, SPEECH), steps, size)
+    if "size" in size:
+        base = merge_sections(base, {"data": {"size": size["size"]}})
     log("speech / spoken digits")
-    teacher_run = merge_sections(_sized(base, finetune_steps, cap, quick), {
+    teacher_run = merge_sections(_sized(base, size["teacher_steps"], size), {
         "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4}})
     finetuned = _run(teacher_run, log, finetune=True)
-    for mode in GRIDS[quick]["speech_modes"]:
+    teachers["speech"] = finetuned["wall_s"]
+    for mode in GRIDS[budget]["speech_modes"]:
         run_dir = out / "speech" / f"bimamba2-{mode}"
         run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"],
                            "guidance": {"mode": mode, "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-        if not quick:  # the smoke run skips the stage (its own tests cover it)
-            run = _aligned(run, out / "speech" / "aligned")
+        run = _aligned(run, size["align_steps"], out / "speech" / "aligned")  # the smoke run skips it (tested on its own)
         yield _row("speech", "spoken_digits", "bimamba2", _run(run, log), run_dir, "accuracy", "Whisper tiny.en encoder")
 
 
@@ -243,9 +265,10 @@ def decoding_state(lengths: tuple[int, ...], log=print) -> list[dict]:
     return records
 
 
-def speed_suite(out: Path, quick: bool, log) -> dict:
+def speed_suite(out: Path, budget: str, log) -> dict:
     from raylin.eval.speed import run_speed_benchmark, summarize
 
+    quick = budget == "quick"
     lengths = (128, 256) if quick else (512, 1024, 2048, 4096, 8192)
     log("speed")
     records = run_speed_benchmark(out / "speed", lengths=lengths, repeats=1 if quick else 2, inputs=("unpadded",), log=log)
@@ -254,31 +277,35 @@ def speed_suite(out: Path, quick: bool, log) -> dict:
             "plot": str(out / "speed" / "speed.png")}
 
 
-def run_quality_benchmark(out: str | Path = "outputs/bench-quality", quick: bool = False,
+def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
                           suites: tuple[str, ...] = SUITES, docs: str | Path | None = None,
                           log: Callable[[str], None] = print) -> dict:
-    """Run the suites, write OUT/quality.json (and DOCS/results.md + DOCS/results/*.png when ``docs``)."""
+    """Run the suites at ``budget`` (quick | hour | long), write OUT/quality.json (OUT defaults to
+    DEFAULT_OUT[budget]) and, when ``docs``, DOCS/results.md (results-long.md for ``long``) + plots."""
     from raylin.train.trainer import ensure_ray
 
+    if budget not in BUDGETS:
+        raise ValueError(f"Unknown benchmark budget {budget!r}; choose from {BUDGETS}.")
     unknown = set(suites) - set(SUITES)
     if unknown:
         raise ValueError(f"Unknown benchmark suite(s) {sorted(unknown)}; choose from {SUITES}.")
-    out = Path(out)
+    out = Path(out or DEFAULT_OUT[budget])
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "quality.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if result.get("quick") != quick:
+    if result.get("budget") != budget:
         result = {}
-    result |= {"quick": quick, "machine": _machine()}
+    result |= {"budget": budget, "machine": _machine()}
     if any(s in suites for s in ("text", "lm", "speech")):
         ensure_ray()
     for suite in suites:
         started = time.perf_counter()
         if suite == "speed":
-            result[suite] = speed_suite(out, quick, log)
+            result[suite] = speed_suite(out, budget, log)
         else:  # rows are saved as each run finishes: an interrupted suite keeps what it measured
             result[suite] = []
-            for row in {"text": text_suite, "lm": lm_suite, "speech": speech_suite}[suite](out, quick, log):
+            teachers = result.setdefault("teacher_wall_s", {})
+            for row in {"text": text_suite, "lm": lm_suite, "speech": speech_suite}[suite](out, budget, log, teachers):
                 result[suite].append(row)
                 write_text_atomic(result_file, json.dumps(result, indent=1))
         result.setdefault("wall_s", {})[suite] = round(time.perf_counter() - started, 1)
@@ -298,20 +325,30 @@ def _machine() -> dict:
 # ----- the results page ---------------------------------------------------------------------------
 
 
-# What every results page says about its budget, whatever the numbers (the targets are checked per run).
-READING_NOTES = """## Reading these numbers
+def _reading_notes(budget: str) -> str:
+    """What every results page says about its budget, whatever the numbers (targets are checked per run)."""
+    if budget == "quick":
+        return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
+    text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
+    other = {"hour": "long", "long": "hour"}[budget]
+    return f"""## Reading these numbers
 
-The full benchmark gives each student tens of steps on 2 CPU cores (text 60 steps at batch 16, about
-0.4 epoch of Rotten Tomatoes; language modelling 40 steps of 8 x 128 tokens; speech 80 steps at
-batch 32): it shows what the methods keep at a laptop's budget, not the paper's epochs. Every
-student already starts from what raylin knows helps: the target teacher's weights (target and
+This budget gives each student {text['steps']} steps on text (batch 16, {text['max_length']['imdb']}
+tokens of IMDB), {lm['steps']} steps of 8 x {lm['max_length']} tokens on language modelling and
+{speech['steps']} steps at batch 32 on speech, on 2 CPU cores: it shows what the methods keep at a
+laptop's budget, not the paper's epochs. About 40 s of every run goes to starting Ray Train
+workers, loading models and evaluating, whatever its steps. The {other} budget's page
+(docs/{PAGES[other]}, `{ {'hour': 'raylin bench quality', 'long': 'raylin bench quality --long'}[other] }`)
+shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
+Every student already starts from what raylin knows helps: the target teacher's weights (target and
 hybrid guidance), Mamba-family mixers seeded from the teacher's attention (``plan.init:
 attention``), alpha_layer 2 for text (the best weight of the Tune sweep, docs/tune.md), KD at
 T = 2, and waypoints taken from the teacher's own fine-tuning snapshots. The bimamba2 text and
-speech students also start from the align stage (150 steps per block, shared by the runs that
-start from the same model, so its time is counted in the first of them): without it the text
-students still predicted one class after 60 steps (0.528 on Rotten Tomatoes, 0.517 on IMDB, in
-all five modes) and the target-guided speech student scored 0.934 (flite 0.547).
+speech students also start from the align stage ({text['align_steps']} steps per block on text,
+{speech['align_steps']} on speech), shared by the runs that start from the same model, so its time
+is counted in the first of them. Without it the text students still predicted one class after 60
+steps (0.528 on Rotten Tomatoes, 0.517 on IMDB, in all five modes) and the target-guided speech
+student scored 0.934 (flite 0.547).
 Longer runs close more of the gap but not all of it: a target-guided Linformer (k = 32) reached
 4.3 points under its teacher at 400 steps (docs/benchmarks.md) and the 200-step sweep's best
 trial 6.1 points (docs/tune.md). Levers not tried at this budget: a larger Linformer k, the align
@@ -322,10 +359,13 @@ GPU.
 
 def write_results_page(result: dict, docs: Path) -> Path:
     """DOCS/results.md: every run's teacher, student and gap, the targets met or missed, and plots."""
-    figures = docs / "results"
+    budget = result.get("budget", "hour")
+    figures = docs / PAGES[budget].removesuffix(".md")  # results/ or results-long/
     figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# Results", "", "Generated by `raylin bench quality` "
-             f"({'quick smoke run' if result.get('quick') else 'full run'}) on {result['machine']['date']}: "
+    command = {"quick": "raylin bench quality --quick", "hour": "raylin bench quality",
+               "long": "raylin bench quality --long"}[budget]
+    lines = ["# Results" + (" (long budget)" if budget == "long" else ""), "", f"Generated by `{command}` "
+             f"({BUDGET_TITLES[budget]}) on {result['machine']['date']}: "
              f"{result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}, "
              f"CUDA {'yes' if result['machine']['cuda'] else 'no'}. {_time_line(result)}", ""]
     for suite, title in (("text", "Text classification"), ("lm", "Language modelling (perplexity, lower is better)"),
@@ -350,7 +390,7 @@ def write_results_page(result: dict, docs: Path) -> Path:
         if any(row["curve"] for row in rows):
             name = f"curves-{suite}.png"
             plot_curves(rows, figures / name)
-            lines += [f"![{suite} training curves](results/{name})", ""]
+            lines += [f"![{suite} training curves]({figures.name}/{name})", ""]
     speed = result.get("speed")
     if speed:
         shutil.copy(speed["plot"], figures / "speed.png")
@@ -362,7 +402,7 @@ def write_results_page(result: dict, docs: Path) -> Path:
             model = entry["model"]
             lines.append(f"| {key} | {model[f'speedup_at_{longest}']:.2f}x | {model[f'memory_ratio_at_{longest}']:.2f}x | "
                          f"{model['faster_from'] or 'never'} |")
-        lines += ["", "![speed and memory vs length](results/speed.png)", "",
+        lines += ["", f"![speed and memory vs length]({figures.name}/speed.png)", "",
                   "Decoding state of the causal students (SmolLM2-135M, fp32) after a prompt:", "",
                   "| model | " + " | ".join(f"{L} tokens" for L in sorted({r['length'] for r in speed['decoding_state']})) + " | per token |",
                   "|---|" + "---:|" * (len({r['length'] for r in speed['decoding_state']}) + 1)]
@@ -370,22 +410,28 @@ def write_results_page(result: dict, docs: Path) -> Path:
             points = sorted((r["length"], r["state_bytes"]) for r in speed["decoding_state"] if r["model"] == model)
             per_token = (points[-1][1] - points[0][1]) / max(points[-1][0] - points[0][0], 1)
             lines.append(f"| {model} | " + " | ".join(f"{b / 2**20:.2f} MiB" for _, b in points) + f" | {per_token / 1024:.1f} KiB |")
-        lines += ["", "![decoding state vs context](results/decoding-state.png)", ""]
-    lines += [READING_NOTES]
-    page = docs / "results.md"
+        lines += ["", f"![decoding state vs context]({figures.name}/decoding-state.png)", ""]
+    lines += [_reading_notes(budget)]
+    page = docs / PAGES[budget]
     page.write_text("\n".join(lines) + "\n")
     return page
 
 
 def _time_line(result: dict) -> str:
-    """What each suite cost when its runs ran: a benchmark resumed with ``--only`` reuses finished
-    runs, so the last invocation's wall time says little."""
+    """What the benchmark costs from scratch: each run's own wall time (alignments included in the
+    first run that computed them), each teacher fine-tuning and the speed suite. A benchmark resumed
+    with ``--only`` reuses finished runs, so the last invocation's wall time says little."""
     parts = [f"{suite} {sum(row['wall_s'] for row in result[suite]) / 60:.1f} min ({len(result[suite])} runs)"
              for suite in ("text", "lm", "speech") if result.get(suite)]
-    if "speed" in result.get("wall_s", {}):
-        parts.append(f"speed {result['wall_s']['speed'] / 60:.1f} min")
-    return ("Time per suite, summing each student run's own wall time (teacher fine-tuning, 3-5 min per "
-            "teacher here, not included): " + ", ".join(parts) + ".")
+    teachers = result.get("teacher_wall_s", {})
+    if teachers:
+        parts.append(f"teacher fine-tuning {sum(teachers.values()) / 60:.1f} min ({len(teachers)} teachers)")
+    speed = result.get("wall_s", {}).get("speed") if result.get("speed") else None
+    if speed is not None:
+        parts.append(f"speed {speed / 60:.1f} min")
+    total = sum(sum(row["wall_s"] for row in result.get(suite) or []) for suite in ("text", "lm", "speech"))
+    total += sum(teachers.values()) + (speed or 0)
+    return f"Time from scratch, summing each run's own wall time: {total / 60:.0f} min ({', '.join(parts)})."
 
 
 def _target_line(suite: str, rows: list[dict]) -> str:

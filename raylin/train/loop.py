@@ -275,6 +275,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         done = step + 1 == config.train.max_steps
         metrics = {"step": step + 1, "loss": global_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                   "wall_s": round(wall_before + time.perf_counter() - started, 2),
                    **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
