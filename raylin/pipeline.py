@@ -98,12 +98,13 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
 
 
 def run_conversion(config: RunConfig) -> dict:
-    from raylin.train.trainer import fit, publish_outputs, published_outputs
+    from raylin.train.trainer import check_disk, fit, publish_outputs, published_outputs
 
     started = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
+    check_disk(config)  # before the align stage, not only before distillation
     aligned = None
     if config.align.enabled:
         from raylin.train.align import run_align

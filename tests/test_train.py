@@ -157,3 +157,32 @@ def test_frozen_copied_weights_stay_exact_until_lit_unfreezes_them(teachers, ray
     fit(_config(teachers, tmp_path / "unfrozen", guidance={"mode": "unguided"}, freeze=always))
     log = [json.loads(line) for line in (tmp_path / "unfrozen" / TRAIN_LOG).read_text().splitlines()]
     assert [r["step"] for r in log if r["copied_frozen"] == 0][0] == 6
+
+
+@pytest.mark.assets
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
+    """The estimate counts the teacher's real parameters (SmolLM2-135M's safetensors headers) at 16
+    bytes each per checkpoint, with at most 3 kept plus 1 staged; a disk one byte short is refused."""
+    import shutil
+    from collections import namedtuple
+
+    from raylin.config import config_from_dict
+    from raylin.models.teachers import load_teacher
+    from raylin.train.trainer import check_disk, checkpoint_disk_need
+
+    config = config_from_dict({"teacher": "asset:smollm2-135m", "output_dir": str(tmp_path / "run"), "plan": {"mixer": "mamba2"},
+                               "task": {"type": "causal_lm"}, "data": {"name": "austen"}, "guidance": {"mode": "unguided"},
+                               "train": {"max_steps": 40, "checkpoint_every": 10}})
+    model, _ = load_teacher("asset:smollm2-135m", model_class="AutoModelForCausalLM")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert checkpoint_disk_need(config) == (parameters, 4 * 16 * parameters)  # 4 saves: 3 kept + 1 staged
+    one_save = config_from_dict(config.to_dict() | {"train": config.to_dict()["train"] | {"checkpoint_every": 40}})
+    assert checkpoint_disk_need(one_save) == (parameters, 2 * 16 * parameters)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 4 * 16 * parameters - 1))
+    with pytest.raises(RuntimeError, match=r"Not enough free disk.*needs about 8\.6 GB \(4 checkpoint\(s\) of about 2\.2 GB "
+                                           r"for 135M parameters.*train\.checkpoint_every >= train\.max_steps"):
+        check_disk(config)
+    check_disk(one_save)  # 2 x 2.2 GB fits
+    assert not (tmp_path / "run").exists()  # nothing was written

@@ -10,6 +10,7 @@ multi-node cluster ``output_dir`` must be on storage every node can reach.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     own_pool = served and teacher_pool is None
     pool = (make_pool(config) if own_pool else teacher_pool) if served else None
     check_resources(config, served and own_pool, use_gpu)
+    check_disk(config, finetune)
     resources = worker_resources(config, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -151,6 +153,63 @@ def worker_resources(config: RunConfig, use_gpu: bool) -> dict[str, float]:
 def teacher_replica_resources(config: RunConfig) -> dict[str, float]:
     """What the teacher replica on each node reserves (served teachers)."""
     return {"CPU": config.teacher_service.cpus, **({"GPU": config.teacher_service.gpus} if config.teacher_service.gpus else {})}
+
+
+# A checkpoint holds fp32 weights and Adam's two moments (12 bytes a parameter; bf16 runs keep an
+# fp32 master copy instead of fp32 weights) plus, at the end, the exported student (4 more).
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+
+
+def checkpoint_disk_need(config: RunConfig, finetune: bool = False) -> tuple[int, int] | None:
+    """(parameters, bytes) a run's checkpoints take at their peak on local storage, estimated from
+    the teacher's safetensors headers (the student is the same size give or take its mixers), or
+    None when that cannot be known cheaply (a Hub id not downloaded yet, .bin weights, remote
+    storage). The peak is Ray Train's two kept checkpoints plus the one being reported plus its
+    staging copy; teacher fine-tuning also keeps a plain snapshot (4 bytes a parameter) per checkpoint."""
+    from safetensors import safe_open
+
+    from raylin.models.teachers import resolve_teacher_path
+
+    if config.train.storage_path is not None and "://" in config.train.storage_path:
+        return None
+    folder = Path(resolve_teacher_path(config.teacher))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    parameters = 0
+    for file in files:
+        with safe_open(str(file), "pt") as tensors:
+            for name in tensors.keys():
+                shape = tensors.get_slice(name).get_shape()
+                parameters += math.prod(shape)
+    saves = -(-config.train.max_steps // max(1, config.train.checkpoint_every))
+    size = parameters * CHECKPOINT_BYTES_PER_PARAMETER
+    need = (min(saves, 3) + 1) * size + (saves * parameters * 4 if finetune else 0)
+    return parameters, need
+
+
+def check_disk(config: RunConfig, finetune: bool = False) -> None:
+    """Fail before training when Ray Train's storage (OUTPUT_DIR/ray or train.storage_path) lacks the
+    space the run's checkpoints will take: a full disk would otherwise stop the run at its first
+    save, after the work. Checkpoints are written atomically, so an earlier one is never lost."""
+    import shutil
+
+    estimate = checkpoint_disk_need(config, finetune)
+    if estimate is None:
+        return
+    parameters, need = estimate
+    where = Path(storage_path(config))
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        saves = -(-config.train.max_steps // max(1, config.train.checkpoint_every))
+        raise RuntimeError(
+            f"Not enough free disk for this run's checkpoints: {existing} has {free / 1e9:.1f} GB free and the run "
+            f"needs about {need / 1e9:.1f} GB ({saves} checkpoint(s) of about "
+            f"{parameters * CHECKPOINT_BYTES_PER_PARAMETER / 1e9:.1f} GB for {parameters / 1e6:.0f}M parameters: weights "
+            "and Adam state, at most 3 on disk at once plus one being staged). Free space there, point output_dir or "
+            "train.storage_path at a larger disk, or set train.checkpoint_every >= train.max_steps (one checkpoint)."
+        )
 
 
 def check_resources(config: RunConfig, with_teacher_replica: bool, use_gpu: bool = False) -> None:
