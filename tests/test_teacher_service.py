@@ -240,9 +240,14 @@ def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir
     longer = run_config(teachers, tmp_path / "longer", align={**align, "steps": 4})
     assert aligned_dir(first) == aligned_dir(same) and aligned_dir(first).parent == tmp_path / "store"
     assert len({aligned_dir(c) for c in (first, from_source, longer)}) == 3
-    summary = run_align(first)
-    assert run_align(same) == summary  # reused: same worker pids and wall time, nothing recomputed
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [aligned_dir(first).name]  # no staging left
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as threads:  # started together: one computes, the other waits and reuses it
+        summary, again = threads.map(run_align, [first, same])
+    assert again == summary  # same worker pids and wall time: computed once
+    assert run_align(same) == summary
+    name = aligned_dir(first).name
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [f".{name}.lock", name]  # no staging left
     student, _, _ = converted_student(same)
     load_aligned(student, same)
     with pytest.raises(FileNotFoundError, match="align.enabled is set but .* does not exist"):
