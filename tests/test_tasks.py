@@ -57,6 +57,33 @@ def test_lm_student_keeping_every_attention_layer_has_the_teachers_perplexity():
 
 
 @pytest.mark.assets
+def test_lm_token_ids_are_cached_per_tokenizer_and_text(tmp_path, monkeypatch):
+    """Every worker of an Austen run needs the same ids: the first tokenisation is stored, the
+    later ones read it back, equal to a fresh tokenisation; other texts get their own entry."""
+    require_asset("smollm2-135m")
+    from transformers import AutoTokenizer
+
+    from raylin.data.tasks import _token_ids
+    from raylin.models.teachers import resolve_teacher_path
+
+    monkeypatch.setenv("RAYLIN_CACHE", str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_teacher_path("asset:smollm2-135m"))
+    texts = ["It is a truth universally acknowledged,", "that a single man in possession of a good fortune"]
+    fresh = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert _token_ids(tokenizer, texts, cache=False) == fresh and not (tmp_path / "tokens").exists()
+    assert _token_ids(tokenizer, texts, cache=True) == fresh
+    entries = list((tmp_path / "tokens").iterdir())
+    assert len(entries) == 1 and torch.load(entries[0]).tolist() == fresh
+    entries[0].write_bytes(b"")  # the second call must read the entry, not tokenise again
+    with pytest.raises(Exception):
+        _token_ids(tokenizer, texts, cache=True)
+    entries[0].unlink()
+    _token_ids(tokenizer, texts, cache=True)
+    _token_ids(tokenizer, texts[:1], cache=True)
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+
+
+@pytest.mark.assets
 def test_spoken_digits_on_a_shortened_whisper_encoder():
     require_asset("whisper-tiny-en")
     config = config_from_dict({

@@ -72,6 +72,39 @@ def test_cache_hits_do_not_call_the_teacher_and_changed_keys_miss(teachers, tmp_
     assert retrained.forwards == 1
 
 
+def test_cached_speech_states_do_not_depend_on_the_batch_that_first_computed_them(teachers, tmp_path):
+    """Wav2Vec2's group-norm feature encoder normalises over padding, so a short clip's states differ
+    between batches; cached entries are each clip's own states, computed alone and unpadded."""
+    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), feat_extract_norm="group",
+                                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, num_labels=2)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).eval()
+    lengths = torch.tensor([1600, 4000])
+    mask = (torch.arange(4000)[None, :] < lengths[:, None]).long()
+    values = torch.randn(2, 4000) * mask
+
+    def request(rows):
+        return TeacherRequest(0, "target", {"input_values": values[rows].numpy(), "attention_mask": mask[rows].numpy()},
+                              labels=np.zeros(len(rows), dtype=np.int64), example_ids=list(rows))
+
+    with_long = TeacherBank(_spec(teachers, tmp_path / "a", layers=None), lambda path: model, torch.device("cpu"))
+    first = with_long.compute(request([0, 1]))
+    assert with_long.forwards == 2  # one unpadded forward per clip
+    on_its_own = TeacherBank(_spec(teachers, tmp_path / "b", layers=None), lambda path: model, torch.device("cpu"))
+    alone = on_its_own.compute(request([0]))
+    frames = int(first.hidden_states[-1][0].abs().sum(-1).gt(0).sum())
+    with torch.no_grad():
+        padded = model(input_values=values, attention_mask=mask, output_hidden_states=True).hidden_states
+        own = model(input_values=values[:1, :1600], output_hidden_states=True).hidden_states
+    assert own[-1].shape[1] == frames  # the short clip's real frames
+    for a, b, mine in zip(first.hidden_states, alone.hidden_states, own):
+        assert torch.equal(a[0, :frames], b[0, :frames])
+        assert torch.equal(a[0, :frames], mine[0].bfloat16())
+    assert not torch.allclose(padded[-1][0, :frames], own[-1][0], atol=1e-3)  # padding does change them
+    assert torch.equal(first.logits[0], alone.logits[0])
+
+
 def test_cache_stays_within_its_budget_evicting_least_recently_used(tmp_path):
     cache = ActivationCache(tmp_path, max_bytes=3 * 1200)
     entry = {"h0": torch.zeros(10, 32, dtype=torch.bfloat16)}  # ~ 750 bytes on disk
@@ -207,9 +240,14 @@ def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir
     longer = run_config(teachers, tmp_path / "longer", align={**align, "steps": 4})
     assert aligned_dir(first) == aligned_dir(same) and aligned_dir(first).parent == tmp_path / "store"
     assert len({aligned_dir(c) for c in (first, from_source, longer)}) == 3
-    summary = run_align(first)
-    assert run_align(same) == summary  # reused: same worker pids and wall time, nothing recomputed
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [aligned_dir(first).name]  # no staging left
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as threads:  # started together: one computes, the other waits and reuses it
+        summary, again = threads.map(run_align, [first, same])
+    assert again == summary  # same worker pids and wall time: computed once
+    assert run_align(same) == summary
+    name = aligned_dir(first).name
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [f".{name}.lock", name]  # no staging left
     student, _, _ = converted_student(same)
     load_aligned(student, same)
     with pytest.raises(FileNotFoundError, match="align.enabled is set but .* does not exist"):

@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ASSETS = {
@@ -33,17 +34,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYLIN_CACHE", Path.home() / ".cache" / "raylin"))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so readers never see a
-    partial file (creates the parent folder)."""
+def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(staging)`` into a temporary file next to ``path``, then ``os.replace`` it onto
+    ``path``: readers never see a partial file (creates the parent folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        write(Path(staging))
         os.replace(staging, path)
     finally:
         Path(staging).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``save_atomic``)."""
+    save_atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def _package_dir(module: str, asset: str) -> Path:

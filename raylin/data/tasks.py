@@ -167,13 +167,8 @@ def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
 
 def _language_modelling(data, tokenizer) -> TaskData:
     documents = _lm_documents(data)
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    windows = {}
-    for split, texts in documents.items():
-        ids: list[int] = []
-        for text in texts:
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
-        windows[split] = token_windows(ids, data.max_length)
+    windows = {split: token_windows(_token_ids(tokenizer, texts, cache=data.name == "austen"), data.max_length)
+               for split, texts in documents.items()}
     order = torch.randperm(len(windows["eval"]), generator=torch.Generator().manual_seed(data.seed)).sort().values
     windows["eval"] = windows["eval"][order]  # a fixed spread over the held-out text when capped
     if data.max_train_examples is not None:
@@ -187,6 +182,35 @@ def _language_modelling(data, tokenizer) -> TaskData:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])}, build)
+
+
+def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
+    """``texts`` tokenised and joined, each followed by EOS. With ``cache`` the ids are kept in
+    $RAYLIN_CACHE/tokens/, keyed by the tokenizer and the texts: every training worker, the teacher
+    replica and the teacher's scoring of a run need the same ids, and the six novels take seconds
+    to tokenise on a CPU core."""
+    import hashlib
+
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    path = None
+    if cache and getattr(tokenizer, "backend_tokenizer", None) is not None:  # fast tokenizers serialise
+        from raylin.data.assets import cache_dir
+
+        key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+        for text in texts:
+            key.update(b"\0" + text.encode())
+        key.update(repr(separator).encode())
+        path = cache_dir() / "tokens" / f"{key.hexdigest()[:24]}.pt"
+        if path.is_file():
+            return torch.load(path).tolist()
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+    if path is not None:
+        from raylin.data.assets import save_atomic
+
+        save_atomic(path, lambda staging: torch.save(torch.tensor(ids, dtype=torch.int32), staging))
+    return ids
 
 
 def _lm_documents(data) -> dict[str, list[str]]:

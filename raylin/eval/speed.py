@@ -36,6 +36,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from raylin.convert import convert
+from raylin.data.assets import write_text_atomic
 from raylin.models.families import family_for
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -195,9 +196,7 @@ def run_speed_benchmark(
 
 
 def _write(out: Path, records: list[SpeedRecord]) -> None:
-    tmp = out / "speed.json.tmp"
-    tmp.write_text(json.dumps([r.__dict__ for r in records], indent=1))
-    os.replace(tmp, out / "speed.json")
+    write_text_atomic(out / "speed.json", json.dumps([r.__dict__ for r in records], indent=1))
     plot_speed(records, out / "speed.png")
 
 

@@ -205,7 +205,12 @@ class TeacherBank:
 
     def _cached(self, request: TeacherRequest, inputs: dict[str, torch.Tensor]) -> TeacherOutput:
         """Read each example from the cache; run the teacher on the misses only and store them. An entry
-        keeps the real positions only (tokens, Wav2Vec2 frames; Whisper's are all real)."""
+        keeps the real positions only (tokens, Wav2Vec2 frames; Whisper's are all real).
+
+        Padded raw audio (Wav2Vec2 / HuBERT) misses are run one clip at a time, unpadded: the
+        group-norm feature encoder of the base models normalises over the padding too, so a clip's
+        states would otherwise depend on the batch that first computed them. Entries are then each
+        clip's own states, whatever the batch; uncached forwards see their batch's padding."""
         from raylin.models.families import state_mask
 
         namespace = self._namespace(request.teacher)
@@ -215,14 +220,21 @@ class TeacherBank:
         real = [mask[r].bool() if mask is not None else slice(None) for r in range(rows)]
         entries = [self.cache.get(namespace, i) for i in request.example_ids]
         missing = [r for r, entry in enumerate(entries) if entry is None]
-        if missing:
+        alone = "input_values" in inputs and "attention_mask" in inputs
+        groups = [[r] for r in missing] if alone else [missing] if missing else []
+        for group in groups:
+            batch = {k: v[group] for k, v in inputs.items()}
+            if alone:  # trim the clip to its real samples
+                length = int(batch["attention_mask"].sum())
+                batch = {k: v[:, :length] for k, v in batch.items()}
             with torch.no_grad():
-                fresh = self._forward(model, {k: v[missing] for k, v in inputs.items()})
-            for position, r in enumerate(missing):
-                entry = {f"h{i}": h[position][real[r]] for i, h in enumerate(fresh.hidden_states) if h is not None}
+                fresh = self._forward(model, batch)
+            for position, r in enumerate(group):
+                keep = slice(None) if alone else real[r]
+                entry = {f"h{i}": h[position][keep] for i, h in enumerate(fresh.hidden_states) if h is not None}
                 if fresh.logits is not None:
                     logits = fresh.logits[position]
-                    entry["logits"] = logits[real[r]] if logits.dim() == 2 and mask is not None else logits
+                    entry["logits"] = logits[keep] if logits.dim() == 2 and mask is not None else logits
                 self.cache.put(namespace, request.example_ids[r], entry)
                 entries[r] = entry
         return self._assemble(entries, real, mask, rows, num_states=self._num_states(model))

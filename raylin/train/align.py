@@ -21,12 +21,14 @@ reused when its fingerprint matches.
 Limits: a task holds the whole student (only its blocks train); block inputs other than the
 hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
 is what every block receives in the supported families. On a multi-node cluster ``align.dir``
-(like OUTPUT_DIR) must be storage every node reads. Two runs that start the same alignment at the
-same moment both compute it; the second to finish keeps the first's result.
+(like OUTPUT_DIR) must be storage every node reads. Runs that start the same alignment at the same
+time take turns through a lock file next to it (``flock``: local folders and NFS): one computes,
+the others wait and reuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -182,23 +184,44 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
 
 
 def run_align(config: RunConfig) -> dict:
-    """Driver side: align every block across ``align.num_workers`` Ray tasks; write ``aligned_dir``."""
+    """Driver side: align every block across ``align.num_workers`` Ray tasks; write ``aligned_dir``
+    (or reuse what a run with the same fingerprint wrote there)."""
+    out = aligned_dir(config)
+    fingerprint = _fingerprint(config)
+    # Runs aligning the same way at the same time (Tune trials, a sweep's modes) take turns: the
+    # first computes, the others wait for it and reuse its result.
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        finished = _finished(out, fingerprint)
+        if finished:
+            return finished
+        return _align(config, out, fingerprint)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive ``flock`` on ``lock_file`` (local and NFS folders) while the block runs."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     import ray
     from safetensors.torch import save_file
+    from transformers import AutoConfig
 
     from raylin.models.families import family_for_config
     from raylin.models.teachers import resolve_teacher_path
     from raylin.teacher import teacher_pool
     from raylin.train.loop import init_teacher
 
-    out = aligned_dir(config)
-    fingerprint = _fingerprint(config)
-    finished = _finished(out, fingerprint)
-    if finished:
-        return finished
     started = time.perf_counter()
-    from transformers import AutoConfig
-
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(init_teacher(config)))
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
     workers = min(config.align.num_workers, num_layers)
@@ -222,10 +245,6 @@ def run_align(config: RunConfig) -> dict:
     (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     import shutil
 
-    finished = _finished(out, fingerprint)  # a run sharing align.dir finished the same alignment first
-    if finished:
-        shutil.rmtree(staging)
-        return finished
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return summary
