@@ -104,9 +104,9 @@ def run_conversion(config: RunConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
-    check_disk(config)  # before the align stage, not only before distillation
     aligned = None
     if config.align.enabled:
+        check_disk(config)  # fit checks again, but the align stage comes first and takes minutes
         from raylin.train.align import run_align
         from raylin.train.trainer import ensure_ray
 

@@ -78,9 +78,9 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers * config.train.gpus_per_worker
     served = config.teacher_service.mode == "served" and config.guidance.mode != "unguided" and not finetune
     own_pool = served and teacher_pool is None
-    pool = (make_pool(config) if own_pool else teacher_pool) if served else None
-    check_resources(config, served and own_pool, use_gpu)
+    check_resources(config, own_pool, use_gpu)  # before any replica starts: a refused run leaves none behind
     check_disk(config, finetune)
+    pool = (make_pool(config) if own_pool else teacher_pool) if served else None
     resources = worker_resources(config, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -182,10 +182,15 @@ def checkpoint_disk_need(config: RunConfig, finetune: bool = False) -> tuple[int
             for name in tensors.keys():
                 shape = tensors.get_slice(name).get_shape()
                 parameters += math.prod(shape)
-    saves = -(-config.train.max_steps // max(1, config.train.checkpoint_every))
+    saves = _checkpoint_saves(config)
     size = parameters * CHECKPOINT_BYTES_PER_PARAMETER
     need = (min(saves, 3) + 1) * size + (saves * parameters * 4 if finetune else 0)
     return parameters, need
+
+
+def _checkpoint_saves(config: RunConfig) -> int:
+    """Checkpoints a run writes: one every train.checkpoint_every steps, and always the last."""
+    return -(-config.train.max_steps // max(1, config.train.checkpoint_every))
 
 
 def check_disk(config: RunConfig, finetune: bool = False) -> None:
@@ -202,10 +207,9 @@ def check_disk(config: RunConfig, finetune: bool = False) -> None:
     existing = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(existing).free
     if need > free:
-        saves = -(-config.train.max_steps // max(1, config.train.checkpoint_every))
         raise RuntimeError(
             f"Not enough free disk for this run's checkpoints: {existing} has {free / 1e9:.1f} GB free and the run "
-            f"needs about {need / 1e9:.1f} GB ({saves} checkpoint(s) of about "
+            f"needs about {need / 1e9:.1f} GB ({_checkpoint_saves(config)} checkpoint(s) of about "
             f"{parameters * CHECKPOINT_BYTES_PER_PARAMETER / 1e9:.1f} GB for {parameters / 1e6:.0f}M parameters: weights "
             "and Adam state, at most 3 on disk at once plus one being staged). Free space there, point output_dir or "
             "train.storage_path at a larger disk, or set train.checkpoint_every >= train.max_steps (one checkpoint)."
