@@ -126,7 +126,10 @@ class AlignConfig:
     enabled: bool = False  # run the layer-parallel alignment stage before distillation
     steps: int = 100  # optimizer steps per layer
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3  # the new Mamba-family mixer weights (and, with parameters: all, the copied ones)
+    # Linformer's length projections E/F start N(0, 1), some 30x the scale of a linear layer's
+    # weights: at ``lr`` they barely move in a short alignment, so they get their own rate.
+    projection_lr: float = 3e-2
     num_workers: int = 2  # Ray tasks; layers are spread round-robin across them
     parameters: str = "new"  # new: only the new mixer weights learn | all: the whole block
     # A store of aligned blocks shared across runs, keyed by what the alignment depends on (teacher,
@@ -345,8 +348,8 @@ def validate(config: RunConfig) -> None:
     need(ts.cpus >= 0 and ts.gpus >= 0, "teacher_service.cpus and teacher_service.gpus must be >= 0.")
     need(ts.cache_max_gb > 0, f"teacher_service.cache_max_gb must be > 0, got {ts.cache_max_gb}.")
     a = config.align
-    need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0,
-         "align.steps, align.batch_size, align.num_workers and align.lr must be positive.")
+    need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0 and a.projection_lr > 0,
+         "align.steps, align.batch_size, align.num_workers, align.lr and align.projection_lr must be positive.")
     need(a.parameters in ("new", "all"), f"align.parameters must be 'new' or 'all', got {a.parameters!r}.")
     try:
         plan = Plan.from_mapping(config.plan)

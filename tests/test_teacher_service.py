@@ -204,7 +204,7 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
     from raylin.train.align import load_aligned, run_align
     from raylin.train.loop import converted_student
 
-    config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 20, "num_workers": 2, "lr": 3e-3},
+    config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 20, "num_workers": 2},
                         **{"teacher_service.cache": True, "teacher_service.cache_dir": str(tmp_path / "cache")})
     summary = run_align(config)
     assert summary["workers"] == 2 and len(summary["worker_pids"]) == 2

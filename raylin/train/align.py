@@ -2,19 +2,23 @@
 activations, before distillation.
 
 Each student block i learns to map the teacher's input of block i to the teacher's output of block i
-(masked MSE, raylin.distill.losses.layerwise_loss). Blocks do not depend on each other here, so
+(masked MSE, raylin.distill.losses.layerwise_loss, after the distillation's ``loss.normalization``:
+a causal LM's residual stream grows with depth, so without it a few large channels would decide). Blocks do not depend on each other here, so
 they are spread round-robin over ``align.num_workers`` Ray tasks (a 24-layer model can use 24);
 every task reads the same teacher activations from the TeacherPool (``states="layer_io"``:
 exactly what each teacher block saw and produced), prefetching one batch ahead. The teacher is the
 model the student was converted from (the target teacher for target/hybrid guidance, else the
 pretrained one). By default only the new mixer weights learn (``align.parameters: new``); the
-copied weights already match the teacher.
+copied weights already match the teacher. Linformer's length projections learn at
+``align.projection_lr``: they start N(0, 1), and at a linear layer's rate a short alignment leaves
+them where they started.
 
 Writes ALIGNED/model.safetensors (the aligned blocks' weights) and ALIGNED/align.json (per-layer
 MSE before and after, on a held-out batch); the distill stage loads them onto the freshly converted
 student (``load_aligned``). ALIGNED is OUTPUT_DIR/aligned, or ``align.dir``/FINGERPRINT when runs
 share a store: the fingerprint covers everything the aligned weights depend on (the model aligned
-to, plan, data, align settings, seed), not the guidance mode or distillation settings, so runs
+to, plan, data, align settings, the loss normalization, seed), not the guidance mode or the other
+distillation settings, so runs
 that differ only there (Tune trials, a benchmark's guidance modes) align once. A finished stage is
 reused when its fingerprint matches.
 
@@ -83,7 +87,8 @@ def _fingerprint(config: RunConfig) -> str:
 
     align = {k: v for k, v in dataclasses.asdict(config.align).items() if k not in ("enabled", "dir")}
     data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": init_teacher(config),
-            "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype}
+            "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype,
+            "normalization": config.loss.normalization}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -121,6 +126,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     from raylin.data.text import GlobalBatches
     from raylin.distill.losses import layerwise_loss
     from raylin.models.families import family_for, state_mask
+    from raylin.models.mixers import LinformerProjection
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
     from raylin.train.loop import converted_student, model_inputs
@@ -137,7 +143,11 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     params = [p for i in layer_ids for p in trained[i]]
     for param in params:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=align.lr, weight_decay=0.0) if params else None
+    projections = {id(m.weight) for i in layer_ids for m in blocks[i].modules() if isinstance(m, LinformerProjection)}
+    groups = [{"params": [p for p in params if id(p) not in projections], "lr": align.lr},
+              {"params": [p for p in params if id(p) in projections], "lr": align.projection_lr}]
+    groups = [group for group in groups if group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
 
     data = load_task_data(config, processor)
     batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)
@@ -159,7 +169,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         losses, mask = {}, state_mask(student, inputs)
         for i in layer_ids:
             predicted = run_block(blocks[i], states[i].float(), args, kwargs)
-            losses[i] = layerwise_loss([predicted], [states[i + 1]], mask=mask)
+            losses[i] = layerwise_loss([predicted], [states[i + 1]], normalization=config.loss.normalization, mask=mask)
         return losses
 
     with torch.no_grad():
