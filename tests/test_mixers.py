@@ -104,6 +104,30 @@ def test_mamba2_chunked_scan_equals_sequential_loop_forward_and_backward():
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_mamba2_mixer_runs_a_short_sequence_as_one_chunk_with_the_same_output_and_gradients():
+    """A 40-token sequence runs as one 40-token chunk instead of being padded to 128; the result is the
+    one 8-token chunks give, and the configured chunk size is kept for the next call."""
+    from raylin.models.mixers import Mamba2Mixer, mamba2_config
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(mamba2_config(32, 2, {"head_dim": 8, "state_size": 16, "chunk_size": 128}), 0)
+    x = torch.randn(2, 40, 32)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 31:] = 0
+    single, _ = mixer(x, attention_mask=mask)
+    assert mixer.chunk_size == 128
+    single.pow(2).sum().backward()
+    single_grads = [p.grad.clone() for p in mixer.parameters()]
+    mixer.zero_grad()
+    reference = mixer.__class__.__mro__[1].forward  # transformers' Mamba2Mixer, with the configured chunks
+    mixer.chunk_size = 8
+    chunked = reference(mixer, x, attention_mask=mask.bool())
+    chunked.pow(2).sum().backward()
+    torch.testing.assert_close(single, chunked, rtol=1e-5, atol=1e-5)
+    for got, want in zip(single_grads, [p.grad for p in mixer.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_reverse_within_length_keeps_padding_and_is_an_involution():
     x = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

@@ -51,9 +51,22 @@ def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Con
 
 
 class Mamba2Mixer(HFMamba2Mixer):
-    """Causal Mamba2 mixer called like an attention module; returns ``(output, None)``."""
+    """Causal Mamba2 mixer called like an attention module; returns ``(output, None)``.
+
+    On CPU a sequence shorter than ``chunk_size`` runs as a single chunk of its own length: the
+    PyTorch SSD path pads every sequence to a multiple of the chunk size, so a 64-token batch with
+    the default 128-token chunks would pay for 128 (its intra-chunk part grows with the square).
+    Chunking does not change the result (the padded tail carries no input and no decay), only the
+    work; the fused CUDA kernels choose their own blocks and are left alone.
+    """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         valid = token_validity(attention_mask, hidden_states.shape[1])
-        output = super().forward(hidden_states, cache_params=student_cache_from(kwargs), attention_mask=valid)
+        configured = self.chunk_size
+        if hidden_states.device.type == "cpu" and hidden_states.shape[1] < configured:
+            self.chunk_size = hidden_states.shape[1]
+        try:
+            output = super().forward(hidden_states, cache_params=student_cache_from(kwargs), attention_mask=valid)
+        finally:
+            self.chunk_size = configured
         return output, None
