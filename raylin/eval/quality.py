@@ -63,14 +63,16 @@ TEXT = {
     "task": {"type": "sequence_classification", "num_labels": 2},
     "data": {"max_eval_examples": 600},
     "loss": {"alpha_layer": 2.0},  # the weight the Tune sweep picked (docs/tune.md)
-    "train": {"batch_size": 16, "lr": 2.0e-4},
+    "train": {"batch_size": 16, "lr": 1.0e-4},  # aligned students start near their teacher
 }
 TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
 TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share": "kv"}},
               "bimamba2": {"mixer": "bimamba2", "init": "attention"}}
-# The bimamba2 students (text and speech) replace the mixer of every layer: without the align stage
-# the text ones still predict one class after 60 steps (task loss 0.69 throughout), with it they
-# start near the teacher. The alignment is shared by the runs that align to the same model.
+# Every student starts from the align stage (raylin.train.align): each block learns to reproduce the
+# teacher block it came from, new mixer and copied weights alike (``parameters: all``), before
+# distillation. Without it the bimamba2 text students still predicted one class after 60 steps and
+# Linformer started at chance. An alignment is shared by the runs that align to the same model.
+TEXT_ALIGN = {"parameters": "all"}
 LM = {
     "teacher": "asset:smollm2-135m",
     "target_teacher": "asset:smollm2-135m",
@@ -78,6 +80,7 @@ LM = {
     "data": {"name": "austen", "held_out": "persuasion", "max_length": 128, "max_eval_examples": 48},
     "loss": {"normalization": "layernorm", "reduction": "mean"},
     "train": {"batch_size": 8, "lr": 3.0e-4},
+    "align": {"lr": 3.0e-3},
 }
 LM_PLANS = {"mamba2": {"mixer": "mamba2", "init": "attention"},
             "hybrid": {"mixer": "mamba2", "init": "attention", "keep_attention": [9, 19]}}
@@ -106,15 +109,16 @@ GRIDS = {
 # training: about 40 s of each run goes to starting Ray Train workers, loading models and
 # evaluating, whatever its steps. ``long`` gives every student 2-3x the steps (about 2.7 hours).
 SIZES = {
-    "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": 150, "evals": 4, "max_length": TEXT_DATA},
-             "lm": {"steps": 40, "evals": 4, "max_length": 128},
+    "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
+                      "max_length": TEXT_DATA},
+             "lm": {"steps": 40, "align_steps": 100, "evals": 4, "max_length": 128},
              "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 150, "evals": 4}},
-    "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": 60, "evals": 2,
+    "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": {"linformer": 150, "bimamba2": 100}, "evals": 2,
                       "max_length": {"rotten_tomatoes": 64, "imdb": 64}},
-             "lm": {"steps": 16, "evals": 2, "max_length": 64},
+             "lm": {"steps": 16, "align_steps": 40, "evals": 2, "max_length": 64},
              "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 60, "evals": 2}},
     "quick": {"text": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "max_length": TEXT_DATA, "cap": 96},
-              "lm": {"steps": 2, "evals": 4, "max_length": 32, "cap": 32},
+              "lm": {"steps": 2, "align_steps": None, "evals": 4, "max_length": 32, "cap": 32},
               "speech": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "cap": 64, "size": "quick"}},
 }
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
@@ -204,8 +208,8 @@ def text_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Itera
                 run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-                if mixer == "bimamba2":
-                    run = _aligned(run, size["align_steps"], out / "text" / data_name / "aligned")
+                run = _aligned(merge_sections(run, {"align": TEXT_ALIGN}), size["align_steps"] and size["align_steps"][mixer],
+                               out / "text" / data_name / "aligned")
                 yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
@@ -216,7 +220,8 @@ def lm_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterato
     log("lm / austen")
     for name, mode in GRIDS[budget]["lm"]:
         run_dir = out / "lm" / f"{name}-{mode}"
-        metrics = _run(merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}}), log)
+        run = merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": mode}})
+        metrics = _run(_aligned(run, size["align_steps"], out / "lm" / "aligned"), log)
         yield _row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M")
 
 
