@@ -64,6 +64,7 @@ def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
         ({"teacher_service": {"mode": "remote"}}, r"teacher_service.mode must be one of \('served', 'inprocess'\)"),
         ({"teacher_service": {"dtype": "int8"}}, r"teacher_service.dtype must be one of"),
         ({"align": {"parameters": "some"}}, r"align.parameters must be 'new' or 'all'"),
+        ({"align": {"projection_lr": 0}}, r"align.lr and align.projection_lr must be positive"),
         ({"plan": {"mixer": "linformer", "keep_attention": [9]}}, r"keep_attention lists layer\(s\) \[9\]"),
         ({"plan": {"mixer": "linformer", "linformer": {"k": 100}}}, r"k=100 is above the maximum sequence length 64"),
         ({"teacher": "/nonexistent/teacher", "target_teacher": None, "guidance": {"mode": "unguided"}}, r"No teacher folder"),
