@@ -62,13 +62,15 @@ def test_long_budget_writes_its_own_page_and_plots(tmp_path):
     """The long budget's page does not overwrite the default one: results-long.md and results-long/."""
     from raylin.eval.quality import write_results_page
 
-    result = {"budget": "long", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
+    result = {"budget": "long", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False,
+                                            "commit": "e272d8f"},
               "text": [_row("text", "rt", "linformer", "unguided", 0.80, 0.60, 100.0),
                        _row("text", "rt", "linformer", "target", 0.80, 0.70, 100.0)]}
     page = write_results_page(result, tmp_path)
     assert page == tmp_path / "results-long.md"
     text = page.read_text()
     assert text.startswith("# Results (long budget)") and "`raylin bench quality --long`" in text
+    assert "CUDA no, raylin commit e272d8f." in text  # which configuration measured it
     assert "](results-long/curves-text.png)" in text and (tmp_path / "results-long" / "curves-text.png").is_file()
     assert not (tmp_path / "results.md").exists()
 
@@ -79,7 +81,6 @@ def test_unknown_budget_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown benchmark budget 'day'; choose from \('quick', 'hour', 'long'\)"):
         run_quality_benchmark(tmp_path, budget="day")
     assert not any(tmp_path.iterdir())
-
 
 
 def test_a_gap_of_exactly_one_point_meets_the_text_target():

@@ -19,13 +19,15 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-Budgets (SIZES): ``hour`` (the default) runs the whole grid in about an hour on 2 CPU cores (68 min
-measured: text 37 min, language modelling 14, speech 8, teacher fine-tuning 6, speed 3), so each
-student gets 16-30 steps; ``long`` gives them 40-80 steps and takes about 2.7 hours (text 95 min,
-language modelling 45 min, speech about 28 min, speed 3 min); ``quick`` is a few-step smoke run of
-every pipeline (CI). ``--only`` splits a budget into parts, and runs already finished are reused.
-The bimamba2 text and speech students start from the align stage, computed once per data set and
-starting model and shared through ``align.dir``.
+Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 1.5 hours on 2 CPU cores (96
+min measured: text 51 min, language modelling 25, speech 10, teacher fine-tuning 7, speed 5), so
+each student gets 16-30 steps. It was sized for an hour; the align stage that every student now
+starts from adds 26 of those minutes and is what brought the text students within a point of their
+teacher. ``long`` gives the students 2-3x the steps (2.7 hours before every student aligned, not
+re-measured since); ``quick`` is a few-step smoke run of every pipeline (CI). ``--only`` splits a
+budget into parts, and runs already finished are reused.
+Every student starts from the align stage, computed once per data set and starting model and
+shared through ``align.dir``.
 Limits: short CPU budgets mean short training, so the gaps are those of tens of steps, not of the
 paper's epochs.
 """
@@ -107,10 +109,10 @@ GRIDS = {
               "lm": (("hybrid", "target"),), "speech_modes": ("target",)},
 }
 # How long each run is, per budget and suite: student steps, teacher fine-tuning steps, align steps
-# (bimamba2 students), held-out evaluations per run, and the data caps.
-# ``hour`` fits the grid in about an hour on 2 cores, which leaves each student tens of seconds of
-# training: about 40 s of each run goes to starting Ray Train workers, loading models and
-# evaluating, whatever its steps. ``long`` gives every student 2-3x the steps (about 2.7 hours).
+# (per mixer on text), held-out evaluations per run, and the data caps.
+# ``hour`` runs the grid in about 1.5 hours on 2 cores (a quarter of it aligning), which leaves each
+# student tens of seconds of training: about 40 s of each run goes to starting Ray Train workers,
+# loading models and evaluating, whatever its steps. ``long`` gives every student 2-3x the steps.
 SIZES = {
     "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
                       "max_length": TEXT_DATA},
@@ -127,7 +129,8 @@ SIZES = {
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
 PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
 COMMANDS = {"quick": "raylin bench quality --quick", "hour": "raylin bench quality", "long": "raylin bench quality --long"}
-BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the one-hour budget", "long": "the long budget, about 2.7 hours"}
+BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the default budget, about 1.5 hours on 2 cores",
+                 "long": "the long budget, 2-3x the default's steps"}
 
 
 def _sized(base: dict, steps: int, size: dict) -> dict:
@@ -329,7 +332,20 @@ def _machine() -> dict:
     import os
 
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The raylin commit that measured the results (None outside a git checkout), so a page that
+    outlives a change of configuration says which configuration it shows."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip() or None
 
 
 # ----- the results page ---------------------------------------------------------------------------
@@ -341,6 +357,7 @@ def _reading_notes(budget: str) -> str:
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
     other = {"hour": "long", "long": "hour"}[budget]
+    text_align = ", ".join(f"{mixer} {steps}" for mixer, steps in text["align_steps"].items())
     return f"""## Reading these numbers
 
 This budget gives each student {text['steps']} steps on text (batch 16, {text['max_length']['imdb']}
@@ -350,20 +367,41 @@ laptop's budget, not the paper's epochs. About 40 s of every run goes to startin
 workers, loading models and evaluating, whatever its steps. The {other} budget's page
 (docs/{PAGES[other]}, `{COMMANDS[other]}`)
 shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
-Every student already starts from what raylin knows helps: the target teacher's weights (target and
-hybrid guidance), Mamba-family mixers seeded from the teacher's attention (``plan.init:
-attention``), alpha_layer 2 for text (the best weight of the Tune sweep, docs/tune.md), KD at
-T = 2, and waypoints taken from the teacher's own fine-tuning snapshots. The bimamba2 text and
-speech students also start from the align stage ({text['align_steps']} steps per block on text,
-{speech['align_steps']} on speech), shared by the runs that start from the same model, so its time
-is counted in the first of them. Without it the text students still predicted one class after 60
-steps (0.528 on Rotten Tomatoes, 0.517 on IMDB, in all five modes) and the target-guided speech
-student scored 0.934 (flite 0.547).
-Longer runs close more of the gap but not all of it: a target-guided Linformer (k = 32) reached
-4.3 points under its teacher at 400 steps (docs/benchmarks.md) and the 200-step sweep's best
-trial 6.1 points (docs/tune.md). Levers not tried at this budget: a larger Linformer k, the align
-stage for the Linformer and language-model students, more steps at a lower learning rate, and a
-GPU.
+
+**How each student starts.** As in the paper, target and hybrid students are converted from the
+target teacher (its fine-tuned weights, task head included); unguided, trajectory and waypoint
+students from the pretrained model, so their task head starts fresh. Mamba-family mixers are seeded
+from the teacher's attention (``plan.init: attention``). Then every student runs the align stage
+(raylin.train.align): each block learns to reproduce the teacher block it came from, for
+{text_align} steps per block on text (whole blocks, ``align.parameters: all``), {lm['align_steps']}
+on language modelling (the new mixers, lr 3e-3) and {speech['align_steps']} on speech. An alignment is
+shared by the runs that start from the same model, so its time counts in the first of them. Text
+distils at alpha_layer 2 (the Tune sweep's best weight, docs/tune.md), KD at T = 2, lr 1e-4;
+waypoints are the teacher's own fine-tuning snapshots.
+
+**What the align stage bought.** Before it (commit 9fd30b4: no alignment for Linformer or the
+language-model students, 60 new-mixer-only steps for bimamba2), the target-guided Linformer scored
+0.673 on Rotten Tomatoes and 0.610 on IMDB, the bimamba2 text students predicted one class in all
+five modes, and the Mamba2 language-model student reached perplexity 741. Linformer's length
+projections start N(0, 1) and need their own learning rate (``align.projection_lr``, 3e-2): at
+1e-3, 60 align steps left the student at chance.
+
+**Why the modes differ at tens of steps.** Target and hybrid start from the fine-tuned model, so
+distillation only has to repair the new mixers. The three source-initialised modes must also learn
+the task head in {text['steps']} steps; trajectory trails most because its teacher is the pretrained model
+with a fresh head, fine-tuning alongside at ``guidance.teacher_lr``, so for most of the run it
+guides towards a model that does not solve the task yet. Waypoint follows the teacher's finished
+fine-tuning and lands in between. The paper trains for epochs, where these differences shrink.
+
+**What was tried where a target is missed.** bimamba2 on text (in-process experiments on Rotten
+Tomatoes, teacher 0.737): Mamba2 geometry matching the attention heads (head_dim 32, 12 groups,
+state 32, which seeds Q/K exactly) aligned better (0.655 vs 0.558 after 60 steps) but distillation
+became unstable (about 0.64); an identity-initialised convolution did not help; 150 whole-block
+align steps then 24 distillation steps reached 0.723. Language modelling: 60 align steps then 16
+distillation steps reached perplexity 185 against the teacher's 71 (64-token windows); matching the
+attention geometry did not change it. Published conversions of causal LMs train on 10^8 to 10^10
+tokens; this budget sees about 10^4. Levers not tried: a larger Linformer k, more steps at a lower
+learning rate, a GPU with the mamba-ssm kernels.
 """
 
 
@@ -375,7 +413,9 @@ def write_results_page(result: dict, docs: Path) -> Path:
     lines = ["# Results" + (" (long budget)" if budget == "long" else ""), "", f"Generated by `{COMMANDS[budget]}` "
              f"({BUDGET_TITLES[budget]}) on {result['machine']['date']}: "
              f"{result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}, "
-             f"CUDA {'yes' if result['machine']['cuda'] else 'no'}. {_time_line(result)}", ""]
+             f"CUDA {'yes' if result['machine']['cuda'] else 'no'}"
+             + (f", raylin commit {result['machine']['commit']}" if result["machine"].get("commit") else "")
+             + f". {_time_line(result)}", ""]
     for suite, title in (("text", "Text classification"), ("lm", "Language modelling (perplexity, lower is better)"),
                          ("speech", "Speech: spoken digits")):
         rows = result.get(suite)
