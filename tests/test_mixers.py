@@ -107,6 +107,8 @@ def test_mamba2_chunked_scan_equals_sequential_loop_forward_and_backward():
 def test_mamba2_mixer_runs_a_short_sequence_as_one_chunk_with_the_same_output_and_gradients():
     """A 40-token sequence runs as one 40-token chunk instead of being padded to 128; the result is the
     one 8-token chunks give, and the configured chunk size is kept for the next call."""
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as TransformersMamba2Mixer
+
     from raylin.models.mixers import Mamba2Mixer, mamba2_config
 
     torch.manual_seed(0)
@@ -119,9 +121,8 @@ def test_mamba2_mixer_runs_a_short_sequence_as_one_chunk_with_the_same_output_an
     single.pow(2).sum().backward()
     single_grads = [p.grad.clone() for p in mixer.parameters()]
     mixer.zero_grad()
-    reference = mixer.__class__.__mro__[1].forward  # transformers' Mamba2Mixer, with the configured chunks
-    mixer.chunk_size = 8
-    chunked = reference(mixer, x, attention_mask=mask.bool())
+    mixer.chunk_size = 8  # transformers' own forward, in 8-token chunks
+    chunked = TransformersMamba2Mixer.forward(mixer, x, attention_mask=mask.bool())
     chunked.pow(2).sum().backward()
     torch.testing.assert_close(single, chunked, rtol=1e-5, atol=1e-5)
     for got, want in zip(single_grads, [p.grad for p in mixer.parameters()], strict=True):

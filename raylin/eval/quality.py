@@ -69,15 +69,15 @@ TEXT = {
     "data": {"max_eval_examples": 600},
     "loss": {"alpha_layer": 2.0},  # the weight the Tune sweep picked (docs/tune.md)
     "train": {"batch_size": 16, "lr": 1.0e-4},  # aligned students start near their teacher
+    # Every student starts from the align stage (raylin.train.align): each block learns to reproduce
+    # the teacher block it came from, new mixer and copied weights alike, before distillation. Without
+    # it the bimamba2 text students still predicted one class after 60 steps and Linformer started at
+    # chance. An alignment is shared by the runs that align to the same model.
+    "align": {"parameters": "all"},
 }
 TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
 TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share": "kv"}},
               "bimamba2": {"mixer": "bimamba2", "init": "attention"}}
-# Every student starts from the align stage (raylin.train.align): each block learns to reproduce the
-# teacher block it came from, new mixer and copied weights alike (``parameters: all``), before
-# distillation. Without it the bimamba2 text students still predicted one class after 60 steps and
-# Linformer started at chance. An alignment is shared by the runs that align to the same model.
-TEXT_ALIGN = {"parameters": "all"}
 LM = {
     "teacher": "asset:smollm2-135m",
     "target_teacher": "asset:smollm2-135m",
@@ -214,8 +214,7 @@ def text_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Itera
                 run = merge_sections(base, {"output_dir": str(run_dir), "target_teacher": finetuned["target_teacher"], "plan": plan,
                                    "guidance": {"mode": mode, "waypoints": waypoints if mode == "waypoint" else [],
                                                 "hybrid_cutoff": max(1, steps * 3 // 4) if mode == "hybrid" else None}})
-                run = _aligned(merge_sections(run, {"align": TEXT_ALIGN}), size["align_steps"] and size["align_steps"][mixer],
-                               out / "text" / data_name / "aligned")
+                run = _aligned(run, (size["align_steps"] or {}).get(mixer), out / "text" / data_name / "aligned")
                 yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
@@ -336,12 +335,19 @@ def _machine() -> dict:
 
 
 def _commit() -> str | None:
-    """The raylin commit that measured the results (None outside a git checkout), so a page that
-    outlives a change of configuration says which configuration it shows."""
+    """The raylin commit that measured the results, "-dirty" when the checkout had uncommitted
+    changes, so a page that outlives a change of configuration says which one it shows. None when
+    raylin is not running from its own git checkout (an installed package inside some other
+    repository must not report that repository's commit)."""
     import subprocess
 
+    here = Path(__file__).resolve()
+    git = ["git", "-C", str(here.parent)]
     try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+        top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
+        if top.returncode or Path(top.stdout.strip(), "raylin", "eval", here.name).resolve() != here:
+            return None
+        found = subprocess.run(git + ["describe", "--always", "--dirty", "--abbrev=7"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None

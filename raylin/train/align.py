@@ -3,24 +3,25 @@ activations, before distillation.
 
 Each student block i learns to map the teacher's input of block i to the teacher's output of block i
 (masked MSE, raylin.distill.losses.layerwise_loss, after the distillation's ``loss.normalization``:
-a causal LM's residual stream grows with depth, so without it a few large channels would decide). Blocks do not depend on each other here, so
-they are spread round-robin over ``align.num_workers`` Ray tasks (a 24-layer model can use 24);
-every task reads the same teacher activations from the TeacherPool (``states="layer_io"``:
-exactly what each teacher block saw and produced), prefetching one batch ahead. The teacher is the
+a causal LM's residual stream grows with depth, so without it a few large channels would decide).
+Blocks do not depend on each other here, so they are spread round-robin over ``align.num_workers``
+Ray tasks (a 24-layer model can use 24); every task reads the same teacher activations from the
+TeacherPool (``states="layer_io"``: exactly what each teacher block saw and produced), prefetching
+one batch ahead. The teacher is the
 model the student was converted from (the target teacher for target/hybrid guidance, else the
 pretrained one). By default only the new mixer weights learn (``align.parameters: new``); the
 copied weights already match the teacher. Linformer's length projections learn at
 ``align.projection_lr``: they start N(0, 1), and at a linear layer's rate a short alignment leaves
-them where they started.
+them where they started. Limit: with ``linformer.share: layer`` the one student-wide projection
+lives outside the blocks, so it is not aligned; it keeps its initialisation until distillation.
 
 Writes ALIGNED/model.safetensors (the aligned blocks' weights) and ALIGNED/align.json (per-layer
 MSE before and after, on a held-out batch); the distill stage loads them onto the freshly converted
 student (``load_aligned``). ALIGNED is OUTPUT_DIR/aligned, or ``align.dir``/FINGERPRINT when runs
 share a store: the fingerprint covers everything the aligned weights depend on (the model aligned
 to, plan, data, align settings, the loss normalization, seed), not the guidance mode or the other
-distillation settings, so runs
-that differ only there (Tune trials, a benchmark's guidance modes) align once. A finished stage is
-reused when its fingerprint matches.
+distillation settings, so runs that differ only there (Tune trials, a benchmark's guidance modes)
+align once. A finished stage is reused when its fingerprint matches.
 
 Limits: a task holds the whole student (only its blocks train); block inputs other than the
 hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
