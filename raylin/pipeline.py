@@ -17,6 +17,8 @@ a finished run: OUTPUT_DIR/eval.json.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -41,8 +43,6 @@ def finished_run(config: RunConfig) -> dict | None:
 def finetune_config(config: RunConfig) -> RunConfig:
     """The run that fine-tunes the teacher itself: a "student" keeping every attention layer is
     the teacher's own architecture and weights, trained unguided on the task."""
-    import dataclasses
-
     from transformers import AutoConfig
 
     from raylin.models.families import family_for_config
@@ -89,12 +89,37 @@ def run_finetune(config: RunConfig) -> dict:
     return metrics
 
 
+TEACHER_SCORES_DIR = "teacher_scores"  # under RAYLIN_CACHE
+
+
 def score_teacher(config: RunConfig) -> dict[str, float]:
-    """The teacher's held-out scores (the target teacher when there is one, else the source model)."""
+    """The teacher's held-out scores (the target teacher when there is one, else the source model).
+
+    Scores of a teacher with a trained task head (a target teacher, or a causal LM) are remembered
+    in RAYLIN_CACHE/teacher_scores/, keyed by the teacher's files (path, sizes, modification times),
+    the task, the data settings and the evaluation batch, so a suite of runs against one teacher (a
+    benchmark's guidance modes, Tune trials) scores it once. A source model whose head is new for
+    the task is scored every time: its head is initialised afresh by each load."""
+    from raylin.data.assets import cache_dir
     from raylin.data.tasks import load_task_data, load_task_model
 
-    model, processor = load_task_model(config, config.target_teacher or config.teacher)
-    return evaluate(model, load_task_data(config, processor), config, torch.device("cpu"), 0, 1)
+    teacher = config.target_teacher or config.teacher
+    cached = None
+    if config.target_teacher or config.task.type == "causal_lm":
+        from raylin.teacher.cache import teacher_fingerprint
+
+        identity = {"teacher": teacher_fingerprint(teacher), "task": dataclasses.asdict(config.task),
+                    "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        cached = cache_dir() / TEACHER_SCORES_DIR / f"{key}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())["scores"]
+    model, processor = load_task_model(config, teacher)
+    scores = evaluate(model, load_task_data(config, processor), config, torch.device("cpu"), 0, 1)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cached, json.dumps({"teacher": teacher, "identity": identity, "scores": scores}, indent=1))
+    return scores
 
 
 def run_conversion(config: RunConfig) -> dict:

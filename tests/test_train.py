@@ -186,3 +186,29 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(tmp_pat
         check_disk(config)
     check_disk(one_save)  # 2 x 2.2 GB fits
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teachers, tmp_path, monkeypatch):
+    import os
+
+    from raylin.pipeline import TEACHER_SCORES_DIR, score_teacher
+
+    monkeypatch.setenv("RAYLIN_CACHE", str(tmp_path / "cache"))
+    config = _config(teachers, tmp_path / "run")
+    scores = score_teacher(config)
+    (entry,) = (tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir()
+    assert json.loads(entry.read_text())["scores"] == scores
+    # The second run reads the file: a sentinel written there comes back.
+    record = json.loads(entry.read_text())
+    entry.write_text(json.dumps(record | {"scores": {"accuracy": -1.0}}))
+    assert score_teacher(config) == {"accuracy": -1.0}
+    # Another held-out set, or the same teacher path with new files, is scored afresh.
+    assert score_teacher(_config(teachers, tmp_path / "run", data={"max_length": 48, "max_train_examples": 256,
+                                                                    "max_eval_examples": 32})) != {"accuracy": -1.0}
+    weights = Path(teachers["target"]) / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert score_teacher(config) == scores
+    # A source model whose task head is new is never remembered (its head is random per load).
+    before = len(list((tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir()))
+    score_teacher(_config(teachers, tmp_path / "run", target_teacher=None, guidance={"mode": "unguided"}))
+    assert len(list((tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir())) == before
