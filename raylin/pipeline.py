@@ -3,7 +3,8 @@
 The config is validated before Ray starts. Training runs on Ray Train workers (raylin.train);
 the last checkpoint carries the HF-format student, which is copied to OUTPUT_DIR/student/. The
 teacher (the target teacher when there is one, else the source model with its task head) is
-scored on the same held-out split in this process. Writes:
+scored on the same held-out split in this process (once per teacher checkpoint and held-out set
+when its head is trained: ``score_teacher``). Writes:
 
     OUTPUT_DIR/student/        the student folder (raylin.load_student)
     OUTPUT_DIR/metrics.json    {"teacher": {...}, "student": {...}, "steps", "tokens", "wall_s"}

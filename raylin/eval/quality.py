@@ -123,7 +123,7 @@ SIZES = {
              "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 150, "evals": 4}},
     "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": {"linformer": 150, "bimamba2": 100}, "evals": 2,
                       "max_length": {"rotten_tomatoes": 64, "imdb": 64}},
-             "lm": {"steps": 12, "align_steps": 30, "evals": 2, "max_length": 64},
+             "lm": {"steps": 16, "align_steps": 40, "evals": 2, "max_length": 64},
              "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 60, "evals": 2}},
     "quick": {"text": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "max_length": TEXT_DATA, "cap": 96},
               "lm": {"steps": 2, "align_steps": None, "evals": 4, "max_length": 32, "cap": 32},
@@ -372,8 +372,12 @@ def _reading_notes(budget: str) -> str:
 This budget gives each student {text['steps']} steps on text (batch 16, {text['max_length']['imdb']}
 tokens of IMDB), {lm['steps']} steps of 8 x {lm['max_length']} tokens on language modelling and
 {speech['steps']} steps at batch 32 on speech, on 2 CPU cores: it shows what the methods keep at a
-laptop's budget, not the paper's epochs. About 40 s of every run goes to starting Ray Train
-workers, loading models and evaluating, whatever its steps. The {other} budget's page
+laptop's budget, not the paper's epochs. Workers run DeepSpeed at ZeRO stage 0: the students fit
+each worker whole, and stage 2's partitioned gradient reduction made a step 22-24% slower here.
+About 40 s of every run is fixed cost, whatever its steps (a Rotten Tomatoes Linformer run: 8 s to
+start Ray Train's controller, 15 s to start two workers and their process group, 12 s to build the
+student, start DeepSpeed and the teacher replica before the first step, 4 s to save the last
+checkpoint and stop); the teacher is scored once per data set, not per run. The {other} budget's page
 (docs/{PAGES[other]}, `{COMMANDS[other]}`)
 shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
 
