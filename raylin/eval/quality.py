@@ -19,11 +19,14 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 1.5 hours on 2 CPU cores (96
-min measured: text 51 min, language modelling 25, speech 10, teacher fine-tuning 7, speed 5), so
-each student gets 16-30 steps. It was sized for an hour; the align stage that every student now
-starts from adds 26 of those minutes and is what brought the text students within a point of their
-teacher. ``long`` gives the students 2-3x the steps (2.7 hours before every student aligned, not
+Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 80 minutes on 2 CPU cores
+(82 min end to end, measured at commit 83e03e2: text 48.5 min with its two teacher fine-tunings,
+language modelling 18.7, speech 10.1, speed 4.4), so each student gets 16-30 steps. It was sized
+for an hour; where the 82 minutes go: 12 alignments 24 min, the 26 students' training loops 35
+(each loop's start-up and evaluations included), Ray Train's start and finish around those loops
+12 (about 27 s a run), 3 teacher fine-tunings 6, speed 4. The align stage is what brought the text
+students within a point of their teacher, and fewer steps would give back the points it won.
+``long`` gives the students 2-3x the steps (2.7 hours before every student aligned, not
 re-measured since); ``quick`` is a few-step smoke run of every pipeline (CI). ``--only`` splits a
 budget into parts, and runs already finished are reused.
 Every student starts from the align stage, computed once per data set and starting model and
@@ -113,9 +116,10 @@ GRIDS = {
 }
 # How long each run is, per budget and suite: student steps, teacher fine-tuning steps, align steps
 # (per mixer on text), held-out evaluations per run, and the data caps.
-# ``hour`` runs the grid in about 1.5 hours on 2 cores (a quarter of it aligning), which leaves each
-# student tens of seconds of training: about 40 s of each run goes to starting Ray Train workers,
-# loading models and evaluating, whatever its steps. ``long`` gives every student 2-3x the steps.
+# ``hour`` runs the grid in about 80 minutes on 2 cores (a quarter of it aligning), which leaves each
+# student tens of seconds of training: about 40 s of each run is Ray Train's fixed cost (starting the
+# controller and workers, building the student, the last checkpoint), whatever its steps. ``long``
+# gives every student 2-3x the steps.
 SIZES = {
     "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
                       "max_length": TEXT_DATA},
@@ -132,7 +136,7 @@ SIZES = {
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
 PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
 COMMANDS = {"quick": "raylin bench quality --quick", "hour": "raylin bench quality", "long": "raylin bench quality --long"}
-BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the default budget, about 1.5 hours on 2 cores",
+BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the default budget, about 80 minutes on 2 cores",
                  "long": "the long budget, 2-3x the default's steps"}
 
 
