@@ -343,9 +343,10 @@ def _machine() -> dict:
 
 def _commit() -> str | None:
     """The raylin commit that measured the results, "-dirty" when the checkout had uncommitted
-    changes, so a page that outlives a change of configuration says which one it shows. None when
-    raylin is not running from its own git checkout (an installed package inside some other
-    repository must not report that repository's commit)."""
+    changes outside docs/ (the pages and plots a benchmark writes itself do not count), so a page
+    that outlives a change of configuration says which one it shows. None when raylin is not
+    running from its own git checkout (an installed package inside some other repository must not
+    report that repository's commit)."""
     import subprocess
 
     here = Path(__file__).resolve()
@@ -354,11 +355,13 @@ def _commit() -> str | None:
         top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
         if top.returncode or Path(top.stdout.strip(), "raylin", "eval", here.name).resolve() != here:
             return None
-        found = subprocess.run(git + ["describe", "--always", "--dirty", "--abbrev=7"],
-                               capture_output=True, text=True, timeout=10)
+        head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                        ":(top,exclude)docs"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return found.stdout.strip() or None
+    commit = head.stdout.strip()
+    return (commit + ("-dirty" if changes.stdout.strip() else "")) if commit else None
 
 
 # ----- the results page ---------------------------------------------------------------------------
