@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = quality.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="a few steps per run: a smoke test of every pipeline")
     budget.add_argument("--long", action="store_true",
-                        help="2-3x the steps of the default budget (about 80 min on 2 cores): docs/results-long.md")
+                        help="2-3x the default budget's steps (about 2.7 h on 2 cores before every student aligned): "
+                             "docs/results-long.md")
     quality.add_argument("--out", default=None,
                          help="run folders and quality.json (default outputs/bench-quality[-quick|-long])")
     quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,speed (default all)")

@@ -190,11 +190,13 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(tmp_pat
 
 def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teachers, tmp_path, monkeypatch):
     import os
+    import shutil
 
     from raylin.pipeline import TEACHER_SCORES_DIR, score_teacher
 
     monkeypatch.setenv("RAYLIN_CACHE", str(tmp_path / "cache"))
-    config = _config(teachers, tmp_path / "run")
+    target = shutil.copytree(teachers["target"], tmp_path / "target")  # its files are touched below
+    config = _config(teachers, tmp_path / "run", target_teacher=str(target))
     scores = score_teacher(config)
     (entry,) = (tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir()
     assert json.loads(entry.read_text())["scores"] == scores
@@ -203,9 +205,9 @@ def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teache
     entry.write_text(json.dumps(record | {"scores": {"accuracy": -1.0}}))
     assert score_teacher(config) == {"accuracy": -1.0}
     # Another held-out set, or the same teacher path with new files, is scored afresh.
-    assert score_teacher(_config(teachers, tmp_path / "run", data={"max_length": 48, "max_train_examples": 256,
-                                                                    "max_eval_examples": 32})) != {"accuracy": -1.0}
-    weights = Path(teachers["target"]) / "model.safetensors"
+    assert score_teacher(_config(teachers, tmp_path / "run", target_teacher=str(target),
+                                 data={"max_length": 48, "max_train_examples": 256, "max_eval_examples": 32})) != {"accuracy": -1.0}
+    weights = target / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     assert score_teacher(config) == scores
     # A source model whose task head is new is never remembered (its head is random per load).

@@ -116,10 +116,8 @@ GRIDS = {
 }
 # How long each run is, per budget and suite: student steps, teacher fine-tuning steps, align steps
 # (per mixer on text), held-out evaluations per run, and the data caps.
-# ``hour`` runs the grid in about 80 minutes on 2 cores (a quarter of it aligning), which leaves each
-# student tens of seconds of training: about 40 s of each run is Ray Train's fixed cost (starting the
-# controller and workers, building the student, the last checkpoint), whatever its steps. ``long``
-# gives every student 2-3x the steps.
+# What ``hour`` costs and where its minutes go: the module docstring; ``long`` gives every student
+# 2-3x the steps.
 SIZES = {
     "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
                       "max_length": TEXT_DATA},
