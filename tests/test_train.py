@@ -214,3 +214,36 @@ def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teache
     before = len(list((tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir()))
     score_teacher(_config(teachers, tmp_path / "run", target_teacher=None, guidance={"mode": "unguided"}))
     assert len(list((tmp_path / "cache" / TEACHER_SCORES_DIR).iterdir())) == before
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_training_optimizer_is_fused_adamw_with_the_same_update(grouped):
+    """raylin.train.optim.adamw: torch's fused AdamW on CPU, the same step as the default
+    implementation up to float rounding, with or without parameter groups."""
+    from raylin.train.optim import adamw
+
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    reference.load_state_dict(ours.state_dict())
+
+    def params(model):
+        return [{"params": [model.weight]}, {"params": [model.bias], "lr": 1e-2}] if grouped else model.parameters()
+
+    optimizer = adamw(params(ours), lr=1e-3, weight_decay=0.01)
+    expected = torch.optim.AdamW(params(reference), lr=1e-3, weight_decay=0.01, foreach=False)
+    assert optimizer.defaults["fused"] is True and expected.defaults["fused"] is None
+    for step in range(5):
+        x = torch.randn(8, 64)
+        for model, opt in ((ours, optimizer), (reference, expected)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for got, want in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_training_optimizer_falls_back_where_no_fused_kernel_applies():
+    from raylin.train.optim import adamw
+
+    meta = torch.nn.Parameter(torch.empty(4, device="meta"))
+    assert adamw([meta], lr=1e-3).defaults["fused"] is None

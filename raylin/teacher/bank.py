@@ -154,7 +154,9 @@ class TeacherBank:
             model.train()
             self.loads += 1
             self._models["trajectory"] = model
-            self._optimizer = torch.optim.AdamW(model.parameters(), lr=spec.trajectory_lr)
+            from raylin.train.optim import adamw
+
+            self._optimizer = adamw(model.parameters(), lr=spec.trajectory_lr)
 
     # ----- models ---------------------------------------------------------------------------------
     def model(self, name: str) -> torch.nn.Module:

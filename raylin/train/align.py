@@ -130,6 +130,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     from raylin.models.mixers import LinformerProjection
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
+    from raylin.train.optim import adamw
     from raylin.train.loop import converted_student, model_inputs
 
     config = config_from_dict(config_dict)
@@ -148,7 +149,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     groups = [{"params": [p for p in params if id(p) not in projections], "lr": align.lr},
               {"params": [p for p in params if id(p) in projections], "lr": align.projection_lr}]
     groups = [group for group in groups if group["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
+    optimizer = adamw(groups, weight_decay=0.0) if groups else None
 
     data = load_task_data(config, processor)
     batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)

@@ -33,6 +33,8 @@ from raylin.distill.losses import combine, kd_loss, layerwise_loss, task_loss
 from raylin.models.families import state_mask
 from raylin.teacher import TeacherRequest, open_teachers
 from raylin.train.deepspeed import deepspeed_config
+from raylin.train.optim import adamw
+
 STATE_FILE = "trainer_state.json"
 SNAPSHOT_DIR = "snapshots"  # teacher fine-tuning: plain checkpoints every checkpoint_every steps (waypoints)
 FINETUNED_DIR = "teacher"  # teacher fine-tuning: the final plain checkpoint (a target teacher)
@@ -195,7 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if params:
             groups.append({"params": params})
             lambdas.append(schedule_fn)
-    optimizer = torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = adamw(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler,
