@@ -19,12 +19,12 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 80 minutes on 2 CPU cores
-(82 min end to end, measured at commit 83e03e2: text 48.5 min with its two teacher fine-tunings,
-language modelling 18.7, speech 10.1, speed 4.4), so each student gets 16-30 steps. It was sized
-for an hour; where the 82 minutes go: 12 alignments 24 min, the 26 students' training loops 35
+Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
+(76 min end to end, measured at commit c191ad9: text 42.6 min with its two teacher fine-tunings,
+language modelling 19.1, speech 9.6, speed 4.1), so each student gets 16-30 steps. It was sized
+for an hour; where the 76 minutes go: 12 alignments 23 min, the 26 students' training loops 31
 (each loop's start-up and evaluations included), Ray Train's start and finish around those loops
-12 (about 27 s a run), 3 teacher fine-tunings 6, speed 4. The align stage is what brought the text
+12 (about 27 s a run), 3 teacher fine-tunings 5, speed 4. The align stage is what brought the text
 students within a point of their teacher, and fewer steps would give back the points it won.
 ``long`` gives the students 2-3x the steps (2.7 hours before every student aligned, not
 re-measured since); ``quick`` is a few-step smoke run of every pipeline (CI). ``--only`` splits a
@@ -134,7 +134,7 @@ SIZES = {
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
 PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
 COMMANDS = {"quick": "raylin bench quality --quick", "hour": "raylin bench quality", "long": "raylin bench quality --long"}
-BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the default budget, about 80 minutes on 2 cores",
+BUDGET_TITLES = {"quick": "quick smoke run", "hour": "the default budget, about 75 minutes on 2 cores",
                  "long": "the long budget, 2-3x the default's steps"}
 
 
@@ -378,13 +378,13 @@ This budget gives each student {text['steps']} steps on text (batch 16, {text['m
 tokens of IMDB), {lm['steps']} steps of 8 x {lm['max_length']} tokens on language modelling and
 {speech['steps']} steps at batch 32 on speech, on 2 CPU cores: it shows what the methods keep at a
 laptop's budget, not the paper's epochs. Workers run DeepSpeed at ZeRO stage 0: the students fit
-each worker whole, and stage 2's partitioned gradient reduction made a step 22-24% slower here.
-About 40 s of every run is fixed cost, whatever its steps (a Rotten Tomatoes Linformer run: 8 s to
-start Ray Train's controller, 15 s to start two workers and their process group, 12 s to build the
-student, start DeepSpeed and the teacher replica before the first step, 4 s to save the last
-checkpoint and stop); the teacher is scored once per data set, not per run. The {other} budget's page
-(docs/{PAGES[other]}, `{COMMANDS[other]}`)
-shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
+each worker whole, and stage 2's partitioned gradient reduction made a step 22-24% slower here;
+their AdamW is torch's fused kernel (raylin.train.optim), which made a text step 30% shorter.
+About 30 s of every run is fixed cost, whatever its steps (a Rotten Tomatoes Linformer run: 7 s
+until Ray Train's controller runs, 9 s to start two workers and their process group, 4 s to import
+the training stack in them, 7 s to build the student, start DeepSpeed and the teacher replica and
+take the first step, 2 s to save the last checkpoint and stop); the teacher is scored once per
+data set, not per run. The {other} budget's page (docs/{PAGES[other]}, `{COMMANDS[other]}`) shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
 
 **How each student starts.** As in the paper, target and hybrid students are converted from the
 target teacher (its fine-tuned weights, task head included); unguided, trajectory and waypoint
