@@ -384,7 +384,8 @@ About 30 s of every run is fixed cost, whatever its steps (a Rotten Tomatoes Lin
 until Ray Train's controller runs, 9 s to start two workers and their process group, 4 s to import
 the training stack in them, 7 s to build the student, start DeepSpeed and the teacher replica and
 take the first step, 2 s to save the last checkpoint and stop); the teacher is scored once per
-data set, not per run. The {other} budget's page (docs/{PAGES[other]}, `{COMMANDS[other]}`) shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
+data set, not per run. The {other} budget's page (docs/{PAGES[other]}, `{COMMANDS[other]}`)
+shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
 
 **How each student starts.** As in the paper, target and hybrid students are converted from the
 target teacher (its fine-tuned weights, task head included); unguided, trajectory and waypoint

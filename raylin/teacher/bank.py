@@ -25,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from raylin.train.optim import adamw
+
 COMPACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STATES = ("hidden_states", "layer_io")
 # Fault injection for tests (TeacherSpec.fault, from RAYLIN_TEST_FAULT): "teacher-crash:STEP" ends
@@ -154,8 +156,6 @@ class TeacherBank:
             model.train()
             self.loads += 1
             self._models["trajectory"] = model
-            from raylin.train.optim import adamw
-
             self._optimizer = adamw(model.parameters(), lr=spec.trajectory_lr)
 
     # ----- models ---------------------------------------------------------------------------------

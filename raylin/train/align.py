@@ -130,8 +130,8 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     from raylin.models.mixers import LinformerProjection
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
-    from raylin.train.optim import adamw
     from raylin.train.loop import converted_student, model_inputs
+    from raylin.train.optim import adamw
 
     config = config_from_dict(config_dict)
     align = config.align
