@@ -3,7 +3,6 @@ on a local Ray cluster."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -134,10 +133,6 @@ def run_config(teachers, out, **overrides):
 
 def losses_of(out):
     """Loss per step from a run's train_log.jsonl (after a resume, the re-run step wins)."""
-    from raylin.train.loop import TRAIN_LOG
+    from raylin.train.loop import read_train_log
 
-    by_step = {}
-    for line in (out / TRAIN_LOG).read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["step"]] = record  # a resumed run rewrites steps after its checkpoint
-    return [by_step[s]["loss"] for s in sorted(by_step)]
+    return [record["loss"] for record in read_train_log(out)]

@@ -247,3 +247,26 @@ def test_the_training_optimizer_falls_back_where_no_fused_kernel_applies():
 
     meta = torch.nn.Parameter(torch.empty(4, device="meta"))
     assert adamw([meta], lr=1e-3).defaults["fused"] is None
+
+
+def test_the_train_log_reads_one_record_per_step_the_rerun_winning(tmp_path):
+    from raylin.train.loop import read_train_log
+
+    assert read_train_log(tmp_path) == []  # a run that has not logged yet
+    # Steps 1-4, then a resume from the step-2 checkpoint re-runs 3 and 4.
+    records = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": s, "loss": 20.0 - s} for s in (3, 4)]
+    (tmp_path / TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_train_log(tmp_path) == [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0},
+                                        {"step": 3, "loss": 17.0}, {"step": 4, "loss": 16.0}]
+
+
+def test_the_loop_reports_at_evaluations_checkpoints_and_the_last_step():
+    from raylin.config import TrainConfig
+    from raylin.train.loop import checkpoints_at, evaluates_at, reports_at
+
+    train = TrainConfig(max_steps=12, eval_every=3, checkpoint_every=5)
+    assert [s for s in range(1, 13) if evaluates_at(s, train)] == [3, 6, 9, 12]
+    assert [s for s in range(1, 13) if checkpoints_at(s, train)] == [5, 10, 12]
+    assert [s for s in range(1, 13) if reports_at(s, train)] == [3, 5, 6, 9, 10, 12]
+    no_eval = TrainConfig(max_steps=12, eval_every=None, checkpoint_every=5)
+    assert [s for s in range(1, 13) if reports_at(s, no_eval)] == [5, 10, 12]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_config
+from conftest import losses_of, run_config
 from raylin.config import ConfigError
 
 pytestmark = pytest.mark.assets
@@ -72,9 +74,9 @@ def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_its_best_config_
         deadline = time.time() + 400
         while time.time() < deadline and first.poll() is None:
             logs = list((out / "trials").glob("*/train_log.jsonl"))
-            if any('"step": 12' in log.read_text() for log in logs):
-                break  # a whole trial has finished: interrupt the sweep as a user's Ctrl-C would
-            time.sleep(2)
+            if any('"step": 8' in log.read_text() for log in logs):
+                break  # the first trial is past its step-6 checkpoint: interrupt it as a user's Ctrl-C would
+            time.sleep(1)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=120) == 130  # "interrupted: resume with --resume"
@@ -87,9 +89,17 @@ def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_its_best_config_
     summary = json.loads((out / "tune" / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["stopped_early"] >= 1
     assert summary["params"]["loss.alpha_layer"] == 0.0
-    rows = (out / "tune" / "results.csv").read_text().splitlines()
-    assert len(rows) == 5 and (out / "tune" / "curves.png").stat().st_size > 0
+    rows = list(csv.DictReader((out / "tune" / "results.csv").open()))
+    assert len(rows) == 4 and all(math.isfinite(float(row["loss"])) for row in rows)
+    assert (out / "tune" / "curves.png").stat().st_size > 0
     assert "| 1 |" in (out / "tune" / "results.md").read_text()
+    # The interrupted trial resumed from its step-6 checkpoint, yet its history keeps the reports
+    # from before the interruption (Tune's own results of it start over at the resume).
+    best = summary["best_trial"]
+    losses = losses_of(out / "trials" / best)
+    history = json.loads((out / "tune" / "curves.json").read_text())[best]
+    assert history == [[step, losses[step - 1]] for step in (3, 6, 9, 12)]
+    assert summary["loss"] == min(losses[step - 1] for step in (3, 6, 9, 12))
     # Trials share one teacher replica per sweep run: the teacher loaded once by the interrupted
     # run and once by the resumed one (counters add up over both), not once per trial.
     stats = json.loads((out / "tune" / "teacher_service.json").read_text())

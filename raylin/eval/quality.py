@@ -171,14 +171,9 @@ def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) 
 
 def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
     """(step, held-out metric) points of a run's train log."""
-    points = {}
-    log = out / "train_log.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            if metric in entry:
-                points[entry["step"]] = entry[metric]
-    return sorted(points.items())
+    from raylin.train.loop import read_train_log
+
+    return [(record["step"], record[metric]) for record in read_train_log(out) if metric in record]
 
 
 def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: str, teacher_name: str) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from raylin.config import RunConfig, config_from_dict
+from raylin.config import RunConfig, TrainConfig, config_from_dict
 from raylin.convert import convert, freezable_copied_parameters
 from raylin.data.tasks import TaskData, finish_scores, load_task_data, load_task_model, score_sums, score_width
 from raylin.data.text import GlobalBatches
@@ -46,6 +46,35 @@ RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_ever
 # loss NaN at STEP, "crash-in-checkpoint:STEP" ends rank 0 while writing the checkpoint of STEP.
 # Each fires once per output folder (a marker file remembers it).
 FAULT_ENV = "RAYLIN_TEST_FAULT"
+
+
+def evaluates_at(step: int, train: TrainConfig) -> bool:
+    """Whether the loop evaluates after ``step`` (1-based): every ``eval_every`` steps and the last."""
+    return step == train.max_steps or bool(train.eval_every) and step % train.eval_every == 0
+
+
+def checkpoints_at(step: int, train: TrainConfig) -> bool:
+    """Whether the loop checkpoints after ``step`` (1-based): every ``checkpoint_every`` steps and the last."""
+    return step == train.max_steps or step % train.checkpoint_every == 0
+
+
+def reports_at(step: int, train: TrainConfig) -> bool:
+    """Whether ``step``'s metrics reach Ray Train (and so Ray Tune's schedulers): evaluations and checkpoints."""
+    return evaluates_at(step, train) or checkpoints_at(step, train)
+
+
+def read_train_log(output_dir: str | Path) -> list[dict]:
+    """A run's train log, one record per step in step order; empty when the run has not logged.
+
+    A resumed run re-runs the steps after its checkpoint and appends them: the last record of a
+    step wins. Unlike Ray Tune's per-trial results, this survives a sweep's interruption whole."""
+    log = Path(output_dir) / TRAIN_LOG
+    by_step = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def config_fingerprint(config: RunConfig) -> str:
@@ -243,7 +272,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Prefetch: the teacher works on step s+1 while the student computes step s. Not across a
         # checkpoint, so a saved trajectory teacher has seen exactly the steps before it.
         prefetched = None
-        if prefetch and step + 1 < config.train.max_steps and (step + 1) % config.train.checkpoint_every:
+        if prefetch and not checkpoints_at(step + 1, config.train):
             prefetched = batch_for(step + 1)
             ask_teacher(step + 1, *prefetched)
         guidance = schedule.at(step)
@@ -283,7 +312,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
-        if config.train.eval_every and (step + 1) % config.train.eval_every == 0 or done:
+        if evaluates_at(step + 1, config.train):
             scores = evaluate(engine.module, data, config, device, rank, world)
             metrics |= {f"eval_{k}": v for k, v in scores.items()}
         if rank == 0:
@@ -292,8 +321,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and ((step + 1) % 10 == 0 or done):
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[raylin] {shown}", flush=True)
-        checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or done
-        if any(key.startswith("eval_") for key in metrics) and not checkpoint_now:
+        checkpoint_now = checkpoints_at(step + 1, config.train)
+        if reports_at(step + 1, config.train) and not checkpoint_now:
             ray.train.report(metrics)  # evaluation results reach Ray Tune's schedulers between checkpoints
         if checkpoint_now:
             state = {"step": step + 1, "tokens": tokens_seen, "lit": lit.state_dict() if lit else None,

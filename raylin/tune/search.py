@@ -24,8 +24,9 @@ trainer's driver; TuneReportCallback forwards the workers' reports to Tune, so A
 trials). Trials with fixed teachers share one TeacherPool (one replica per node, serving the union
 of what any trial's losses need) and the activation cache, instead of each loading the teacher; a
 trajectory trial gets its own stateful pool. An interrupted sweep resumes with ``--resume``
-(``Tuner.restore``). Results: OUTPUT_DIR/tune/results.csv, results.md, curves.png (metric vs step
-per trial), summary.json and best_config.yaml, which ``raylin convert`` accepts unchanged.
+(``Tuner.restore``). Results: OUTPUT_DIR/tune/results.csv, results.md, curves.png and curves.json
+(metric vs step per trial, from each trial's own train log, so an interruption loses nothing),
+summary.json and best_config.yaml, which ``raylin convert`` accepts unchanged.
 
 Limits: the search spaces are Ray Tune's basic variants (no conditional dimensions); trial
 output folders live under OUTPUT_DIR/trials/, so on a multi-node cluster OUTPUT_DIR must be on
@@ -130,10 +131,15 @@ def param_space(section: TuneSection) -> dict[str, Any]:
 def trial_config(base: dict, params: dict[str, Any], trial_name: str) -> RunConfig:
     """The run config of one trial: the base with the sampled fields set, in its own output folder."""
     data = copy.deepcopy(base)
-    data["output_dir"] = str(Path(base["output_dir"]).expanduser().resolve() / TRIALS_DIR / trial_name)
+    data["output_dir"] = str(trial_dir(base, trial_name))
     data["name"] = trial_name
     overrides = [f"{key}={json.dumps(_plain(value))}" for key, value in params.items()]
     return config_from_dict(data, overrides)
+
+
+def trial_dir(base: dict, trial_name: str) -> Path:
+    """A trial's output folder: OUTPUT_DIR/trials/<trial name>."""
+    return Path(base["output_dir"]).expanduser().resolve() / TRIALS_DIR / trial_name
 
 
 def _plain(value):
@@ -306,23 +312,31 @@ class SweepInterrupted(RuntimeError):
 
 
 def write_results(results, section: TuneSection, base: dict, folder: Path) -> dict:
-    """results.csv, results.md, curves.png and best_config.yaml from a finished sweep."""
+    """results.csv, results.md, curves.png, curves.json and best_config.yaml from a finished sweep.
+
+    Each trial's history is read from its own train log at the steps the loop reported to Tune,
+    not from Tune's per-trial results: Tune restarts a trial interrupted mid-run with empty results
+    (our checkpoints are Ray Train's, not Tune's), so those would hold only what it reported after
+    the resume, and nothing for a trial interrupted after its last checkpoint."""
+    from raylin.train.loop import read_train_log, reports_at
+
     frame = results.get_dataframe()
     params = sorted(section.space)
+    metric = section.metric
     rows = []
-    max_steps = config_from_dict(base).train.max_steps
-    for result in results:
-        config = {k.removeprefix("config/"): v for k, v in result.config.items()} if result.config else {}
-        history = result.metrics_dataframe
-        metric = section.metric
-        values = history[metric].dropna().tolist() if history is not None and metric in history else []
+    train = config_from_dict(base).train
+    # ResultGrid lists its results in the order of the analysis' trials.
+    for trial, result in zip(results._experiment_analysis.trials, results, strict=True):
+        name = str(trial)  # the trial's name: its output folder under OUTPUT_DIR/trials
+        config = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
+        log = read_train_log(trial_dir(base, name))
+        history = [[r["step"], r[metric]] for r in log if metric in r and reports_at(r["step"], train)]
+        values = [value for _, value in history]
         best_value = (max(values) if section.mode == "max" else min(values)) if values else float("nan")
-        steps = int(history["step"].max()) if history is not None and "step" in history else 0
-        rows.append({"trial": Path(result.path).name, **{p: _plain(config.get(p)) for p in params},
-                     metric: best_value, "steps": steps, "stopped_early": steps < max_steps,
-                     "error": str(result.error) if result.error else "",
-                     "history": [] if history is None else history[["step", metric]].dropna().values.tolist()
-                     if metric in history and "step" in history else []})
+        steps = log[-1]["step"] if log else 0
+        rows.append({"trial": name, **{p: _plain(config.get(p)) for p in params}, metric: best_value,
+                     "steps": steps, "stopped_early": steps < train.max_steps,
+                     "error": str(result.error) if result.error else "", "history": history})
     ordered = sorted((r for r in rows if not math.isnan(r[section.metric])), key=lambda r: r[section.metric],
                      reverse=section.mode == "max")
     import csv
@@ -339,6 +353,7 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
                      + f" | {row[section.metric]:.4f} | {row['steps']} | {'yes' if row['stopped_early'] else 'no'} |")
     write_text_atomic(folder / "results.md", "\n".join(lines) + "\n")
     _plot(rows, section, folder / "curves.png")
+    write_text_atomic(folder / "curves.json", json.dumps({row["trial"]: row["history"] for row in rows}, indent=1))
     if not ordered:
         raise RuntimeError(f"No trial reported {section.metric!r}; see {folder}/sweep for the trials' errors.")
     best = ordered[0]
