@@ -312,7 +312,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
-        if evaluates_at(step + 1, config.train):
+        evaluate_now, checkpoint_now = evaluates_at(step + 1, config.train), checkpoints_at(step + 1, config.train)
+        if evaluate_now:
             scores = evaluate(engine.module, data, config, device, rank, world)
             metrics |= {f"eval_{k}": v for k, v in scores.items()}
         if rank == 0:
@@ -321,8 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and ((step + 1) % 10 == 0 or done):
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[raylin] {shown}", flush=True)
-        checkpoint_now = checkpoints_at(step + 1, config.train)
-        if reports_at(step + 1, config.train) and not checkpoint_now:
+        if evaluate_now and not checkpoint_now:
             ray.train.report(metrics)  # evaluation results reach Ray Tune's schedulers between checkpoints
         if checkpoint_now:
             state = {"step": step + 1, "tokens": tokens_seen, "lit": lit.state_dict() if lit else None,

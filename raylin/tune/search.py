@@ -131,15 +131,10 @@ def param_space(section: TuneSection) -> dict[str, Any]:
 def trial_config(base: dict, params: dict[str, Any], trial_name: str) -> RunConfig:
     """The run config of one trial: the base with the sampled fields set, in its own output folder."""
     data = copy.deepcopy(base)
-    data["output_dir"] = str(trial_dir(base, trial_name))
+    data["output_dir"] = str(Path(base["output_dir"]).expanduser().resolve() / TRIALS_DIR / trial_name)
     data["name"] = trial_name
     overrides = [f"{key}={json.dumps(_plain(value))}" for key, value in params.items()]
     return config_from_dict(data, overrides)
-
-
-def trial_dir(base: dict, trial_name: str) -> Path:
-    """A trial's output folder: OUTPUT_DIR/trials/<trial name>."""
-    return Path(base["output_dir"]).expanduser().resolve() / TRIALS_DIR / trial_name
 
 
 def _plain(value):
@@ -324,18 +319,18 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     params = sorted(section.space)
     metric = section.metric
     rows = []
-    train = config_from_dict(base).train
     # ResultGrid lists its results in the order of the analysis' trials.
     for trial, result in zip(results._experiment_analysis.trials, results, strict=True):
-        name = str(trial)  # the trial's name: its output folder under OUTPUT_DIR/trials
-        config = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
-        log = read_train_log(trial_dir(base, name))
-        history = [[r["step"], r[metric]] for r in log if metric in r and reports_at(r["step"], train)]
+        name = str(trial)  # the trial's name, as run_trial gave it to trial_config
+        # The trial's own config: a sweep may search train.max_steps, eval_every or checkpoint_every.
+        run = trial_config(base, trial.config, name)
+        log = read_train_log(run.output_dir)
+        history = [[r["step"], r[metric]] for r in log if metric in r and reports_at(r["step"], run.train)]
         values = [value for _, value in history]
         best_value = (max(values) if section.mode == "max" else min(values)) if values else float("nan")
         steps = log[-1]["step"] if log else 0
-        rows.append({"trial": name, **{p: _plain(config.get(p)) for p in params}, metric: best_value,
-                     "steps": steps, "stopped_early": steps < train.max_steps,
+        rows.append({"trial": name, **{p: _plain(trial.config.get(p)) for p in params}, metric: best_value,
+                     "steps": steps, "stopped_early": steps < run.train.max_steps,
                      "error": str(result.error) if result.error else "", "history": history})
     ordered = sorted((r for r in rows if not math.isnan(r[section.metric])), key=lambda r: r[section.metric],
                      reverse=section.mode == "max")
