@@ -55,10 +55,11 @@ def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -
 
     try:
         config = load_config(args.config, args.set + (extra or []))
+        result = run(config)  # checks what needs reading (evaluation sets) before any work starts
     except ConfigError as error:
         print(f"raylin: invalid config: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(run(config), indent=1))
+    print(json.dumps(result, indent=1))
     return 0
 
 

@@ -138,6 +138,28 @@ class AlignConfig:
 
 
 @dataclass
+class BroadConfig:
+    """The broad-data stage (raylin.data.broad): unlabeled data broader than the task's, for alignment."""
+
+    enabled: bool = False
+    data: str = "auto"  # auto: the task's built-in (text: passages; speech: voices) | passages | voices
+    source: dict[str, Any] = field(default_factory=dict)  # a local / Hub source instead (eval-set keys)
+    examples: int = 2000  # broad examples joining the align stage's training examples
+    augment: bool = True  # speech: broad clips are augmented (raylin.data.augment)
+    train_copies: int = 0  # speech: augmented copies of every training clip join distillation's training set
+    seed: int = 0
+
+
+@dataclass
+class EvalSetConfig:
+    """An evaluation set beyond the held-out split (raylin.data.eval_sets): a built-in name, or a source."""
+
+    name: str
+    source: dict[str, Any] = field(default_factory=dict)  # empty: the built-in set ``name``
+    max_examples: int | None = None  # default: data.max_eval_examples
+
+
+@dataclass
 class RunConfig:
     teacher: str  # the pretrained (source) model: folder, Hub id or asset:NAME
     output_dir: str
@@ -151,6 +173,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher_service: TeacherServiceConfig = field(default_factory=TeacherServiceConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    broad: BroadConfig = field(default_factory=BroadConfig)
+    # Out-of-distribution sets scored for teacher and student (retention); None: the data set's defaults.
+    eval_sets: list[EvalSetConfig] | None = None
     name: str | None = None  # run name (resume key); default: the output folder's name
 
     # ----- derived views --------------------------------------------------------------------
@@ -206,6 +231,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     if not isinstance(data, dict):
         raise ConfigError("A config must be a mapping of keys to values.")
     data = _apply_overrides(data, overrides or [])
+    if isinstance(data.get("eval_sets"), list):  # a bare name stands for {name: NAME} (a built-in set)
+        data["eval_sets"] = [{"name": entry} if isinstance(entry, str) else entry for entry in data["eval_sets"]]
     config = _build(RunConfig, data, "")
     _absolute_paths(config)
     validate(config)
@@ -215,6 +242,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 def _absolute_paths(config: RunConfig) -> None:
     """Make local paths absolute: Ray Train workers run in their own working directory."""
     config.output_dir = str(Path(config.output_dir).expanduser().resolve())
+    for source in [entry.source for entry in config.eval_sets or []] + [config.broad.source]:
+        path = source.get("path") if isinstance(source, dict) else None
+        if isinstance(path, str) and path and Path(path).expanduser().exists():
+            source["path"] = str(Path(path).expanduser().resolve())
     if config.align.dir:
         config.align.dir = str(Path(config.align.dir).expanduser().resolve())
     local = lambda path: str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
@@ -351,6 +382,11 @@ def validate(config: RunConfig) -> None:
     need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0 and a.projection_lr > 0,
          "align.steps, align.batch_size, align.num_workers, align.lr and align.projection_lr must be positive.")
     need(a.parameters in ("new", "all"), f"align.parameters must be 'new' or 'all', got {a.parameters!r}.")
+    from raylin.data.broad import check as check_broad
+    from raylin.data.eval_sets import check as check_eval_sets
+
+    problems = check_eval_sets(config) + check_broad(config)
+    need(not problems, " ".join(problems))
     try:
         plan = Plan.from_mapping(config.plan)
     except PlanError as error:

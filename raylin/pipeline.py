@@ -3,11 +3,13 @@
 The config is validated before Ray starts. Training runs on Ray Train workers (raylin.train);
 the last checkpoint carries the HF-format student, which is copied to OUTPUT_DIR/student/. The
 teacher (the target teacher when there is one, else the source model with its task head) is
-scored on the same held-out split in this process (once per teacher checkpoint and held-out set
+scored on the same held-out split and evaluation sets (``eval_sets``: data training never showed,
+raylin.data.eval_sets) in this process (once per teacher checkpoint and held-out set
 when its head is trained: ``score_teacher``). Writes:
 
     OUTPUT_DIR/student/        the student folder (raylin.load_student)
-    OUTPUT_DIR/metrics.json    {"teacher": {...}, "student": {...}, "steps", "tokens", "wall_s"}
+    OUTPUT_DIR/metrics.json    {"teacher": {...}, "student": {...}, "retention": {set: {metric, teacher,
+                               student, retention}}, "steps", "tokens", "wall_s"}
     OUTPUT_DIR/report.md       config, scores and the XATL transfer report
     OUTPUT_DIR/config.yaml     the validated config, as run
 
@@ -28,9 +30,21 @@ from pathlib import Path
 
 import torch
 
-from raylin.config import RunConfig, dump_config
+from raylin.config import ConfigError, RunConfig, dump_config
 from raylin.data.assets import write_text_atomic
+from raylin.data.eval_sets import preload as preload_eval_sets
+from raylin.data.eval_sets import resolve as resolve_eval_sets
+from raylin.eval.retention import retention_table, table_markdown
 from raylin.train.loop import STUDENT_DIR, evaluate
+
+
+def check_eval_sets(config: RunConfig) -> None:
+    """Read the run's evaluation sets before any work starts (raylin.data.eval_sets.preload); a set
+    that cannot be read is bad input: ConfigError."""
+    try:
+        preload_eval_sets(config)
+    except ValueError as error:
+        raise ConfigError(f"eval_sets: {error}") from None
 
 
 def finished_run(config: RunConfig) -> dict | None:
@@ -110,7 +124,8 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
         from raylin.teacher.cache import teacher_fingerprint
 
         identity = {"teacher": teacher_fingerprint(teacher), "task": dataclasses.asdict(config.task),
-                    "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size}
+                    "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size,
+                    "eval_sets": [dataclasses.asdict(entry) for entry in resolve_eval_sets(config)]}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
         cached = cache_dir() / TEACHER_SCORES_DIR / f"{key}.json"
         if cached.is_file():
@@ -127,6 +142,7 @@ def run_conversion(config: RunConfig) -> dict:
     from raylin.train.trainer import check_disk, fit, publish_outputs, published_outputs
 
     started = time.perf_counter()
+    check_eval_sets(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
@@ -148,9 +164,12 @@ def run_conversion(config: RunConfig) -> dict:
         shutil.rmtree(out / STUDENT_DIR, ignore_errors=True)
         os.replace(staging, out / STUDENT_DIR)
     final = result.metrics or {}
+    teacher_scores = score_teacher(config)
+    student_scores = {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")}
     metrics = {
-        "teacher": score_teacher(config),
-        "student": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
+        "teacher": teacher_scores,
+        "student": student_scores,
+        "retention": retention_table(config.task.type, teacher_scores, student_scores),
         "steps": final.get("step"),
         "tokens": final.get("tokens"),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -185,13 +204,16 @@ def render_report(config: RunConfig, metrics: dict) -> str:
         f"{config.teacher} -> {config.plan.get('mixer')} student ({params:,} parameters), "
         f"guidance **{config.guidance.mode}**, {metrics['steps']} steps, {metrics['tokens']:,} tokens, "
         f"{metrics['wall_s']} s.\n\n| metric | teacher | student |\n|---|---:|---:|\n{rows}\n\n"
+        f"## Retention (student / teacher; teacher / student for perplexity and error rates)\n\n"
+        f"{table_markdown(metrics.get('retention', {}))}\n\n"
         f"Student folder: `{Path(config.output_dir) / STUDENT_DIR}`.\n\n## Config\n\n```yaml\n{dump_config(config)}```\n"
     )
 
 
 def run_eval(config: RunConfig, student_dir: str | None = None, length: int | None = None) -> dict:
     """Score the teacher and a student folder (default OUTPUT_DIR/student) on the config's held-out
-    sets, and time one forward of each on this process's CPU or GPU: at ``length`` tokens (default:
+    sets (the held-out split and every evaluation set, with each set's retention), and time one forward
+    of each on this process's CPU or GPU: at ``length`` tokens (default:
     the model's longest) for text, on one held-out clip for speech. Writes OUTPUT_DIR/eval.json.
     Limits: batch 1 for the timing."""
     from raylin.data.tasks import load_task_data, load_task_model
@@ -201,6 +223,7 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     folder = Path(student_dir) if student_dir else Path(config.output_dir) / STUDENT_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No student folder at {folder}: run `raylin convert` first or pass --student.")
+    check_eval_sets(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(folder).to(device)
     teacher, processor = load_task_model(config, config.target_teacher or config.teacher)
@@ -209,6 +232,7 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     result: dict = {"student_dir": str(folder), "device": str(device)}
     for name, model in (("teacher", teacher), ("student", student)):
         result[name] = evaluate(model, data, config, device, 0, 1)
+    result["retention"] = retention_table(config.task.type, result["teacher"], result["student"])
     if student.family.modality == "text":
         positions = getattr(teacher.config, "max_position_embeddings", 512)
         length = min(length or positions, positions)

@@ -1,4 +1,4 @@
-"""Spoken digits synthesised for real with espeak-ng and flite (quick recipe, a few hundred clips).
+"""Spoken digits synthesised for real with espeak-ng, flite and Festival (quick recipe, a few hundred clips).
 
 Like the shipped-model tests, these use the real cache ($RAYLIN_CACHE, default ~/.cache/raylin):
 the first run fetches the Debian packages (unless espeak-ng and flite are on PATH) and builds the
@@ -24,7 +24,8 @@ from raylin.data.speech import (
 
 # One accent, one variant, one setting per engine: 20 clips, built in a second or two.
 TINY = DigitRecipe(
-    num_variants=1, speeds=(175,), pitches=(50,), accents=("en-us",), flite_voices=("slt",), flite_stretches=(1.0,)
+    num_variants=1, speeds=(175,), pitches=(50,), accents=("en-us",), flite_voices=("slt",), flite_stretches=(1.0,),
+    festival_voices=(),
 )
 
 
@@ -47,7 +48,9 @@ def test_quick_sizes_and_balanced_labels(splits):
     assert len(splits.eval_audio) == len(splits.eval_labels) == len(EVAL_ACCENTS) * 2 * 2 * 10
     flite_audio, flite_labels = splits.extra["flite"]
     assert len(flite_audio) == len(flite_labels) == len(QUICK_RECIPE.flite_voices) * 10
-    for labels in (splits.train_labels, splits.eval_labels, flite_labels):
+    festival_audio, festival_labels = splits.extra["festival"]  # a third synthesiser, never trained on
+    assert len(festival_audio) == len(QUICK_RECIPE.festival_voices) * len(QUICK_RECIPE.festival_stretches) * 10
+    for labels in (splits.train_labels, splits.eval_labels, flite_labels, festival_labels):
         counts = Counter(labels)
         assert sorted(counts) == list(range(len(DIGITS))) and len(set(counts.values())) == 1
 
@@ -63,7 +66,7 @@ def test_held_out_accents_never_reach_training(splits):
 
 
 def test_audio_is_trimmed_float32_16khz_mono_within_range(splits):
-    clips = splits.train_audio + splits.eval_audio + splits.extra["flite"][0]
+    clips = splits.train_audio + splits.eval_audio + splits.extra["flite"][0] + splits.extra["festival"][0]
     for clip in clips:
         assert clip.dtype == np.float32 and clip.ndim == 1
         assert SAMPLING_RATE // 10 <= len(clip) <= 2 * SAMPLING_RATE
@@ -79,7 +82,7 @@ def test_loads_are_identical_and_read_the_cache(splits, monkeypatch, tmp_path):
     assert again.train_labels == splits.train_labels and again.train_voices == splits.train_voices
     assert all(np.array_equal(a, b) for a, b in zip(again.eval_audio, splits.eval_audio))
     meta = json.loads((synthesize_digits(QUICK_RECIPE).parent / "meta.json").read_text())
-    assert meta["clips"] == 370 and len(meta["variants"]) == 2
+    assert meta["clips"] == 380 and len(meta["variants"]) == 2
 
 
 def test_synthesis_is_deterministic_and_seeded(splits, monkeypatch, tmp_path):

@@ -109,7 +109,7 @@ def test_ctc_student_keeping_every_attention_layer_scores_exactly_like_the_teach
     keep_all = dataclasses.replace(config, plan={"mixer": "bimamba2", "keep_attention": [0, 1]})
     student, _, extractor = converted_student(keep_all)
     data = load_task_data(keep_all, extractor)
-    assert set(data.eval_sets) == {"", "flite"}
+    assert set(data.eval_sets) == {"", "flite", "festival"}
     batch = data.train_batch([0, 1, 2])
     assert batch["input_values"].shape[0] == 3 and batch["attention_mask"].shape == batch["input_values"].shape
     words = {ids_to_text(row[row >= 0].tolist()) for row in batch["labels"]}
@@ -117,7 +117,7 @@ def test_ctc_student_keeping_every_attention_layer_scores_exactly_like_the_teach
     teacher, _ = load_task_model(keep_all, ctc_teacher)
     cpu = torch.device("cpu")
     scores = evaluate(student, data, keep_all, cpu, 0, 1)
-    assert set(scores) == {"wer", "cer", "flite_wer", "flite_cer"}
+    assert set(scores) == {"wer", "cer", "flite_wer", "flite_cer", "festival_wer", "festival_cer"}
     assert scores == evaluate(teacher, data, keep_all, cpu, 0, 1)
     converted, _, _ = converted_student(config)  # every layer bimamba2: runs and scores
     assert 0 <= evaluate(converted, data, config, cpu, 0, 1)["cer"]
@@ -294,6 +294,7 @@ def test_ctc_conversion_runs_on_ray_with_a_served_cached_teacher(ctc_teacher, ra
     metrics = run_conversion(config)
     assert metrics["steps"] == 4 and metrics["tokens"] > 0
     assert {"wer", "cer", "flite_wer", "flite_cer"} <= set(metrics["student"]) and "wer" in metrics["teacher"]
+    assert {"held_out", "flite", "festival"} == set(metrics["retention"])
     student = raylin.load_student(tmp_path / "run" / "student")
     inputs = family_for(student.model).example_inputs(student.teacher_config, [16_000, 9_000])
     assert len(greedy_decode(student(**inputs).logits, state_mask(student, inputs))) == 2

@@ -47,6 +47,26 @@ def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
         Path(staging).unlink(missing_ok=True)
 
 
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``target``, made by ``build(staging)`` in a temporary folder next to it and moved
+    into place whole, unless ``target/marker`` already exists. Readers never see a partial folder;
+    of two processes building at once, the first to finish wins and the other's work is dropped."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / marker).exists():  # a concurrent build that won the race is fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see ``save_atomic``)."""
     save_atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
@@ -80,18 +100,8 @@ def available(name: str) -> bool:
 
 def _cached_folder(name: str, build) -> Path:
     """The cached transformers folder of a converted asset, built atomically on first use."""
-    target = cache_dir() / "assets" / name
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        build(_package_dir(_MODULES[name], name), staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir() / "assets" / name, "model.safetensors",
+                      lambda staging: build(_package_dir(_MODULES[name], name), staging))
 
 
 def _build_smollm2(package: Path, out: Path) -> None:

@@ -133,8 +133,8 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
         if isinstance(dataset.features[source.audio_column], datasets.Audio):
             dataset = dataset.cast_column(source.audio_column, datasets.Audio(decode=False))
         splits[role] = dataset
-    rows = {"train": _subset(len(splits["train"]), data.max_train_examples, data.seed, spread=False),
-            "eval": _subset(len(splits["eval"]), data.max_eval_examples, data.seed, spread=True)}
+    rows = {"train": subset_rows(len(splits["train"]), data.max_train_examples, data.seed, spread=False),
+            "eval": subset_rows(len(splits["eval"]), data.max_eval_examples, data.seed, spread=True)}
     columns = {role: list(dataset[source.target_column]) for role, dataset in splits.items()}
     targets = {role: column if rows[role] is None else [column[i] for i in rows[role]] for role, column in columns.items()}
     if task != "ctc":  # class names from the whole training split: a capped subset may miss some
@@ -142,7 +142,10 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
     return {role: (AudioClips(splits[role], source.audio_column, rows[role]), targets[role]) for role in splits}
 
 
-def _subset(size: int, cap: int | None, seed: int, spread: bool) -> list[int] | None:
+def subset_rows(size: int, cap: int | None, seed: int = 0, spread: bool = True) -> list[int] | None:
+    """Rows to keep of ``size`` under a cap: None (all) when ``cap`` is None or not below ``size``;
+    else an even spread (held-out sets: every part of the set is represented) or, without
+    ``spread``, a seeded random choice, in row order."""
     if cap is None or cap >= size:
         return None
     if spread:

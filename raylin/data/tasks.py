@@ -15,8 +15,10 @@ padded or cropped to ``data.max_seconds``; a Whisper encoder is shortened to mat
 are fixed sinusoids, re-made for the first ``50 * max_seconds`` positions: the original table up to
 its fp16 storage rounding).
 
-Extra held-out sets (the spoken digits' unseen ``flite`` engine) are scored too and reported as
-``eval_<name>_<metric>``. CTC targets are characters of raylin's vocabulary (raylin.data.transcripts);
+Evaluation sets beyond the held-out split (``eval_sets:``, raylin.data.eval_sets: IMDB for a Rotten
+Tomatoes student, flite and Festival for spoken digits, fortunes for an Austen language model, or any
+local or Hub source) are extra names in ``TaskData.eval_sets``, scored at the end of a run and
+reported as ``eval_<name>_<metric>``. CTC targets are characters of raylin's vocabulary (raylin.data.transcripts);
 the held-out word error rate decodes greedily (best path). CTC needs a model class with a CTC head
 (Wav2Vec2, HuBERT); the Whisper encoder has none.
 
@@ -130,25 +132,44 @@ class TaskData:
         return self.builder(name or "eval", indices)
 
 
-def load_task_data(config, processor) -> TaskData:
-    """The examples of ``config.data`` for ``config.task``, batched with ``processor``."""
+STAGES = ("distill", "align")
+NO_LABEL = -100  # the target of an unlabeled broad example (the align stage reads inputs only)
+
+
+def load_task_data(config, processor, stage: str = "distill") -> TaskData:
+    """The examples of ``config.data`` for ``config.task``, batched with ``processor``. With
+    ``broad.enabled`` the ``align`` stage's training split is followed by the broad examples
+    (raylin.data.broad) and, for speech, the ``distill`` stage's by ``broad.train_copies``
+    augmented copies of every training clip."""
     task, data = config.task.type, config.data
     if data.name not in datasets_for(task):
         raise ValueError(f"data.name {data.name!r} is not a {task} data set; choose one of {datasets_for(task)}.")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
+    broad = config.broad.enabled and stage == "align"
     if task == "sequence_classification":
-        return _text_classification(data, processor)
+        return _text_classification(config, processor, broad)
     if task == "causal_lm":
-        return _language_modelling(data, processor)
+        return _language_modelling(config, processor, broad)
     if task in ("utterance_classification", "ctc"):
-        return _speech(data, processor, task, config.task.num_labels)
+        copies = config.broad.train_copies if config.broad.enabled and stage == "distill" else 0
+        return _speech(config, processor, broad, copies)
     raise NotImplementedError(f"task.type {task!r} has no data pipeline yet; supported: {sorted(METRICS)}.")
 
 
-def _text_classification(data, tokenizer) -> TaskData:
+def _text_classification(config, tokenizer, broad: bool) -> TaskData:
+    from raylin.data.broad import broad_texts
+    from raylin.data.eval_sets import load_text_set, resolve
     from raylin.data.text import load_splits, tokenize
 
+    data = config.data
     splits = load_splits(data)
     sets = {"train": (splits.train_texts, splits.train_labels), "eval": (splits.eval_texts, splits.eval_labels)}
+    if broad:  # passages of about max_length tokens (3 words are about 4 tokens)
+        texts = broad_texts(config, max_words=max(8, data.max_length * 3 // 4))
+        sets["train"] = (splits.train_texts + texts, splits.train_labels + [NO_LABEL] * len(texts))
+    extra = {entry.name: load_text_set(entry, config) for entry in resolve(config)}
+    sets |= extra
 
     def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
         texts, labels = sets[name]
@@ -156,7 +177,8 @@ def _text_classification(data, tokenizer) -> TaskData:
         batch["labels"] = torch.tensor([labels[i] for i in indices])
         return dict(batch)
 
-    return TaskData("sequence_classification", len(splits.train_texts), {"": len(splits.eval_texts)}, build)
+    return TaskData("sequence_classification", len(sets["train"][0]),
+                    {"": len(splits.eval_texts)} | {name: len(texts) for name, (texts, _) in extra.items()}, build)
 
 
 def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
@@ -165,7 +187,12 @@ def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor(token_ids[: count * length], dtype=torch.long).view(count, length)
 
 
-def _language_modelling(data, tokenizer) -> TaskData:
+def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
+    from raylin.data.audio import subset_rows
+    from raylin.data.broad import broad_texts
+    from raylin.data.eval_sets import load_lm_documents, resolve
+
+    data = config.data
     documents = _lm_documents(data)
     windows = {split: token_windows(_token_ids(tokenizer, texts, cache=data.name == "austen"), data.max_length)
                for split, texts in documents.items()}
@@ -176,12 +203,22 @@ def _language_modelling(data, tokenizer) -> TaskData:
     if data.max_eval_examples is not None:
         step = max(1, len(windows["eval"]) // data.max_eval_examples)
         windows["eval"] = windows["eval"][::step][: data.max_eval_examples]
+    if broad:  # broad.source's documents, cut into windows like the corpus
+        stream = token_windows(_token_ids(tokenizer, broad_texts(config, max_words=10**9), cache=True), data.max_length)
+        windows["train"] = torch.cat([windows["train"], stream[: config.broad.examples]])
+    extra = {}
+    for entry in resolve(config):  # tokenised once per tokenizer and corpus (the token cache)
+        stream = token_windows(_token_ids(tokenizer, load_lm_documents(entry), cache=True), data.max_length)
+        rows = subset_rows(len(stream), entry.max_examples)
+        extra[entry.name] = stream if rows is None else stream[rows]
+    windows |= extra
 
     def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
         input_ids = windows[name][indices]
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
-    return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])}, build)
+    return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])} | {k: len(v) for k, v in extra.items()},
+                    build)
 
 
 def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
@@ -247,21 +284,37 @@ def _pile_documents(data) -> dict[str, list[str]]:
     return {"train": take("train", data.max_train_examples or 20_000), "eval": take("validation", data.max_eval_examples or 500)}
 
 
-def _speech(data, processor, task: str, num_labels: int) -> TaskData:
+def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     """Clips with class ids (utterance_classification) or transcripts (ctc)."""
     from raylin.data.audio import SAMPLING_RATE
+    from raylin.data.broad import AugmentedClips, broad_clips
+    from raylin.data.eval_sets import load_speech_set, resolve
+    from raylin.data.speech import DIGITS
 
+    data, task, num_labels = config.data, config.task.type, config.task.num_labels
+    builtin_sets = {}
     if data.name == "hub_audio":
         from raylin.data.audio import load_audio_splits
 
-        sets, extra = load_audio_splits(data, task), {}
+        sets = load_audio_splits(data, task)
     else:
-        sets, extra = _spoken_digit_sets(data, task)
+        sets, builtin_sets = _spoken_digit_sets(data)
+    extra = {entry.name: load_speech_set(entry, config, builtin_sets) for entry in resolve(config)}
+    if task == "ctc":  # spoken digits transcribe the digit words
+        sets = {k: (clips, [DIGITS[t] for t in targets]) if data.name == "spoken_digits" else (clips, targets)
+                for k, (clips, targets) in sets.items()}
     if task == "utterance_classification":
         classes = 1 + max(max(sets["train"][1], default=0), max(sets["eval"][1], default=0))
         if classes > num_labels:
             raise ValueError(f"data.{data.name} has {classes} classes but task.num_labels is {num_labels}; set "
                              f"task.num_labels: {classes}.")
+    clips, targets = sets["train"]
+    if copies:  # augmented copies of every training clip, labels kept
+        sets["train"] = (AugmentedClips(clips, copies, config.broad.seed), list(targets) * (copies + 1))
+    if broad:
+        unlabeled = broad_clips(config)
+        sets["train"] = (_Concatenated([clips, unlabeled]),
+                         list(targets) + ["" if task == "ctc" else NO_LABEL] * len(unlabeled))
     # Classification crops clips to data.max_seconds; CTC never crops (a cropped clip no longer says
     # its transcript), so its batches are as long as their longest clip.
     max_samples = None if task == "ctc" else int(data.max_seconds * SAMPLING_RATE)
@@ -290,9 +343,26 @@ def _speech(data, processor, task: str, num_labels: int) -> TaskData:
     return TaskData(task, len(sets["train"][0]), eval_sets, build)
 
 
-def _spoken_digit_sets(data, task: str) -> tuple[dict, dict]:
-    """Spoken digits as (clips, targets) per split: digit ids, or the digit words for ctc."""
-    from raylin.data.speech import DIGITS, load_spoken_digits
+class _Concatenated:
+    """Sequences read as one, without copying them (the training clips, then the broad ones)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: int):
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError(index)
+
+
+def _spoken_digit_sets(data) -> tuple[dict, dict]:
+    """Spoken digits as (clips, digit ids) per split, and the synthesisers' extra sets (flite, festival)."""
+    from raylin.data.speech import load_spoken_digits
 
     splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
     sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels)}
@@ -301,9 +371,6 @@ def _spoken_digit_sets(data, task: str) -> tuple[dict, dict]:
         order = torch.randperm(len(splits.train_audio), generator=torch.Generator().manual_seed(data.seed)).tolist()
         keep = order[: data.max_train_examples]
         sets["train"] = ([splits.train_audio[i] for i in keep], [splits.train_labels[i] for i in keep])
-    if task == "ctc":
-        as_words = lambda pair: (pair[0], [DIGITS[label] for label in pair[1]])
-        sets, extra = {k: as_words(v) for k, v in sets.items()}, {k: as_words(v) for k, v in extra.items()}
     return sets, extra
 
 

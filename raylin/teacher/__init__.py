@@ -32,6 +32,8 @@ def teacher_spec(config) -> TeacherSpec:
     d = config.data
     data_key = (f"{d.name}|{d.eval_fraction}|{d.seed}|{d.max_train_examples}|{d.max_length}|{d.held_out}|"
                 f"{d.max_seconds}|{d.size}|{teacher_fingerprint(tokenizer_source)}")
+    if config.broad.enabled:  # training indices past the task's examples are broad examples or augmented copies
+        data_key += f"|broad:{sorted(vars(config.broad).items())}"
     options = model_options(config, config.target_teacher or config.teacher)
     return TeacherSpec(
         model_class=options.pop("model_class"),

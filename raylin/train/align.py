@@ -90,6 +90,8 @@ def _fingerprint(config: RunConfig) -> str:
     data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": init_teacher(config),
             "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype,
             "normalization": config.loss.normalization}
+    if config.broad.enabled:  # left out otherwise, so alignments made before the broad stage existed stay valid
+        data["broad"] = dataclasses.asdict(config.broad)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,7 +153,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     groups = [group for group in groups if group["params"]]
     optimizer = adamw(groups, weight_decay=0.0) if groups else None
 
-    data = load_task_data(config, processor)
+    data = load_task_data(config, processor, stage="align")  # with broad.enabled: task + broad examples
     batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)
     replica = pool.replica()
 

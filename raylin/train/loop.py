@@ -160,15 +160,19 @@ def count_tokens(batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> t
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world: int) -> dict[str, float]:
-    """The task metric on every held-out set, each worker scoring its shard. The main set's scores are
-    ``{metric: value}``, an extra set's ``{f"{name}_{metric}": value}``."""
+def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world: int,
+             sets: list[str] | None = None) -> dict[str, float]:
+    """The task metric on the held-out sets ``sets`` (default all: the main one, "", and every
+    evaluation set), each worker scoring its shard. The main set's scores are ``{metric: value}``,
+    an extra set's ``{f"{name}_{metric}": value}``."""
     model.eval()
     # No activations are kept for a backward pass, so a worker scores 4x its training batch at once
     # (fewer, larger forwards: what costs most on a CPU is the number of calls).
     batch_size = max(4 * config.train.batch_size // world, 8)
     scores: dict[str, float] = {}
     for name, size in data.eval_sets.items():
+        if sets is not None and name not in sets:
+            continue
         sums = torch.zeros(score_width(config.task.type), dtype=torch.float64, device=device)
         shard = list(range(rank, size, world))
         for start in range(0, len(shard), batch_size):
@@ -313,8 +317,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
         evaluate_now, checkpoint_now = evaluates_at(step + 1, config.train), checkpoints_at(step + 1, config.train)
-        if evaluate_now:
-            scores = evaluate(engine.module, data, config, device, rank, world)
+        if evaluate_now:  # the evaluation sets beyond the held-out split at the end only: they can be large
+            scores = evaluate(engine.module, data, config, device, rank, world, sets=None if done else [""])
             metrics |= {f"eval_{k}": v for k, v in scores.items()}
         if rank == 0:
             with open(Path(config.output_dir) / TRAIN_LOG, "a") as log:
