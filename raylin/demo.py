@@ -118,13 +118,16 @@ def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length:
         timing["speedup"] = timing["teacher_ms"] / timing["student_ms"]
 
     result = {"teacher_accuracy": metrics["teacher"]["accuracy"], "student_accuracy": metrics["student"]["accuracy"],
-              "steps": metrics["steps"], "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
+              "retention": metrics.get("retention", {}), "steps": metrics["steps"], "timings": timings, "wall_s": round(time.perf_counter() - started, 1),
               "student_dir": str(Path(config.output_dir) / "student"), "quick": quick}
     write_text_atomic(Path(out) / "demo.json", json.dumps(result, indent=1))
     trained, stretched = timings["trained"], timings["stretched"]
+    retained = "".join(f"  {name + ' accuracy':>18} teacher {row['teacher']:.4f}   student {row['student']:.4f}   "
+                       f"retention {row['retention']:.3f} (never trained on)\n"
+                       for name, row in result["retention"].items() if name != "held_out")
     print("[4/4] done\n"
           f"  held-out accuracy  teacher {result['teacher_accuracy']:.4f}   student {result['student_accuracy']:.4f} "
-          f"({result['steps']} distillation steps)\n"
+          f"({result['steps']} distillation steps)\n{retained}"
           f"  forward @ {trained['length']:>5} tokens  teacher {trained['teacher_ms']:8.1f} ms   student "
           f"{trained['student_ms']:8.1f} ms   {trained['speedup']:.2f}x\n"
           f"  forward @ {stretched['length']:>5} tokens  teacher {stretched['teacher_ms']:8.1f} ms   student "

@@ -57,7 +57,8 @@ def finished_run(config: RunConfig) -> dict | None:
 
 def finetune_config(config: RunConfig) -> RunConfig:
     """The run that fine-tunes the teacher itself: a "student" keeping every attention layer is
-    the teacher's own architecture and weights, trained unguided on the task."""
+    the teacher's own architecture and weights, trained unguided on the task (without the broad-data
+    stage, which is the student's: the teacher learns the task as it is given)."""
     from transformers import AutoConfig
 
     from raylin.models.families import family_for_config
@@ -72,6 +73,7 @@ def finetune_config(config: RunConfig) -> RunConfig:
         plan={"mixer": mixer, "keep_attention": layers},
         guidance=dataclasses.replace(config.guidance, mode="unguided", waypoints=[], hybrid_cutoff=None),
         freeze=dataclasses.replace(config.freeze, copied=False),
+        broad=dataclasses.replace(config.broad, enabled=False),
     )
 
 

@@ -108,6 +108,9 @@ SPEECH = {
     "data": {"name": "spoken_digits", "max_seconds": 2.0},
     "plan": {"mixer": "bimamba2", "init": "attention"},
     "train": {"batch_size": 32, "lr": 3.0e-4},
+    # The broad-data stage (raylin.data.broad): clips of other words by every espeak-ng variant,
+    # augmented, join the alignment (docs/results/broad-speech.json: what each variant bought).
+    "broad": {"enabled": True},
 }
 BUDGETS = ("quick", "hour", "long")
 # What each budget runs. ``hour`` and ``long`` run the whole grid; ``hour`` leaves out the speech
@@ -129,14 +132,15 @@ SIZES = {
     "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
                       "max_length": TEXT_DATA},
              "lm": {"steps": 40, "align_steps": 100, "evals": 4, "max_length": 128},
-             "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 150, "evals": 4}},
+             "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 300, "evals": 4, "broad_examples": 4000}},
     "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": {"linformer": 150, "bimamba2": 100}, "evals": 2,
                       "max_length": {"rotten_tomatoes": 64, "imdb": 64}},
              "lm": {"steps": 16, "align_steps": 40, "evals": 2, "max_length": 64},
-             "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 60, "evals": 2}},
+             "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 150, "evals": 2, "broad_examples": 2000}},
     "quick": {"text": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "max_length": TEXT_DATA, "cap": 96},
               "lm": {"steps": 2, "align_steps": None, "evals": 4, "max_length": 32, "cap": 32},
-              "speech": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "cap": 64, "size": "quick"}},
+              "speech": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "cap": 64, "size": "quick",
+                         "broad_examples": 16}},
 }
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
 PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
@@ -242,6 +246,8 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
     size = SIZES[budget]["speech"]
     steps = size["steps"]
     base = _sized(merge_sections(_COMMON, SPEECH), steps, size)
+    # The broad data feeds the align stage, which the smoke run leaves out.
+    base = merge_sections(base, {"broad": {"enabled": bool(size["align_steps"]), "examples": size["broad_examples"]}})
     if "size" in size:
         base = merge_sections(base, {"data": {"size": size["size"]}})
     log("speech / spoken digits")

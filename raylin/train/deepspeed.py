@@ -10,7 +10,10 @@ from raylin.config import TrainConfig
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` means bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is slower here)."""
+    """``auto`` means bf16 on GPUs that support it, fp32 elsewhere. On CPU, bf16 autocast was
+    re-measured on the 2-core AMX machine (docs/results/bf16-cpu.json): a training step of every
+    shipped student and teacher took 1.3-2x longer than fp32 at one thread per worker, so fp32 stays
+    the CPU default."""
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
             raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
