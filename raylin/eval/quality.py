@@ -379,6 +379,7 @@ def _reading_notes(budget: str) -> str:
     if budget == "quick":
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
+    lm_eval, speech_broad = LM["data"]["max_eval_examples"], f"{speech['broad_examples']:,}"
     other = {"hour": "long", "long": "hour"}[budget]
     text_align = ", ".join(f"{mixer} {steps}" for mixer, steps in text["align_steps"].items())
     return f"""## Reading these numbers
@@ -395,6 +396,21 @@ the training stack in them, 7 s to build the student, start DeepSpeed and the te
 take the first step, 2 s to save the last checkpoint and stop); the teacher is scored once per
 data set, not per run. The {other} budget's page (docs/{PAGES[other]}, `{COMMANDS[other]}`)
 shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
+
+**Retention.** Every run is also scored on data its training never showed: IMDB for the Rotten
+Tomatoes students and Rotten Tomatoes for the IMDB students (600 reviews each, same token cap),
+flite's five voices (150 clips) and Festival's ked diphone voice (30 clips, so one clip is 3.3
+points) for speech, and {lm_eval} windows of the fortunes corpus (quotations, jokes and verse by
+many authors, Debian's fortune data) for the language models. Retention is student / teacher
+(teacher / student for perplexity); the targets are 0.97 for text, 0.95 for speech and 2/3 (1.5x
+the teacher's perplexity) for language modelling. Speech students align on the task's clips plus
+{speech_broad} clips of other words by every espeak-ng voice variant, augmented (the broad-data
+stage, raylin.data.broad); text and language-model students align on their task's data only.
+
+**Precision.** Every suite trains and scores in fp32. bf16 autocast was measured on this machine
+(AMX) for every shipped student and teacher at the benchmark's per-worker batches and one thread
+per worker: a training step took 1.3-2x longer than in fp32 (docs/results/bf16-cpu.json), so it
+buys no steps here.
 
 **How each student starts.** As in the paper, target and hybrid students are converted from the
 target teacher (its fine-tuned weights, task head included); unguided, trajectory and waypoint
@@ -431,6 +447,24 @@ attention geometry did not change it. Published conversions of causal LMs train 
 tokens; this budget sees about 10^4. Levers not tried: a larger Linformer k, more steps at a lower
 learning rate, a GPU with the mamba-ssm kernels.
 """
+
+
+def _broad_lines(figures: Path) -> list[str]:
+    """The broad-data stage's speech experiment (docs/results/broad-speech.json, committed with the
+    page): what each variant kept in distribution and on the unseen synthesisers."""
+    file = figures / "broad-speech.json"
+    if not file.is_file():
+        return []
+    experiment = json.loads(file.read_text())
+    lines = ["### What the broad-data stage bought (speech)", "", experiment["what"] + ":", "",
+             "| setup | held-out | flite | Festival | wall s |", "|---|---:|---:|---:|---:|"]
+    for run in experiment["runs"].values():
+        kept = run["retention"]
+        lines.append(f"| {run['setup']} | " + " | ".join(f"{kept[name]['student']:.3f} ({kept[name]['retention']:.2f})"
+                                                        for name in ("held_out", "flite", "festival"))
+                     + f" | {run['wall_s']:.0f} |")
+    return lines + ["", "Student accuracy (retention). The last setup ships in the benchmark and in "
+                        "jobs/configs/whisper-tiny-digits-bimamba2.yaml.", ""]
 
 
 def write_results_page(result: dict, docs: Path) -> Path:
@@ -484,6 +518,7 @@ def write_results_page(result: dict, docs: Path) -> Path:
             per_token = (points[-1][1] - points[0][1]) / max(points[-1][0] - points[0][0], 1)
             lines.append(f"| {model} | " + " | ".join(f"{b / 2**20:.2f} MiB" for _, b in points) + f" | {per_token / 1024:.1f} KiB |")
         lines += ["", f"![decoding state vs context]({figures.name}/decoding-state.png)", ""]
+    lines += _broad_lines(figures) if budget != "quick" else []
     lines += [_reading_notes(budget)]
     page = docs / PAGES[budget]
     page.write_text("\n".join(lines) + "\n")
