@@ -96,3 +96,26 @@ def test_a_gap_of_exactly_one_point_meets_the_text_target():
     within = TARGETS["text"][1]
     assert within(_row("text", "imdb", "linformer", "target", 441 / 600, 435 / 600, 1.0))
     assert not within(_row("text", "imdb", "linformer", "target", 441 / 600, 434 / 600, 1.0))
+
+
+@pytest.mark.parametrize("budget", ["quick", "hour", "long"])
+def test_every_run_of_every_budget_is_a_valid_config(budget, tmp_path, monkeypatch):
+    """Each suite's runs (teacher fine-tunings included) pass the config check, so a benchmark never
+    stops with a bad config an hour in; the runs themselves are replaced by their validation."""
+    from raylin.config import config_from_dict
+    from raylin.eval import quality
+
+    checked = []
+
+    def validate_only(config_dict, log, finetune=False):
+        config = config_from_dict(config_dict)
+        checked.append((config.output_dir, finetune))
+        scores = {"accuracy": 0.5} if config.task.type != "causal_lm" else {"perplexity": 50.0}
+        return {"teacher": scores, "student": scores, "guidance": config.guidance.mode, "steps": 1, "tokens": 1,
+                "wall_s": 1.0, "target_teacher": config.teacher, "waypoints": [{"step": 1, "path": config.teacher}]}
+
+    monkeypatch.setattr(quality, "_run", validate_only)
+    for suite in (quality.text_suite, quality.lm_suite, quality.speech_suite):
+        rows = list(suite(tmp_path, budget, lambda message: None, {}))
+        assert rows and all(row["retention"] == {} for row in rows)
+    assert any(finetune for _, finetune in checked) and len(checked) > len(quality.MODES)

@@ -252,7 +252,8 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
         base = merge_sections(base, {"data": {"size": size["size"]}})
     log("speech / spoken digits")
     teacher_run = merge_sections(_sized(base, size["teacher_steps"], size), {
-        "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4}})
+        "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4},
+        "broad": {"enabled": False}})  # the broad stage is the students' (the teacher learns the task as given)
     finetuned = _run(teacher_run, log, finetune=True)
     teachers["speech"] = finetuned["wall_s"]
     for mode in GRIDS[budget]["speech_modes"]:
