@@ -61,6 +61,7 @@ def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
             "target on austen; lowest 0.800 (mamba2 / target on fortunes)") in page
     assert "| rt | t -> bimamba2 (align 150) | target | 0.8000 | 0.7950 | +0.5 pt | 60 | 1,000 | 300 |" in page
     assert (tmp_path / "results" / "curves-text.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results" / "quality.json").read_text())["lm"][1]["retention"]["fortunes"]["retention"] == 0.8
     assert "raylin bench quality`" in page and "docs/results-long.md" in page  # points at the other budget
 
 

@@ -469,7 +469,8 @@ def _broad_lines(figures: Path) -> list[str]:
 
 
 def write_results_page(result: dict, docs: Path) -> Path:
-    """DOCS/results.md: every run's teacher, student and gap, the targets met or missed, and plots."""
+    """DOCS/results.md: every run's teacher, student and gap, its retention on the evaluation sets,
+    the targets met or missed, and plots; the numbers behind it go to DOCS/results/quality.json."""
     budget = result.get("budget", "hour")
     figures = docs / PAGES[budget].removesuffix(".md")  # results/ or results-long/
     figures.mkdir(parents=True, exist_ok=True)
@@ -523,6 +524,7 @@ def write_results_page(result: dict, docs: Path) -> Path:
     lines += [_reading_notes(budget)]
     page = docs / PAGES[budget]
     page.write_text("\n".join(lines) + "\n")
+    write_text_atomic(figures / "quality.json", json.dumps(result, indent=1))
     return page
 
 
