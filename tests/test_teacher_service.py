@@ -225,6 +225,10 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
 
     metrics = run_conversion(config)
     assert metrics["align"]["layers"] == summary["layers"] and metrics["steps"] == 12
+    # Scored on the Rotten Tomatoes default's out-of-distribution set too, with its retention.
+    imdb = metrics["retention"]["imdb"]
+    assert set(metrics["retention"]) == {"held_out", "imdb"} and imdb["retention"] == imdb["student"] / imdb["teacher"]
+    assert "| imdb | accuracy |" in (tmp_path / "aligned" / "report.md").read_text()
 
 
 def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir(teachers, ray_cluster, tmp_path):
