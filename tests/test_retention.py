@@ -126,12 +126,6 @@ def test_language_models_are_scored_on_the_fortunes_corpus_by_other_authors(smol
     assert "computers" not in COLLECTIONS
 
 
-def test_spoken_digit_students_are_scored_on_flite_and_festival():
-    from raylin.data.eval_sets import DEFAULTS
-
-    assert DEFAULTS["spoken_digits"] == ("flite", "festival")  # synthesised in tests/test_speech_data.py
-
-
 def test_an_audio_csv_manifest_of_digit_words_is_an_evaluation_set(tmp_path):
     import soundfile
 

@@ -129,7 +129,7 @@ class AugmentedClips(Sequence):
         self.clips, self.copies, self.seed = clips, copies, seed
 
     def __len__(self) -> int:
-        return len(self.clips) * max(1, self.copies + (1 if self.copies else 0))
+        return len(self.clips) * (self.copies + 1)  # copies = 0: the clips themselves, augmented
 
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < len(self):
