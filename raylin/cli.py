@@ -5,7 +5,7 @@
     raylin tune CONFIG.yaml [--resume]                 Ray Tune sweep over the config's tune: section
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
-    raylin bench speed [--out DIR]   latency / memory of teachers and students at long lengths
+    raylin bench speed [--out DIR] [--shipped]   latency / memory at long lengths (or of the shipped models)
     raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
 """
 
@@ -25,8 +25,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from raylin.eval.speed import run_speed_benchmark, summarize
+    from raylin.eval.speed import run_shipped_benchmark, run_speed_benchmark, summarize, summarize_shipped
 
+    if args.shipped:
+        rows = summarize_shipped(run_shipped_benchmark(args.out, repeats=args.repeats))
+        (Path(args.out) / "shipped-speed-summary.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1))
+        print(f"wrote {Path(args.out) / 'shipped-speed.json'}")
+        return 0
     lengths = tuple(int(x) for x in args.lengths.split(","))
     records = run_speed_benchmark(args.out, lengths=lengths, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
     summary = summarize(records)
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--hidden", type=int, default=256, help="model width (default 256)")
     speed.add_argument("--layers", type=int, default=2, help="blocks per model (default 2)")
     speed.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is kept")
+    speed.add_argument("--shipped", action="store_true",
+                       help="instead: the shipped configs' teachers and students at their real widths and lengths, "
+                            "fp32 and bf16, forward and (causal) per-token decode")
     speed.set_defaults(func=_bench)
     quality = bench_kinds.add_parser("quality", help="teacher vs students on text, language modelling and speech")
     budget = quality.add_mutually_exclusive_group()

@@ -269,3 +269,129 @@ def summarize(records: list[SpeedRecord]) -> dict[str, dict]:
             entry["model"]["fraction_of_limit"] = round(entry["model"][f"speedup_at_{longest}"] / limit, 2)
             summary[f"{family_name}/{kind}/{name}"] = entry
     return summary
+
+
+# ----- the shipped models at their real widths ---------------------------------------------------
+
+# (config, lengths to time): each shipped config's student at the lengths its config uses and, for
+# text, from 512 tokens; Whisper also at its native 1,500 positions (30 s of audio).
+SHIPPED = (
+    ("jobs/configs/minilm-rt-linformer.yaml", (64, 128, 512)),
+    ("jobs/configs/smollm2-austen-mamba2.yaml", (256, 512, 2048)),
+    ("jobs/configs/whisper-tiny-digits-bimamba2.yaml", (100, 1500)),
+)
+DECODE_STEPS = 16
+
+
+@dataclass
+class ShippedRecord:
+    config: str  # the shipped config's file name
+    model: str  # "teacher" | "student"
+    mode: str  # "forward" (prefill for causal models) | "decode" (per new token, after `seq_len`)
+    dtype: str  # "float32" | "bfloat16" (weights and activations)
+    seq_len: int  # tokens, or encoder positions for speech
+    latency_s: float
+    peak_mem_mb: float
+
+
+def _shipped_pair(config_path: str, positions: int | None):
+    """The shipped config's teacher with its task head and the student its plan converts it into."""
+    from raylin.config import load_config
+    from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
+
+    overrides = [] if positions is None else [f"data.max_seconds={positions / WHISPER_POSITIONS_PER_SECOND}"]
+    config = load_config(config_path, overrides)
+    teacher, processor = load_task_model(config, config.teacher)
+    torch.manual_seed(0)
+    student, _ = convert(teacher, config.plan, processor)
+    return config, teacher.eval(), student.eval()
+
+
+def _inputs(teacher: nn.Module, seq_len: int) -> dict[str, torch.Tensor]:
+    if getattr(teacher.config, "model_type", "") == "whisper":
+        return {"input_features": torch.randn(1, teacher.config.num_mel_bins, 2 * seq_len)}
+    return {"input_ids": torch.randint(100, teacher.config.vocab_size, (1, seq_len))}
+
+
+def _decode_latency(model: nn.Module, input_ids: torch.Tensor, is_student: bool) -> float:
+    """Seconds per new token after a prompt of ``input_ids``: the mean of DECODE_STEPS one-token
+    steps on the model's cache (key/value cache for the teacher, recurrent state for the student)."""
+    with torch.inference_mode():
+        if is_student:
+            cache = model.new_cache()
+            output = model(input_ids=input_ids, past_key_values=cache)
+        else:
+            output = model(input_ids=input_ids, use_cache=True)
+            cache = output.past_key_values
+        token = output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            if is_student:
+                output = model(input_ids=token, past_key_values=cache)
+            else:
+                output = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache = output.past_key_values
+            token = output.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / DECODE_STEPS
+
+
+def run_shipped_benchmark(
+    out_dir: str | Path,
+    shipped: tuple[tuple[str, tuple[int, ...]], ...] = SHIPPED,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+) -> list[ShippedRecord]:
+    """Time every shipped config's teacher and student at the config's lengths, per dtype; causal
+    models also per decoded token. Writes shipped-speed.json into ``out_dir``.
+
+    bf16 casts weights and activations (the scan and the norms still compute in fp32). Limits:
+    batch 1, random inputs, the threads torch is given; bf16 is timed at each config's shortest
+    length only (on CPUs without AVX-512 BF16 / AMX it runs far slower than fp32)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    records: list[ShippedRecord] = []
+    for config_path, lengths in shipped:
+        name = Path(config_path).name
+        speech = "whisper" in name
+        pairs = {seq_len: _shipped_pair(config_path, seq_len) for seq_len in lengths} if speech else None
+        shared = None if speech else _shipped_pair(config_path, None)
+        for dtype_name, seq_len in itertools.product(dtypes, lengths):
+            if dtype_name != "float32" and seq_len != min(lengths):
+                continue
+            _, teacher, student = pairs[seq_len] if speech else shared
+            dtype = getattr(torch, dtype_name)
+            inputs = _inputs(teacher, seq_len)
+            for role, model in (("teacher", teacher), ("student", student)):
+                model = model.to(dtype)
+                cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+                latency, peak = measure(lambda m=model: m(**cast), repeats)
+                records.append(ShippedRecord(name, role, "forward", dtype_name, seq_len, latency, peak))
+                log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} forward {latency * 1e3:9.2f} ms")
+                if getattr(model.config, "is_decoder", False) or "smollm2" in name:
+                    step = _decode_latency(model, cast["input_ids"], role == "student")
+                    records.append(ShippedRecord(name, role, "decode", dtype_name, seq_len, step, 0.0))
+                    log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} decode  {step * 1e3:9.2f} ms/token")
+                model.to(torch.float32)
+            write_text_atomic(out / "shipped-speed.json", json.dumps([r.__dict__ for r in records], indent=1))
+    return records
+
+
+def summarize_shipped(records: list[ShippedRecord]) -> list[dict]:
+    """Teacher / student latency ratio (the student's speed-up) per config, mode, dtype and length."""
+    by_key = {(r.config, r.model, r.mode, r.dtype, r.seq_len): r for r in records}
+    rows = []
+    for config, _, mode, dtype, seq_len in sorted({k for k in by_key if k[1] == "teacher"}):
+        student = by_key.get((config, "student", mode, dtype, seq_len))
+        if student is None:
+            continue
+        teacher = by_key[(config, "teacher", mode, dtype, seq_len)]
+        fp32 = by_key.get((config, "student", mode, "float32", seq_len))
+        rows.append({
+            "config": config, "mode": mode, "dtype": dtype, "seq_len": seq_len,
+            "teacher_ms": round(teacher.latency_s * 1e3, 2), "student_ms": round(student.latency_s * 1e3, 2),
+            "speedup": round(teacher.latency_s / student.latency_s, 2),
+            "student_bf16_over_fp32": None if dtype == "float32" or fp32 is None else round(fp32.latency_s / student.latency_s, 2),
+        })
+    return rows

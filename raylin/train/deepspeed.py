@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,16 +11,30 @@ import torch
 from raylin.config import TrainConfig
 
 
+@cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles, ``amx_bf16``), read
+    from /proc/cpuinfo (False where it cannot be read). Without it oneDNN emulates bf16 through fp32:
+    on the AVX2-only 2-core CI machine a 128 x 384 x 1536 bf16 matmul took 8x longer than fp32
+    (docs/benchmarks.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` means bf16 on GPUs that support it, fp32 elsewhere. On CPU, bf16 autocast was
-    re-measured on the 2-core AMX machine (docs/results/bf16-cpu.json): a training step of every
-    shipped student and teacher took 1.3-2x longer than fp32 at one thread per worker, so fp32 stays
-    the CPU default."""
+    """``auto`` means bf16 on GPUs that support it and on CPUs with bf16 matrix hardware (AMX),
+    fp32 elsewhere: on CPUs without it bf16 runs several times slower than fp32 (measured on the
+    2-core CI machine, docs/benchmarks.md and docs/results/bf16-cpu.json)."""
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
             raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "cpu" and cpu_has_bf16_matmul():
         return "bf16"
     return "fp32"
 

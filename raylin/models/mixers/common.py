@@ -1,7 +1,10 @@
 """Pieces every mixer shares: turning the mask a transformers layer hands its attention module
-into a per-token validity mask, and finding the recurrent cache a causal student decodes with."""
+into a per-token validity mask, zeroing padding, and the switch between raylin's CPU fast paths
+and transformers' reference code."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -37,3 +40,25 @@ def zero_padding(hidden_states: torch.Tensor, valid: torch.Tensor | None) -> tor
     if valid is None:
         return hidden_states
     return hidden_states * valid.unsqueeze(-1).to(hidden_states.dtype)
+
+
+_FAST_PATHS = {"enabled": True}
+
+
+@contextlib.contextmanager
+def reference_paths():
+    """Run every mixer through transformers' reference PyTorch code instead of raylin's CPU fast
+    paths (raylin/models/mixers/scan.py) inside the block: what tests and the speed benchmark
+    compare the fast paths against."""
+    previous = _FAST_PATHS["enabled"]
+    _FAST_PATHS["enabled"] = False
+    try:
+        yield
+    finally:
+        _FAST_PATHS["enabled"] = previous
+
+
+def fast_path_applies(hidden_states: torch.Tensor) -> bool:
+    """Whether raylin's CPU fast paths run: on CPU tensors, outside ``reference_paths()``. CUDA
+    tensors keep transformers' dispatch to the mamba-ssm kernels."""
+    return _FAST_PATHS["enabled"] and hidden_states.device.type == "cpu"

@@ -1,9 +1,11 @@
 """Mamba (selective SSM, Gu & Dao 2023) as a replacement for a transformers attention module.
 
 This is transformers' ``MambaMixer`` with the call signature of an attention module. Kernels:
-on CUDA with mamba-ssm installed transformers dispatches to its fused kernels; on CPU the scan
-runs as mambapy's parallel scan (``use_mambapy=True``), never a per-timestep Python loop, except
-one-token decoding steps, which update the recurrent state directly.
+on CUDA with mamba-ssm installed transformers dispatches to its fused kernels; on CPU raylin runs
+the selective scan ``SCAN_CHUNK`` tokens at a time (raylin/models/mixers/scan.py), so memory grows
+with the chunk, not the sequence (transformers' mambapy path holds length x inner width x state at
+once). Decoding (a cache) and ``reference_paths()`` go through transformers' code; one-token
+decoding steps update the recurrent state directly.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from raylin.models.cache import student_cache_from
-from raylin.models.mixers.common import token_validity
+from raylin.models.mixers.common import fast_path_applies, token_validity
+from raylin.models.mixers.scan import causal_depthwise_conv, chunked_selective_scan
+
+# Tokens per step of the CPU scan: the scan holds batch x SCAN_CHUNK x inner x state values.
+SCAN_CHUNK = 128
 
 
 def mamba_config(hidden_size: int, num_layers: int, options: dict) -> MambaConfig:
@@ -42,6 +49,8 @@ class MambaMixer(HFMambaMixer):
         seq_len = hidden_states.shape[1]
         valid = token_validity(attention_mask, seq_len)
         cache = student_cache_from(kwargs)
+        if cache is None and fast_path_applies(hidden_states):
+            return self._cpu_forward(hidden_states, valid), None
         if cache is not None and seq_len > 1 and cache.has_previous_state(self.layer_idx):
             # transformers' parallel scan starts from a zero state, so a multi-token chunk that
             # continues a cached state is decoded token by token (decoding only, never training).
@@ -53,3 +62,23 @@ class MambaMixer(HFMambaMixer):
             ]
             return torch.cat(steps, dim=1), None
         return super().forward(hidden_states, cache_params=cache, attention_mask=valid), None
+
+    def _cpu_forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """transformers' ``slow_forward`` without a cache, channels last, with the chunked scan."""
+        dtype = hidden_states.dtype
+        mask = None if valid is None else valid[:, :, None].to(dtype)
+        # 1. Gated projection, padding zeroed first.
+        projected = self.in_proj(hidden_states if mask is None else hidden_states * mask)
+        x, gate = projected.chunk(2, dim=-1)
+        # 2. Short causal convolution.
+        x = self.act(causal_depthwise_conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias))
+        if mask is not None:
+            x = x * mask
+        # 3. Input-dependent step, B and C; the chunked selective scan.
+        time_step, B, C = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        dt = F.softplus(self.dt_proj(time_step).float())
+        A = -torch.exp(self.A_log.float())
+        y = chunked_selective_scan(x, dt, A, B, C, self.D, SCAN_CHUNK)
+        y = y * self.act(gate.float())
+        # 4. Output projection.
+        return self.out_proj(y.to(dtype))

@@ -1,21 +1,25 @@
 """Mamba2 (SSD, Dao & Gu 2024) as a replacement for a transformers attention module.
 
 This is transformers' ``Mamba2Mixer`` with the call signature of an attention module. On CUDA
-with mamba-ssm installed transformers dispatches to its fused Triton kernels; on CPU it runs the
-chunked SSD algorithm in PyTorch (quadratic only inside chunks of ``chunk_size`` tokens), and
-one-token decoding steps update the recurrent state directly.
+with mamba-ssm installed transformers dispatches to its fused Triton kernels; on CPU raylin runs
+its own chunked SSD (raylin/models/mixers/scan.py: quadratic only inside chunks of ``chunk_size``
+tokens, several mixers batched in one pass), and one-token decoding steps update the recurrent
+state directly through transformers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
 
 from raylin.models.cache import student_cache_from
-from raylin.models.mixers.common import token_validity
+from raylin.models.mixers.common import fast_path_applies, token_validity
+from raylin.models.mixers.scan import causal_depthwise_conv, ssd_scan
 
 
 def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Config:
@@ -50,23 +54,88 @@ def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Con
     )
 
 
+def _stacked(mixers: Sequence[HFMamba2Mixer], get) -> torch.Tensor:
+    """One small parameter of every mixer, stacked along a new first dimension."""
+    return torch.stack([get(mixer) for mixer in mixers]) if len(mixers) > 1 else get(mixers[0]).unsqueeze(0)
+
+
+def stacked_mamba2_forward(
+    mixers: Sequence[HFMamba2Mixer], inputs: Sequence[torch.Tensor], valid: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """Run ``n`` Mamba2 mixers of one configuration at once on their own inputs, CPU fast path.
+
+    ``inputs[i]`` (batch, length, hidden) goes through ``mixers[i]`` (a bidirectional mixer passes
+    its sequence and the sequence reversed). The projections run per mixer (one large matmul each
+    is faster on CPU than a batched one); the convolution, the scan and the norm run once for all n,
+    the mixers folded into the batch. Returns the n outputs (batch, length, hidden). Equals
+    transformers' ``torch_forward`` without a cache (tests/test_fast_paths.py).
+    """
+    first = mixers[0]
+    count = len(mixers)
+    batch, length, hidden = inputs[0].shape
+    dtype = inputs[0].dtype
+    inner, heads, head_dim = first.intermediate_size, first.num_heads, first.head_dim
+    groups, state_size = first.n_groups, first.ssm_state_size
+    mask = None if valid is None else valid[:, :, None].to(dtype)
+    # 1. Input projections, padding zeroed first.
+    projected = [
+        mixer.in_proj(states if mask is None else states * mask) for mixer, states in zip(mixers, inputs)
+    ]
+    projected = torch.stack(projected) if count > 1 else projected[0].unsqueeze(0)
+    gate, x_b_c, dt = projected.split([inner, first.conv_dim, heads], dim=-1)
+    # 2. Short causal convolution, channels last.
+    conv_weight = _stacked(mixers, lambda m: m.conv1d.weight.squeeze(1))[:, None, None]
+    conv_bias = None if first.conv1d.bias is None else _stacked(mixers, lambda m: m.conv1d.bias)[:, None, None]
+    x_b_c = F.silu(causal_depthwise_conv(x_b_c, conv_weight, conv_bias))
+    if mask is not None:
+        x_b_c = x_b_c * mask[None]
+    x, B, C = x_b_c.split([inner, groups * state_size, groups * state_size], dim=-1)
+    # 3. Selective scan, the n mixers folded into the batch.
+    dt = F.softplus(dt + _stacked(mixers, lambda m: m.dt_bias)[:, None, None].to(dt.dtype))
+    low, high = first.time_step_limit
+    if low > 0.0 or high != float("inf"):
+        dt = dt.clamp(min=low, max=high)
+    A = -torch.exp(_stacked(mixers, lambda m: m.A_log).float()).repeat_interleave(batch, dim=0)
+    D = _stacked(mixers, lambda m: m.D).repeat_interleave(batch, dim=0)
+    y = ssd_scan(
+        x.reshape(count * batch, length, heads, head_dim),
+        dt.reshape(count * batch, length, heads),
+        A,
+        B.reshape(count * batch, length, groups, state_size),
+        C.reshape(count * batch, length, groups, state_size),
+        first.chunk_size,
+        D=D,
+    ).reshape(count, batch, length, inner)
+    # 4. Gated RMS norm (gate before the norm, per norm group) and output projection.
+    norm = first.norm
+    y = y * F.silu(gate.float())
+    grouped = y.view(count, batch, length, inner // norm.group_size, norm.group_size)
+    y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).view_as(y)
+    y = (_stacked(mixers, lambda m: m.norm.weight)[:, None, None] * y).to(dtype)
+    return [mixer.out_proj(y[index]) for index, mixer in enumerate(mixers)]
+
+
 class Mamba2Mixer(HFMamba2Mixer):
     """Causal Mamba2 mixer called like an attention module; returns ``(output, None)``.
 
-    On CPU a sequence shorter than ``chunk_size`` runs as a single chunk of its own length: the
-    PyTorch SSD path pads every sequence to a multiple of the chunk size, so a 64-token batch with
-    the default 128-token chunks would pay for 128 (its intra-chunk part grows with the square).
-    Chunking does not change the result (the padded tail carries no input and no decay), only the
-    work; the fused CUDA kernels choose their own blocks and are left alone.
+    On CPU without a decoding cache it runs ``stacked_mamba2_forward`` (raylin's fast path; a
+    sequence shorter than ``chunk_size`` is one chunk of its own length). With a cache, on CUDA and
+    inside ``reference_paths()`` it runs transformers' code: mamba-ssm's fused kernels where they
+    are installed, else the reference PyTorch path, which pads every sequence to whole chunks, so on
+    CPU a shorter sequence is given a chunk of its own length there too (chunking does not change
+    the result, only the work).
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         valid = token_validity(attention_mask, hidden_states.shape[1])
+        cache = student_cache_from(kwargs)
+        if cache is None and fast_path_applies(hidden_states):
+            return stacked_mamba2_forward([self], [hidden_states], valid)[0], None
         configured = self.chunk_size
         if hidden_states.device.type == "cpu" and hidden_states.shape[1] < configured:
             self.chunk_size = hidden_states.shape[1]
         try:
-            output = super().forward(hidden_states, cache_params=student_cache_from(kwargs), attention_mask=valid)
+            output = super().forward(hidden_states, cache_params=cache, attention_mask=valid)
         finally:
             self.chunk_size = configured
         return output, None
