@@ -124,3 +124,25 @@ def test_chunked_selective_scan_memory_grows_with_the_chunk_not_the_sequence():
     floats_per_channel_token = (long - short) * 1e6 / 4 / ((4096 - 512) * inner)
     assert floats_per_channel_token < state / 2
     assert whole > 8 * long
+
+
+def test_shipped_speed_benchmark_times_teacher_and_student_forward_and_decode(tmp_path):
+    """The shipped-model benchmark runs on the real shipped configs (short lengths here) and
+    writes what the summary reads: forward for every model, per-token decode for causal ones."""
+    import json
+
+    from raylin.eval.speed import run_shipped_benchmark, summarize_shipped
+
+    shipped = (("jobs/configs/minilm-rt-linformer.yaml", (16,)), ("jobs/configs/smollm2-austen-mamba2.yaml", (8,)))
+    records = run_shipped_benchmark(tmp_path, shipped=shipped, dtypes=("float32",), repeats=1, log=lambda _: None)
+    kinds = {(r.config, r.model, r.mode) for r in records}
+    assert kinds == {
+        (config, model, mode)
+        for config, modes in (("minilm-rt-linformer.yaml", ("forward",)), ("smollm2-austen-mamba2.yaml", ("forward", "decode")))
+        for model in ("teacher", "student")
+        for mode in modes
+    }
+    assert all(r.latency_s > 0 for r in records)
+    assert len(json.loads((tmp_path / "shipped-speed.json").read_text())) == len(records)
+    rows = summarize_shipped(records)
+    assert {(row["config"], row["mode"]) for row in rows} == {(c, m) for c, _, m in kinds}

@@ -409,7 +409,7 @@ the teacher's perplexity) for language modelling. Speech students align on the t
 stage, raylin.data.broad); text and language-model students align on their task's data only.
 
 **Precision.** Every suite trains and scores in fp32. bf16 autocast was measured on this machine
-(AMX) for every shipped student and teacher at the benchmark's per-worker batches and one thread
+(2 cores, AVX2 only: no AMX, so bf16 is emulated) for every shipped student and teacher at the benchmark's per-worker batches and one thread
 per worker: a training step took 1.3-2x longer than in fp32 (docs/results/bf16-cpu.json), so it
 buys no steps here.
 

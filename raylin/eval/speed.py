@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
@@ -296,11 +297,15 @@ class ShippedRecord:
 
 def _shipped_pair(config_path: str, positions: int | None):
     """The shipped config's teacher with its task head and the student its plan converts it into."""
-    from raylin.config import load_config
+    from raylin.config import config_from_dict
     from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
 
+    data = yaml.safe_load(Path(config_path).read_text())
+    # Speed needs the architecture only: the (pre-trained) teacher, not the fine-tuned target one.
+    data["target_teacher"] = None
+    data["guidance"] = {"mode": "unguided"}
     overrides = [] if positions is None else [f"data.max_seconds={positions / WHISPER_POSITIONS_PER_SECOND}"]
-    config = load_config(config_path, overrides)
+    config = config_from_dict(data, overrides)
     teacher, processor = load_task_model(config, config.teacher)
     torch.manual_seed(0)
     student, _ = convert(teacher, config.plan, processor)
@@ -354,13 +359,14 @@ def run_shipped_benchmark(
     records: list[ShippedRecord] = []
     for config_path, lengths in shipped:
         name = Path(config_path).name
-        speech = "whisper" in name
+        shared = _shipped_pair(config_path, None)
+        # A Whisper encoder is built for its positions: one pair per length.
+        speech = getattr(shared[1].config, "model_type", "") == "whisper"
         pairs = {seq_len: _shipped_pair(config_path, seq_len) for seq_len in lengths} if speech else None
-        shared = None if speech else _shipped_pair(config_path, None)
         for dtype_name, seq_len in itertools.product(dtypes, lengths):
             if dtype_name != "float32" and seq_len != min(lengths):
                 continue
-            _, teacher, student = pairs[seq_len] if speech else shared
+            config, teacher, student = pairs[seq_len] if speech else shared
             dtype = getattr(torch, dtype_name)
             inputs = _inputs(teacher, seq_len)
             for role, model in (("teacher", teacher), ("student", student)):
@@ -369,7 +375,7 @@ def run_shipped_benchmark(
                 latency, peak = measure(lambda m=model: m(**cast), repeats)
                 records.append(ShippedRecord(name, role, "forward", dtype_name, seq_len, latency, peak))
                 log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} forward {latency * 1e3:9.2f} ms")
-                if getattr(model.config, "is_decoder", False) or "smollm2" in name:
+                if config.task.type == "causal_lm":
                     step = _decode_latency(model, cast["input_ids"], role == "student")
                     records.append(ShippedRecord(name, role, "decode", dtype_name, seq_len, step, 0.0))
                     log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} decode  {step * 1e3:9.2f} ms/token")
