@@ -40,10 +40,11 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out if bias is None else out + bias
 
 
-# exp(cum_t - cum_s) is computed as exp(cum_t - m) * exp(m - cum_s), m the chunk's midpoint, while
-# every factor stays within exp(+-FACTOR_LIMIT) (float32 keeps 1e12 of headroom beyond it for the
-# sums of products); a chunk whose state decays further falls back to the exact (chunk x chunk per
-# head) decay matrix.
+# exp(cum_t - cum_s) is computed as exp(cum_t) * exp(-cum_s) (cum counted from the chunk's start,
+# so a position's factors never depend on later tokens and the scan stays exactly causal) while
+# every chunk's total decay stays above exp(-FACTOR_LIMIT) (float32 keeps 1e12 of headroom beyond
+# it for the sums of products); a call in which some chunk decays further uses the exact
+# (chunk x chunk per head) decay matrix instead.
 FACTOR_LIMIT = 60.0
 
 
@@ -108,11 +109,10 @@ def ssd_scan(
     # 2. Inside each chunk: y_t = sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) x_s dt_s.
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     scores = (C @ B.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (b, c, g, l, s), shared by a group's heads
-    middle = cumulative[:, :, -1:] / 2
-    factored = float(cumulative[:, :, -1].detach().min()) >= -2 * FACTOR_LIMIT
+    factored = float(cumulative[:, :, -1].detach().min()) >= -FACTOR_LIMIT
     if factored:
-        # Kept as by_group(y) / exp(cum - middle) until the end, when one multiply scales it back.
-        y = scores @ by_group(x_in * (dt * (middle - cumulative).exp())[..., None])
+        # Kept as by_group(y) / exp(cum) until the end, when one multiply scales it back.
+        y = scores @ by_group(x_in * (dt * (-cumulative).exp())[..., None])
     else:
         per_head = cumulative.permute(0, 1, 3, 4, 2)  # (b, c, g, j, l)
         decay = (per_head[..., :, None] - per_head[..., None, :]).masked_fill(~causal, float("-inf")).exp()
@@ -133,11 +133,11 @@ def ssd_scan(
             # 4. What each chunk's start state adds: C_t . start exp(cum_t).
             start = torch.stack(starts, dim=1)  # (b, c, g, n, j*p)
             if factored:
-                y = y + C @ (start * per_column(middle[:, :, 0].exp()))
+                y = y + C @ start
             else:
                 y = y + by_head(C @ start) * cumulative.exp()[..., None]
     if factored:
-        y = by_head(y) * (cumulative - middle).exp()[..., None]
+        y = by_head(y) * cumulative.exp()[..., None]
     y = y.reshape(batch, chunks * chunk, heads, head_dim)[:, :length]
     if D is not None:
         y = y + x * D[:, None, :, None].float()
