@@ -25,18 +25,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from raylin.data.assets import write_text_atomic
     from raylin.eval.speed import run_shipped_benchmark, run_speed_benchmark, summarize, summarize_shipped
 
     if args.shipped:
         rows = summarize_shipped(run_shipped_benchmark(args.out, repeats=args.repeats))
-        (Path(args.out) / "shipped-speed-summary.json").write_text(json.dumps(rows, indent=1))
+        write_text_atomic(Path(args.out) / "shipped-speed-summary.json", json.dumps(rows, indent=1))
         print(json.dumps(rows, indent=1))
         print(f"wrote {Path(args.out) / 'shipped-speed.json'}")
         return 0
     lengths = tuple(int(x) for x in args.lengths.split(","))
     records = run_speed_benchmark(args.out, lengths=lengths, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
     summary = summarize(records)
-    (Path(args.out) / "speed_summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(Path(args.out) / "speed_summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {Path(args.out) / 'speed.json'} and {Path(args.out) / 'speed.png'}")
     return 0

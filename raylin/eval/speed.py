@@ -36,8 +36,10 @@ import yaml
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
+from raylin.config import config_from_dict
 from raylin.convert import convert
 from raylin.data.assets import write_text_atomic
+from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
 from raylin.models.families import family_for
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -295,15 +297,11 @@ class ShippedRecord:
     peak_mem_mb: float
 
 
-def _shipped_pair(config_path: str, positions: int | None):
-    """The shipped config's teacher with its task head and the student its plan converts it into."""
-    from raylin.config import config_from_dict
-    from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
-
-    data = yaml.safe_load(Path(config_path).read_text())
+def _shipped_pair(data: dict, positions: int | None):
+    """The teacher of a shipped config (its parsed YAML ``data``) with its task head, and the student
+    its plan converts it into; ``positions`` sizes a speech encoder (None: the config's own)."""
     # Speed needs the architecture only: the (pre-trained) teacher, not the fine-tuned target one.
-    data["target_teacher"] = None
-    data["guidance"] = {"mode": "unguided"}
+    data = data | {"target_teacher": None, "guidance": {"mode": "unguided"}}
     overrides = [] if positions is None else [f"data.max_seconds={positions / WHISPER_POSITIONS_PER_SECOND}"]
     config = config_from_dict(data, overrides)
     teacher, processor = load_task_model(config, config.teacher)
@@ -359,18 +357,21 @@ def run_shipped_benchmark(
     records: list[ShippedRecord] = []
     for config_path, lengths in shipped:
         name = Path(config_path).name
-        shared = _shipped_pair(config_path, None)
-        # A Whisper encoder is built for its positions: one pair per length.
-        speech = getattr(shared[1].config, "model_type", "") == "whisper"
-        pairs = {seq_len: _shipped_pair(config_path, seq_len) for seq_len in lengths} if speech else None
+        data = yaml.safe_load(Path(config_path).read_text())
+        # A speech encoder is built for its positions (Whisper's table is cut): one pair per length.
+        if data["task"]["type"] in ("utterance_classification", "ctc"):
+            pairs = {seq_len: _shipped_pair(data, seq_len) for seq_len in lengths}
+        else:
+            pairs = dict.fromkeys(lengths, _shipped_pair(data, None))
         for dtype_name, seq_len in itertools.product(dtypes, lengths):
             if dtype_name != "float32" and seq_len != min(lengths):
                 continue
-            config, teacher, student = pairs[seq_len] if speech else shared
+            config, teacher, student = pairs[seq_len]
             dtype = getattr(torch, dtype_name)
             inputs = _inputs(teacher, seq_len)
             for role, model in (("teacher", teacher), ("student", student)):
-                model = model.to(dtype)
+                # A cast copy: rounding the shared fp32 weights would change later cells.
+                model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
                 cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
                 latency, peak = measure(lambda m=model: m(**cast), repeats)
                 records.append(ShippedRecord(name, role, "forward", dtype_name, seq_len, latency, peak))
@@ -379,7 +380,6 @@ def run_shipped_benchmark(
                     step = _decode_latency(model, cast["input_ids"], role == "student")
                     records.append(ShippedRecord(name, role, "decode", dtype_name, seq_len, step, 0.0))
                     log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} decode  {step * 1e3:9.2f} ms/token")
-                model.to(torch.float32)
             write_text_atomic(out / "shipped-speed.json", json.dumps([r.__dict__ for r in records], indent=1))
     return records
 

@@ -54,9 +54,14 @@ def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Con
     )
 
 
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors along a new first dimension (a view for a single one)."""
+    return torch.stack(list(tensors)) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+
+
 def _stacked(mixers: Sequence[HFMamba2Mixer], get) -> torch.Tensor:
     """One small parameter of every mixer, stacked along a new first dimension."""
-    return torch.stack([get(mixer) for mixer in mixers]) if len(mixers) > 1 else get(mixers[0]).unsqueeze(0)
+    return _stack([get(mixer) for mixer in mixers])
 
 
 def stacked_mamba2_forward(
@@ -78,10 +83,9 @@ def stacked_mamba2_forward(
     groups, state_size = first.n_groups, first.ssm_state_size
     mask = None if valid is None else valid[:, :, None].to(dtype)
     # 1. Input projections, padding zeroed first.
-    projected = [
-        mixer.in_proj(states if mask is None else states * mask) for mixer, states in zip(mixers, inputs)
-    ]
-    projected = torch.stack(projected) if count > 1 else projected[0].unsqueeze(0)
+    projected = _stack(
+        [mixer.in_proj(states if mask is None else states * mask) for mixer, states in zip(mixers, inputs)]
+    )
     gate, x_b_c, dt = projected.split([inner, first.conv_dim, heads], dim=-1)
     # 2. Short causal convolution, channels last.
     conv_weight = _stacked(mixers, lambda m: m.conv1d.weight.squeeze(1))[:, None, None]
