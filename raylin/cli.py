@@ -6,6 +6,7 @@
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR] [--shipped]   latency / memory at long lengths (or of the shipped models)
+    raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
     raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
 """
 
@@ -16,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from raylin.log import setup_logging
+
 
 def _demo(args: argparse.Namespace) -> int:
     from raylin.demo import run_demo
@@ -25,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from raylin.data.assets import write_text_atomic
+    from raylin.atomic import write_text_atomic
     from raylin.eval.speed import run_shipped_benchmark, run_speed_benchmark, summarize, summarize_shipped
 
     if args.shipped:
@@ -40,6 +43,16 @@ def _bench(args: argparse.Namespace) -> int:
     write_text_atomic(Path(args.out) / "speed_summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {Path(args.out) / 'speed.json'} and {Path(args.out) / 'speed.png'}")
+    return 0
+
+
+def _bench_distill(args: argparse.Namespace) -> int:
+    from raylin.eval.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput
+
+    configs = tuple(args.configs.split(",")) if args.configs else SHIPPED_CONFIGS
+    result = run_throughput_benchmark(args.out, configs=configs, steps=args.steps)
+    print(json.dumps({"throughput": summarize_throughput(result), "bf16": result["bf16"]}, indent=1))
+    print(f"wrote {Path(args.out) / 'distill-throughput.json'} and {Path(args.out) / 'distill-throughput.png'}")
     return 0
 
 
@@ -151,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: the shipped configs' teachers and students at their real widths and lengths, "
                             "fp32 and bf16, forward and (causal) per-token decode")
     speed.set_defaults(func=_bench)
+    distill = bench_kinds.add_parser(
+        "distill", help="the distillation step's tokens/s per core (shipped configs) against a plain in-process loop, "
+                        "and the held-out metric in bf16 against fp32")
+    distill.add_argument("--out", default="benchmarks/results", help="output folder for distill-throughput.json / .png")
+    distill.add_argument("--steps", type=int, default=12, help="distillation steps per run; the first 2 are not timed")
+    distill.add_argument("--configs", default=None, help="comma-separated config files (default: the three shipped ones)")
+    distill.set_defaults(func=_bench_distill)
     quality = bench_kinds.add_parser("quality", help="teacher vs students on text, language modelling and speech")
     budget = quality.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="a few steps per run: a smoke test of every pipeline")
@@ -185,6 +205,7 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     return args.func(args)
 
 

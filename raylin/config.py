@@ -9,6 +9,7 @@ raise ``ConfigError`` naming the field and the fix. See docs/config.md for every
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,15 +21,37 @@ import yaml
 from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
 from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
 from raylin.models.plan import Plan, PlanError
+from raylin.tasks import TASKS
 
-TASKS = ("sequence_classification", "causal_lm", "ctc", "utterance_classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEACHER_MODES = ("served", "inprocess")
 SERVED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ConfigError(ValueError):
-    """A config that cannot run; the message names the field."""
+    """A config that cannot run. ``problems``: every problem found, each naming the key and the fix;
+    the message lists them one per line."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self.problems[0] if len(self.problems) == 1 else
+                         f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class _Problems:
+    """Collects problems instead of stopping at the first, so one run of the checks reports them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def need(self, condition: bool, message: str) -> bool:
+        if not condition:
+            self.found.append(message)
+        return bool(condition)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigError(self.found)
 
 
 @dataclass
@@ -183,6 +206,12 @@ class RunConfig:
     def run_name(self) -> str:
         return self.name or Path(self.output_dir).name
 
+    @property
+    def conversion_source(self) -> str:
+        """The model the student is converted from: the target teacher when the guidance mode
+        starts the student there (target, hybrid), else the pretrained teacher."""
+        return self.target_teacher if self.guidance_schedule().student_starts_from_target else self.teacher
+
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.loss.alpha_task, self.loss.alpha_layer, self.loss.alpha_out)
 
@@ -230,12 +259,15 @@ def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("A config must be a mapping of keys to values.")
-    data = _apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [])
     if isinstance(data.get("eval_sets"), list):  # a bare name stands for {name: NAME} (a built-in set)
         data["eval_sets"] = [{"name": entry} if isinstance(entry, str) else entry for entry in data["eval_sets"]]
-    config = _build(RunConfig, data, "")
+    problems = _Problems()
+    config = _build(RunConfig, data, "", problems)
+    if config is None:  # a required key is missing or unusable: nothing further can be checked
+        problems.raise_any()
     _absolute_paths(config)
-    validate(config)
+    validate(config, problems)
     return config
 
 
@@ -255,7 +287,7 @@ def _absolute_paths(config: RunConfig) -> None:
             waypoint["path"] = local(str(waypoint["path"]))
 
 
-def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import copy
 
     data = copy.deepcopy(data)
@@ -273,34 +305,60 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, An
     return data
 
 
-def _build(cls, data: Any, prefix: str):
+def _build(cls, data: Any, prefix: str, problems: _Problems):
+    """``cls`` built from ``data``; a wrong value is recorded in ``problems`` and its default used, so
+    later keys are still checked. None when a required key is missing or wrong, or ``data`` is not a mapping."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+        section = prefix.rstrip(".") or "config"
+        problems.need(False, f"{section} must be a mapping of keys to values (e.g. `{section}: {{key: value}}`), "
+                             f"got {data!r}.")
+        return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {sorted(fields)}.")
-    values = {}
+    problems.need(not unknown, f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {sorted(fields)}.")
+    values, complete = {}, True
     for name, spec in fields.items():
         dotted = prefix + name
+        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
         if name not in data:
-            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"Missing required config key {dotted!r}.")
+            complete &= problems.need(not required, f"Missing required config key {dotted!r}.")
             continue
-        values[name] = _coerce(hints[name], data[name], dotted)
-    return cls(**values)
+        try:
+            value = _coerce(hints[name], data[name], dotted, problems)
+        except ConfigError as error:
+            problems.found.extend(error.problems)
+            complete &= not required
+            continue
+        if value is _INVALID:
+            complete &= not required
+            continue
+        values[name] = value
+    return cls(**values) if complete else None
 
 
-def _coerce(hint, value, dotted: str):
+def build_section(cls, data: Any, prefix: str):
+    """A config dataclass ``cls`` (e.g. a sweep's ``tune:`` section) from ``data``, its keys named
+    under ``prefix``; raises one ConfigError listing every unknown key and wrong type."""
+    problems = _Problems()
+    built = _build(cls, data, prefix, problems)
+    problems.raise_any()
+    return built
+
+
+_INVALID = object()  # a section that could not be built (its problems are recorded)
+
+
+def _coerce(hint, value, dotted: str, problems: _Problems):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, dotted + ".")
+        built = _build(hint, value, dotted + ".", problems)
+        return _INVALID if built is None else built
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, dotted)
+        return _coerce(inner[0], value, dotted, problems)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -308,7 +366,10 @@ def _coerce(hint, value, dotted: str):
     if hint in (str, bool) and isinstance(value, hint):
         return value
     if origin is list and isinstance(value, list):
-        return [_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value)] if args else value
+        if not args:
+            return value
+        items = [_coerce(args[0], v, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
+        return _INVALID if any(item is _INVALID for item in items) else items
     if origin is dict and isinstance(value, dict):
         return value
     if hint is Any:
@@ -317,18 +378,19 @@ def _coerce(hint, value, dotted: str):
     raise ConfigError(f"Config key {dotted!r} must be {expected}, got {value!r}.")
 
 
-def validate(config: RunConfig) -> None:
-    """Checks that need more than types. Raises ConfigError naming the field."""
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(message)
+def validate(config: RunConfig, problems: _Problems | None = None) -> None:
+    """Checks that need more than types, all of them: raises one ConfigError listing every problem
+    (with those already in ``problems``), each naming the key and the fix. Reads the teachers'
+    config.json files (no weights) and checks that the output folder can be written."""
+    problems = problems or _Problems()
+    need = problems.need
 
-    need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
+    task_ok = need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
     from raylin.data.tasks import datasets_for
 
     datasets = datasets_for(config.task.type)
-    need(config.data.name in datasets,
+    need(not task_ok or config.data.name in datasets,
          f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
     if config.data.name == "hub_audio":
         from raylin.data.audio import audio_source
@@ -336,7 +398,7 @@ def validate(config: RunConfig) -> None:
         try:
             audio_source(config.data.source, config.task.type)
         except ValueError as error:
-            raise ConfigError(str(error)) from error
+            need(False, str(error))
     need(config.data.max_seconds > 0, f"data.max_seconds must be > 0, got {config.data.max_seconds}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")
@@ -352,27 +414,36 @@ def validate(config: RunConfig) -> None:
         need(config.target_teacher is not None,
              f"guidance.mode {g.mode!r} distils from a fine-tuned teacher: set target_teacher to the fine-tuned "
              "checkpoint folder, or use guidance.mode unguided.")
+    waypoints_ok = True
     if g.mode == "waypoint":
-        need(bool(g.waypoints), "guidance.mode 'waypoint' needs guidance.waypoints: [{step: N, path: FOLDER}, ...].")
+        waypoints_ok = need(bool(g.waypoints),
+                            "guidance.mode 'waypoint' needs guidance.waypoints: [{step: N, path: FOLDER}, ...].")
         for i, waypoint in enumerate(g.waypoints):
-            need(isinstance(waypoint, dict) and set(waypoint) == {"step", "path"},
-                 f"guidance.waypoints[{i}] must be a mapping with exactly 'step' and 'path'.")
-    try:
-        config.guidance_schedule()
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+            waypoints_ok &= need(isinstance(waypoint, dict) and set(waypoint) == {"step", "path"},
+                                 f"guidance.waypoints[{i}] must be a mapping with exactly 'step' and 'path'.")
+    if g.mode in MODES and waypoints_ok:
+        try:
+            config.guidance_schedule()
+        except (ValueError, TypeError) as error:
+            need(False, str(error))
     t = config.train
     need(t.num_workers >= 1, "train.num_workers must be >= 1.")
     need(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
     need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}.")
     need(t.max_steps >= 1, "train.max_steps must be >= 1.")
-    need(t.batch_size % t.num_workers == 0,
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1 (the global batch, split across workers), got {t.batch_size}.")
+    need(not t.offload or t.zero_stage >= 1,
+         "train.offload moves ZeRO's optimizer state to CPU memory and needs train.zero_stage >= 1; "
+         "set train.zero_stage: 2 (or 3), or train.offload: false.")
+    need(t.num_workers < 1 or t.batch_size % t.num_workers == 0,
          f"train.batch_size={t.batch_size} must be divisible by train.num_workers={t.num_workers}.")
     need(t.lr > 0, "train.lr must be > 0.")
     need(0 < t.gpus_per_worker <= 1, f"train.gpus_per_worker must be in (0, 1], got {t.gpus_per_worker}.")
     need(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
-    need(bool(config.output_dir), "output_dir must be set.")
+    need(t.eval_every is None or t.eval_every >= 0, f"train.eval_every must be >= 0 (0 or null: at the end only), got {t.eval_every}.")
+    if need(bool(config.output_dir), "output_dir must be set."):
+        _check_writable(Path(config.output_dir), "output_dir", need)
     ts = config.teacher_service
     need(ts.mode in TEACHER_MODES, f"teacher_service.mode must be one of {TEACHER_MODES}, got {ts.mode!r}.")
     need(ts.dtype in SERVED_DTYPES, f"teacher_service.dtype must be one of {SERVED_DTYPES}, got {ts.dtype!r}.")
@@ -385,30 +456,68 @@ def validate(config: RunConfig) -> None:
     from raylin.data.broad import check as check_broad
     from raylin.data.eval_sets import check as check_eval_sets
 
-    problems = check_eval_sets(config) + check_broad(config)
-    need(not problems, " ".join(problems))
+    for problem in check_eval_sets(config) + check_broad(config):
+        need(False, problem)
     try:
         plan = Plan.from_mapping(config.plan)
     except PlanError as error:
-        raise ConfigError(str(error)) from None
-    _check_plan_against_teacher(plan, config.target_teacher or config.teacher)
+        need(False, str(error))
+        plan = None
+    teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
+    teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
+    # The student is converted from (and shaped like) the target teacher when there is one.
+    shape = teacher_configs.get("target_teacher") or teacher_configs.get("teacher")
+    if shape is not None:
+        _check_against_teacher(config, plan, shape, need)
+    problems.raise_any()
 
 
-def _check_plan_against_teacher(plan: Plan, teacher: str) -> None:
-    """Validate the plan against the teacher's config.json (cheap: no weights are read)."""
+def _teacher_config(key: str, teacher: str, need):
+    """The teacher's transformers config (its config.json: no weights are read), or None with the problem recorded."""
     from transformers import AutoConfig
 
-    from raylin.models.families import family_for_config
     from raylin.models.teachers import resolve_teacher_path
 
     try:
-        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
+        return AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"teacher {teacher!r} cannot be read: {error}") from None
+        fix = ("a folder with config.json (e.g. made by `raylin finetune`), a Hub id, or asset:NAME"
+               if key == "target_teacher" else "a folder with config.json, a Hub id, or asset:NAME")
+        need(False, f"{key} {teacher!r} cannot be read ({str(error).splitlines()[0]}); set it to {fix}.")
+        return None
+
+
+def _check_against_teacher(config: RunConfig, plan: Plan | None, teacher_config, need) -> None:
+    """The plan and the layer indices of the loss against the teacher's shape."""
+    from raylin.models.families import family_for_config
+
     try:
-        plan.check_against(family_for_config(teacher_config), teacher_config)
+        family = family_for_config(teacher_config)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        need(False, str(error))
+        return
+    if plan is not None:
+        try:
+            plan.check_against(family, teacher_config)
+        except ValueError as error:
+            need(False, str(error))
+    states = family.num_layers(teacher_config) + 1  # hidden states: the embeddings, then one per block
+    wrong = [i for i in config.loss.layers or [] if not 0 <= i < states]
+    need(not wrong, f"loss.layers lists {wrong}, but the teacher has {states} hidden states (0 = embeddings, "
+                    f"1..{states - 1} = blocks); use indices in 0..{states - 1}, or leave loss.layers unset for all.")
+
+
+def _check_writable(path: Path, key: str, need) -> None:
+    """``path`` exists as a writable folder, or can be made under its nearest existing parent."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file():
+        need(False, f"{key} {str(path)!r} is under the file {str(existing)!r}; choose a folder path.")
+    else:
+        need(os.access(existing, os.W_OK | os.X_OK),
+             f"{key} {str(path)!r} cannot be written ({str(existing)!r} is not writable by this user); "
+             "choose a folder you can write, e.g. under your home or ./outputs.")
 
 
 def dump_config(config: RunConfig) -> str:

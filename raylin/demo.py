@@ -15,11 +15,23 @@ The full run is sized for about 12 minutes on 2 cores (150 + 150 steps); ``quick
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from raylin.atomic import write_text_atomic
+from raylin.config import config_from_dict, merge_sections
+from raylin.convert import convert
+from raylin.models.student import load_student
+from raylin.models.teachers import load_teacher, resolve_teacher_path
+from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG: dict[str, Any] = {
     "teacher": "asset:all-minilm-l6",
@@ -40,9 +52,6 @@ QUICK = {"train": {"max_steps": 4, "checkpoint_every": 4, "warmup_steps": 1},
 
 def demo_configs(out: str | Path, quick: bool = False):
     """(teacher fine-tuning config, conversion config builder) for the demo under ``out``."""
-    from raylin.config import config_from_dict, merge_sections
-    from raylin.pipeline import finetune_config
-
     base = merge_sections(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
     teacher_run = merge_sections(base, {"output_dir": str(Path(out) / "teacher-run"), "guidance": {"mode": "unguided"},
                                 "train": {"lr": FINETUNE_LR}})
@@ -69,10 +78,6 @@ def forward_ms(model: torch.nn.Module, length: int, vocab_size: int, repeats: in
 
 def stretched_pair(teacher_path: str, plan: dict, length: int):
     """The teacher architecture with ``length`` positions (random weights) and its converted student."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from raylin.convert import convert
-
     config = AutoConfig.from_pretrained(teacher_path)
     config.max_position_embeddings = length
     torch.manual_seed(0)
@@ -83,29 +88,22 @@ def stretched_pair(teacher_path: str, plan: dict, length: int):
 
 def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length: int = 4096) -> dict:
     """Run the demo and return its numbers (also written to OUT/demo.json)."""
-    import json
-
-    from raylin.models.student import load_student
-    from raylin.models.teachers import load_teacher, resolve_teacher_path
-    from raylin.data.assets import write_text_atomic
-    from raylin.pipeline import finished_run, run_conversion, run_finetune
-
     started = time.perf_counter()
     finetune, conversion = demo_configs(out, quick)
-    print(f"[1/4] fine-tuning all-MiniLM-L6 on Rotten Tomatoes -> {finetune.output_dir}", flush=True)
+    log.info("[1/4] fine-tuning all-MiniLM-L6 on Rotten Tomatoes -> %s", finetune.output_dir)
     earlier = finished_run(finetune)  # the same fine-tuning already finished there
     target = earlier["target_teacher"] if earlier else None
     if target:
-        print(f"      reusing the fine-tuned teacher of an earlier demo run: {target}", flush=True)
+        log.info("      reusing the fine-tuned teacher of an earlier demo run: %s", target)
     else:
         target = run_finetune(finetune)["target_teacher"]
     config = conversion(target)
-    print(f"[2/4] converting to Linformer (k={config.plan['linformer']['k']}) and distilling under target guidance: "
-          f"{config.train.num_workers} Ray Train workers (DeepSpeed ZeRO-{config.train.zero_stage}), served teacher, "
-          f"{config.train.max_steps} steps -> {config.output_dir}", flush=True)
+    log.info("[2/4] converting to Linformer (k=%d) and distilling under target guidance: %d Ray Train workers "
+             "(DeepSpeed ZeRO-%d), served teacher, %d steps -> %s", config.plan["linformer"]["k"],
+             config.train.num_workers, config.train.zero_stage, config.train.max_steps, config.output_dir)
     metrics = run_conversion(config)
 
-    print("[3/4] timing teacher and student forwards", flush=True)
+    log.info("[3/4] timing teacher and student forwards")
     teacher, tokenizer = load_teacher(target)
     student = load_student(Path(config.output_dir) / "student")
     short = teacher.config.max_position_embeddings

@@ -21,21 +21,22 @@ a finished run: OUTPUT_DIR/eval.json.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config
-from raylin.data.assets import write_text_atomic
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
 from raylin.eval.retention import retention_table, table_markdown
-from raylin.train.loop import STUDENT_DIR, evaluate
+from raylin.fingerprint import fingerprint
+from raylin.tasks import task_kind
+from raylin.train.evaluation import evaluate
+from raylin.train.run_files import STUDENT_DIR
 
 
 def check_eval_sets(config: RunConfig) -> None:
@@ -79,7 +80,7 @@ def finetune_config(config: RunConfig) -> RunConfig:
 
 def run_finetune(config: RunConfig) -> dict:
     """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/."""
-    from raylin.train.loop import FINETUNED_DIR, SNAPSHOT_DIR
+    from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR
     from raylin.train.trainer import fit, publish_outputs, published_outputs
 
     config = finetune_config(config)
@@ -122,13 +123,13 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
 
     teacher = config.target_teacher or config.teacher
     cached = None
-    if config.target_teacher or config.task.type == "causal_lm":
+    if config.target_teacher or task_kind(config.task.type).language_model:
         from raylin.teacher.cache import teacher_fingerprint
 
         identity = {"teacher": teacher_fingerprint(teacher), "task": dataclasses.asdict(config.task),
                     "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size,
                     "eval_sets": [dataclasses.asdict(entry) for entry in resolve_eval_sets(config)]}
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        key = fingerprint(identity, 20)
         cached = cache_dir() / TEACHER_SCORES_DIR / f"{key}.json"
         if cached.is_file():
             return json.loads(cached.read_text())["scores"]
@@ -160,11 +161,8 @@ def run_conversion(config: RunConfig) -> dict:
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as folder:
-        staging = out / f".{STUDENT_DIR}.incoming"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(folder) / STUDENT_DIR, staging)
-        shutil.rmtree(out / STUDENT_DIR, ignore_errors=True)
-        os.replace(staging, out / STUDENT_DIR)
+        replace_folder(out / STUDENT_DIR,
+                       lambda staging: shutil.copytree(Path(folder) / STUDENT_DIR, staging, dirs_exist_ok=True))
     final = result.metrics or {}
     teacher_scores = score_teacher(config)
     student_scores = {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")}

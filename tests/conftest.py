@@ -133,6 +133,6 @@ def run_config(teachers, out, **overrides):
 
 def losses_of(out):
     """Loss per step from a run's train_log.jsonl (after a resume, the re-run step wins)."""
-    from raylin.train.loop import read_train_log
+    from raylin.train.run_files import read_train_log
 
     return [record["loss"] for record in read_train_log(out)]

@@ -11,9 +11,10 @@ from raylin.cli import main
 
 
 @pytest.mark.assets
-def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capsys):
+def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capfd):
     """The demo end to end in its reduced mode: teacher fine-tuning, conversion and distillation on
-    a local Ray (2 workers, served teacher), accuracy and speed-up printed; a second run reuses the
+    a local Ray (2 workers, served teacher), accuracy and speed-up printed, each progress line once
+    (Ray Train's print patch used to print every worker line twice); a second run reuses the
     fine-tuned teacher."""
     import ray
 
@@ -22,11 +23,14 @@ def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capsys):
     require_asset("all-minilm-l6")
     try:
         assert main(["demo", "--quick", "--out", str(tmp_path), "--length", "512"]) == 0
-        printed = capsys.readouterr().out
+        captured = capfd.readouterr()
+        printed, console = captured.out, captured.out + captured.err
         result = json.loads((tmp_path / "demo.json").read_text())
         assert result["quick"] and result["steps"] == 4
         assert 0 <= result["teacher_accuracy"] <= 1 and 0 <= result["student_accuracy"] <= 1
         assert f"teacher {result['teacher_accuracy']:.4f}" in printed and "forward @   512 tokens" in printed
+        assert console.count("[raylin] [2/4] converting") == 1
+        assert console.count("[raylin] step=4, loss=") == 2  # the teacher fine-tuning's and the student's
         assert all(t["teacher_ms"] > 0 and t["student_ms"] > 0 for t in result["timings"].values())
         student = raylin.load_student(result["student_dir"])
         assert student.plan.mixer == "linformer"

@@ -94,3 +94,37 @@ def test_cli_rejects_a_bad_config_before_starting_ray(base, tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="must look like key=value"):
         config_from_dict(base, ["train.max_steps"])
+
+
+def test_every_mistake_in_a_config_is_listed_at_once_before_ray_starts(base, tmp_path, capsys):
+    """The bad inputs that used to pass validation and fail inside Ray workers (or with a raw
+    traceback) are all refused together, each naming its key, before Ray starts."""
+    import ray
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data = {**base, "output_dir": str(blocker / "out"), "teacher": str(tmp_path / "no-such-teacher"),
+            "loss": {"layers": [99]}, "train": {"batch_size": 0, "offload": True, "zero_stage": 0}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    problems = "\n".join(caught.value.problems)
+    for expected in ("train.batch_size must be >= 1", "train.offload", "needs train.zero_stage >= 1",
+                     "loss.layers lists [99]", "teacher '" + str(tmp_path / "no-such-teacher"), "output_dir",
+                     "is under the file"):
+        assert expected in problems, expected
+    assert len(caught.value.problems) == 5
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["convert", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "5 problems" in err and "Traceback" not in err
+    assert not ray.is_initialized()
+
+
+def test_a_scalar_where_a_section_belongs_is_named_with_the_other_problems(base):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({k: v for k, v in base.items() if k != "plan"} | {"train": 5, "loss": {"alpha_out": "x"}})
+    problems = caught.value.problems
+    assert any(p.startswith("train must be a mapping") for p in problems)
+    assert "Missing required config key 'plan'." in problems
+    assert any("'loss.alpha_out' must be float" in p for p in problems)

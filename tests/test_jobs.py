@@ -106,7 +106,7 @@ def test_ray_job_submit_converts_and_evaluates_on_a_ray_head(ray_head, tmp_path,
     import raylin
     from raylin.config import config_from_dict
     from raylin.data.tasks import load_task_data
-    from raylin.train.loop import evaluate
+    from raylin.train.evaluation import evaluate
 
     address, env = ray_head
     out, storage = tmp_path / "run", tmp_path / "storage"

@@ -55,7 +55,7 @@ def test_each_data_set_is_scored_on_its_own_out_of_distribution_sets_by_default(
 def test_a_local_csv_evaluation_set_is_scored_with_its_own_metric_name(teachers, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raylin.train.loop import evaluate
+    from raylin.train.evaluation import evaluate
 
     csv = tmp_path / "reviews.csv"
     csv.write_text("review,stars\n" + "".join(f"\"review number {i}, fine\",{i % 2}\n" for i in range(30)))

@@ -20,7 +20,8 @@ from raylin.data.transcripts import (
     BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, error_counts, greedy_decode, ids_to_text, normalize_transcript,
 )
 from raylin.models.families import family_for, state_mask
-from raylin.train.loop import converted_student, evaluate
+from raylin.train.evaluation import evaluate
+from raylin.train.source import converted_student
 
 from test_speech_data import require_synthesisers
 

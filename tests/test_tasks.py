@@ -3,13 +3,16 @@ Whisper encoder, and the metrics both report."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from raylin.config import ConfigError, config_from_dict
 from raylin.data.tasks import finish_scores, load_task_data, load_task_model, score_sums, token_windows
 from raylin.distill.losses import causal_lm_loss
-from raylin.train.loop import converted_student, evaluate
+from raylin.train.evaluation import evaluate
+from raylin.train.source import converted_student
 
 from conftest import require_asset
 
@@ -98,3 +101,23 @@ def test_spoken_digits_on_a_shortened_whisper_encoder():
     assert batch["input_features"].shape == (3, 80, 200) and batch["labels"].shape == (3,)
     scores = evaluate(student, data, config, torch.device("cpu"), 0, 1)
     assert set(scores) == {"accuracy", "flite_accuracy", "festival_accuracy"}
+    # Both caps hold for spoken digits as for every data set (max_eval_examples used to be ignored).
+    capped = load_task_data(dataclasses.replace(config, data=dataclasses.replace(
+        config.data, max_train_examples=20, max_eval_examples=7)), extractor)
+    assert capped.num_train == 20 and capped.eval_sets[""] == 7
+    assert capped.eval_sets["flite"] == 7  # an evaluation set's cap defaults to max_eval_examples
+
+
+def test_example_caps_mean_one_thing_for_every_data_set():
+    """max_train_examples: a seeded random subset in row order; max_eval_examples: an even spread
+    with the first and last example (raylin.data.limits)."""
+    from raylin.config import DataConfig
+    from raylin.data.limits import eval_rows, train_rows
+
+    data = DataConfig(max_train_examples=5, max_eval_examples=4, seed=3)
+    picked = train_rows(100, data)
+    assert len(picked) == 5 and picked == sorted(picked) and picked == train_rows(100, data)
+    assert picked != train_rows(100, DataConfig(max_train_examples=5, seed=4))
+    assert eval_rows(10, data) == [0, 3, 6, 9]
+    assert train_rows(3, data) == eval_rows(3, data) == [0, 1, 2]  # caps above the size keep everything
+    assert train_rows(7, DataConfig()) == list(range(7))

@@ -72,6 +72,21 @@ def test_cache_hits_do_not_call_the_teacher_and_changed_keys_miss(teachers, tmp_
     assert retrained.forwards == 1
 
 
+def test_the_cache_key_covers_every_data_setting_but_the_held_out_cap(teachers, tmp_path):
+    """Two runs on one teacher share cached activations only when their training examples are the
+    same: data.source (two hub_audio corpora) and every other data setting change the key."""
+    config = run_config(teachers, tmp_path)
+    key = teacher_spec(config).data_key
+
+    def with_data(**changes):
+        return teacher_spec(dataclasses.replace(config, data=dataclasses.replace(config.data, **changes))).data_key
+
+    assert with_data(source={"path": "corpus-a"}) != with_data(source={"path": "corpus-b"}) != key
+    for changes in ({"max_length": 40}, {"seed": 1}, {"max_train_examples": 10}, {"eval_fraction": 0.2}):
+        assert with_data(**changes) != key, changes
+    assert with_data(max_eval_examples=3) == key  # held-out examples are never cached
+
+
 def test_cached_speech_states_do_not_depend_on_the_batch_that_first_computed_them(teachers, tmp_path):
     """Wav2Vec2's group-norm feature encoder normalises over padding, so a short clip's states differ
     between batches; cached entries are each clip's own states, computed alone and unpadded."""
@@ -202,7 +217,7 @@ def test_served_trajectory_teacher_matches_in_process(teachers, ray_cluster, tmp
 
 def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_cluster, tmp_path):
     from raylin.train.align import load_aligned, run_align
-    from raylin.train.loop import converted_student
+    from raylin.train.source import converted_student
 
     config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 20, "num_workers": 2},
                         **{"teacher_service.cache": True, "teacher_service.cache_dir": str(tmp_path / "cache")})
@@ -233,7 +248,7 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
 
 def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir(teachers, ray_cluster, tmp_path):
     from raylin.train.align import aligned_dir, load_aligned, run_align
-    from raylin.train.loop import converted_student
+    from raylin.train.source import converted_student
 
     align = {"enabled": True, "steps": 3, "num_workers": 2, "dir": str(tmp_path / "store")}
     first = run_config(teachers, tmp_path / "target", align=align)

@@ -11,7 +11,8 @@ import transformers
 
 from conftest import losses_of as _losses, run_config as _config
 from raylin.pipeline import run_conversion
-from raylin.train.loop import STATE_FILE, TRAIN_LOG
+from raylin.train.checkpoint import STATE_FILE
+from raylin.train.run_files import TRAIN_LOG
 from raylin.train.trainer import fit
 
 pytestmark = pytest.mark.assets
@@ -250,7 +251,7 @@ def test_the_training_optimizer_falls_back_where_no_fused_kernel_applies():
 
 
 def test_the_train_log_reads_one_record_per_step_the_rerun_winning(tmp_path):
-    from raylin.train.loop import read_train_log
+    from raylin.train.run_files import read_train_log
 
     assert read_train_log(tmp_path) == []  # a run that has not logged yet
     # Steps 1-4, then a resume from the step-2 checkpoint re-runs 3 and 4.
@@ -262,7 +263,7 @@ def test_the_train_log_reads_one_record_per_step_the_rerun_winning(tmp_path):
 
 def test_the_loop_reports_at_evaluations_checkpoints_and_the_last_step():
     from raylin.config import TrainConfig
-    from raylin.train.loop import checkpoints_at, evaluates_at, reports_at
+    from raylin.train.run_files import checkpoints_at, evaluates_at, reports_at
 
     train = TrainConfig(max_steps=12, eval_every=3, checkpoint_every=5)
     assert [s for s in range(1, 13) if evaluates_at(s, train)] == [3, 6, 9, 12]
@@ -270,3 +271,24 @@ def test_the_loop_reports_at_evaluations_checkpoints_and_the_last_step():
     assert [s for s in range(1, 13) if reports_at(s, train)] == [3, 5, 6, 9, 10, 12]
     no_eval = TrainConfig(max_steps=12, eval_every=None, checkpoint_every=5)
     assert [s for s in range(1, 13) if reports_at(s, no_eval)] == [5, 10, 12]
+
+
+def test_the_throughput_benchmark_times_both_loops_doing_the_same_math(teachers, ray_cluster, tmp_path):
+    """`raylin bench distill`'s two loops (Ray Train + DeepSpeed, and a plain in-process loop)
+    compute the same first-step loss on the same batch (fp32 activations, one worker), time the
+    steps after warm-up, and the bf16 check scores the run's student and its teacher both ways."""
+    from raylin.eval.throughput import bf16_scores, plain_throughput, raylin_throughput, summarize_throughput
+
+    config = _config(teachers, tmp_path / "run", **{"train.num_workers": 1, "train.max_steps": 3,
+                                                     "train.checkpoint_every": 3, "teacher_service.mode": "inprocess",
+                                                     "teacher_service.dtype": "float32"})
+    raylin, student_dir = raylin_throughput(config, warmup=1)
+    plain = plain_throughput(config, steps=3, warmup=1)
+    assert raylin.first_loss == pytest.approx(plain.first_loss, rel=1e-5)
+    assert raylin.steps_timed == plain.steps_timed == 2
+    assert raylin.tokens_per_s > 0 and plain.tokens_per_s > 0
+    summary = summarize_throughput({"throughput": [vars(raylin), vars(plain)]})
+    assert summary[0]["raylin_over_plain"] == round(raylin.tokens_per_s_per_core / plain.tokens_per_s_per_core, 2)
+    rows = bf16_scores(config, student_dir)
+    assert {(row["model"], row["metric"]) for row in rows} == {("teacher", "accuracy"), ("student", "accuracy")}
+    assert all(0 <= row["bf16"] <= 1 and row["delta"] == row["bf16"] - row["fp32"] for row in rows)

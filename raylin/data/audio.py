@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from raylin.data.limits import eval_rows, train_rows
+from raylin.tasks import task_kind
+
 SAMPLING_RATE = 16_000
 
 
@@ -60,7 +63,7 @@ def audio_source(source: dict[str, Any] | None, task: str) -> AudioSource:
         raise ValueError(f"Unknown data.source key(s) {unknown}; known: {known}.")
     parsed = AudioSource(**source)
     if parsed.target_column is None:
-        parsed = AudioSource(**{**source, "target_column": "text" if task == "ctc" else "label"})
+        parsed = AudioSource(**{**source, "target_column": "text" if task_kind(task).transcribes else "label"})
     return parsed
 
 
@@ -133,24 +136,12 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
         if isinstance(dataset.features[source.audio_column], datasets.Audio):
             dataset = dataset.cast_column(source.audio_column, datasets.Audio(decode=False))
         splits[role] = dataset
-    rows = {"train": subset_rows(len(splits["train"]), data.max_train_examples, data.seed, spread=False),
-            "eval": subset_rows(len(splits["eval"]), data.max_eval_examples, data.seed, spread=True)}
+    rows = {"train": train_rows(len(splits["train"]), data), "eval": eval_rows(len(splits["eval"]), data)}
     columns = {role: list(dataset[source.target_column]) for role, dataset in splits.items()}
     targets = {role: column if rows[role] is None else [column[i] for i in rows[role]] for role, column in columns.items()}
-    if task != "ctc":  # class names from the whole training split: a capped subset may miss some
+    if not task_kind(task).transcribes:  # class names from the whole training split: a capped subset may miss some
         targets = _class_ids(splits["train"].features[source.target_column], columns["train"], targets, source)
     return {role: (AudioClips(splits[role], source.audio_column, rows[role]), targets[role]) for role in splits}
-
-
-def subset_rows(size: int, cap: int | None, seed: int = 0, spread: bool = True) -> list[int] | None:
-    """Rows to keep of ``size`` under a cap: None (all) when ``cap`` is None or not below ``size``;
-    else an even spread (held-out sets: every part of the set is represented) or, without
-    ``spread``, a seeded random choice, in row order."""
-    if cap is None or cap >= size:
-        return None
-    if spread:
-        return np.linspace(0, size - 1, cap).round().astype(int).tolist()
-    return sorted(np.random.default_rng(seed).choice(size, cap, replace=False).tolist())
 
 
 def _class_ids(feature, all_train: list, targets: dict[str, list], source: AudioSource) -> dict[str, list[int]]:

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from raylin.data.augment import augment
+from raylin.tasks import task_kind
 
 AUTO = {"sequence_classification": "passages", "utterance_classification": "voices", "ctc": "voices", "causal_lm": None}
 KINDS = ("auto", "passages", "voices")
@@ -62,7 +63,7 @@ def check(config) -> list[str]:
         if kind is None:
             errors.append(f"broad.data auto has no built-in broad corpus for {task} (fortunes is its evaluation set); "
                           "give broad.source: {path: FILE_OR_HUB_ID, text_column: ...}.")
-        elif (kind == "voices") != (task in ("utterance_classification", "ctc")):
+        elif (kind == "voices") != task_kind(task).speech:
             errors.append(f"broad.data {kind!r} does not fit task.type {task}; use broad.data auto.")
     else:
         from raylin.data.eval_sets import source_problems
@@ -72,7 +73,7 @@ def check(config) -> list[str]:
         errors.append(f"broad.examples must be >= 1, got {broad.examples}.")
     if broad.train_copies < 0:
         errors.append(f"broad.train_copies must be >= 0, got {broad.train_copies}.")
-    if broad.train_copies and task not in ("utterance_classification", "ctc"):
+    if broad.train_copies and not task_kind(task).speech:
         errors.append("broad.train_copies augments speech clips; for text tasks set it to 0.")
     if not config.align.enabled and not broad.train_copies:
         errors.append("broad.enabled feeds the align stage: set align.enabled: true (or, for speech, broad.train_copies).")
@@ -83,7 +84,7 @@ def _source_task(task: str) -> str:
     """A broad source is unlabeled: text needs only its text column, speech only its audio column."""
     from raylin.data.eval_sets import UNLABELED_AUDIO
 
-    return "causal_lm" if task in ("sequence_classification", "causal_lm") else UNLABELED_AUDIO
+    return UNLABELED_AUDIO if task_kind(task).speech else "causal_lm"
 
 
 def broad_texts(config, max_words: int) -> list[str]:

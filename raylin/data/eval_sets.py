@@ -49,7 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from raylin.data.audio import SAMPLING_RATE, decode_audio, subset_rows
+from raylin.data.audio import SAMPLING_RATE, decode_audio
+from raylin.data.limits import subset_rows
+from raylin.tasks import task_kind
 
 TEXT_BUILTINS = ("imdb", "rotten_tomatoes")
 SPEECH_BUILTINS = ("flite", "festival")
@@ -138,13 +140,14 @@ def source_problems(source: dict[str, Any], task: str) -> list[str]:
         if not _HUB_ID.fullmatch(path):
             return [f"path {path!r} is neither an existing local file nor a Hub data set id (owner/name)."]
         return []
+    language_model = task != UNLABELED_AUDIO and task_kind(task).language_model
     if local.is_dir():
-        if task != "causal_lm":
+        if not language_model:
             return [f"path {path!r} is a folder; for {task} give a table file ({', '.join(TABLE_SUFFIXES)})."]
         return [] if any(local.glob("*.txt")) else [f"folder {path!r} holds no .txt files."]
     suffix = local.suffix.lower()
     if suffix == ".txt":
-        return [] if task == "causal_lm" else [f"{path!r} is plain text, which only language modelling can score; "
+        return [] if language_model else [f"{path!r} is plain text, which only language modelling can score; "
                                                 f"for {task} give a table ({', '.join(TABLE_SUFFIXES)}) with its columns."]
     if suffix not in TABLE_SUFFIXES:
         return [f"{path!r}: unsupported file type {suffix!r}; use {', '.join(TABLE_SUFFIXES + ('.txt',))}."]
@@ -161,14 +164,15 @@ def source_problems(source: dict[str, Any], task: str) -> list[str]:
 
 def _columns(source: dict[str, Any], task: str) -> list[tuple[str, str]]:
     """(source key, column name) of each column a table needs for ``task``."""
-    if task == "causal_lm":
-        keys = {"text_column": "text"}
-    elif task == "sequence_classification":
-        keys = {"text_column": "text", "label_column": "label"}
-    elif task == UNLABELED_AUDIO:
+    kind = None if task == UNLABELED_AUDIO else task_kind(task)
+    if kind is None:
         keys = {"audio_column": "audio"}
+    elif kind.language_model:
+        keys = {"text_column": "text"}
+    elif not kind.speech:
+        keys = {"text_column": "text", "label_column": "label"}
     else:
-        keys = {"audio_column": "audio", "target_column": "text" if task == "ctc" else "label"}
+        keys = {"audio_column": "audio", "target_column": "text" if kind.transcribes else "label"}
     return [(key, source.get(key, default)) for key, default in keys.items()]
 
 
@@ -253,9 +257,9 @@ def load_speech_set(entry: EvalSet, config, builtin_sets: dict[str, tuple[list, 
         frame = read_source(entry.source)
         clips = manifest_clips(entry.source, frame)
         targets = frame[_columns(entry.source, task)[1][1]].tolist()
-        if task != "ctc":
+        if not task_kind(task).transcribes:
             targets = [_class_id(target, entry, config) for target in targets]
-    if task == "ctc":
+    if task_kind(task).transcribes:
         targets = [DIGITS[t] if isinstance(t, (int, np.integer)) else str(t).lower() for t in targets]
     rows = subset_rows(len(clips), entry.max_examples)
     if rows is None:
@@ -308,11 +312,12 @@ def preload(config) -> None:
     at once, naming the set. The spoken digits' own sets are made with the training data."""
     for entry in resolve(config):
         try:
-            if config.task.type == "sequence_classification":
-                load_text_set(entry, config)
-            elif config.task.type == "causal_lm":
-                load_lm_documents(entry)
-            elif not entry.builtin:
+            kind = task_kind(config.task.type)
+            if kind.speech and not entry.builtin:
                 load_speech_set(entry, config, {})
+            elif kind.language_model:
+                load_lm_documents(entry)
+            elif not kind.speech:
+                load_text_set(entry, config)
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"Evaluation set {entry.name!r} cannot be read: {error}") from error

@@ -44,7 +44,6 @@ far cleaner than recorded speech: scores here say little about real speakers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -58,9 +57,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raylin.data.assets import build_once, cache_dir
+from raylin.atomic import build_once
+from raylin.data.assets import cache_dir
 from raylin.data.audio import SAMPLING_RATE, read_audio, resample
 from raylin.data.debian import debian_dir, debian_package_with_dependencies, library_path
+from raylin.fingerprint import fingerprint
 
 MAX_SECONDS = 2.0
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -89,8 +90,7 @@ class DigitRecipe:
     festival_stretches: tuple[float, ...] = (0.8, 1.0, 1.25)  # Festival Duration_Stretch
 
     def folder_name(self) -> str:
-        recipe = json.dumps({"format": _FORMAT, **asdict(self)}, sort_keys=True)
-        return f"v{_FORMAT}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+        return f"v{_FORMAT}-{fingerprint({'format': _FORMAT, **asdict(self)}, 12)}"
 
 
 DEFAULT_RECIPE = DigitRecipe()
@@ -427,8 +427,7 @@ class VoicesRecipe:
     accents: tuple[str, ...] = TRAIN_ACCENTS
 
     def folder_name(self) -> str:
-        recipe = json.dumps({"format": _FORMAT, **asdict(self)}, sort_keys=True)
-        return f"voices-v{_FORMAT}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+        return f"voices-v{_FORMAT}-{fingerprint({'format': _FORMAT, **asdict(self)}, 12)}"
 
 
 def load_voices(recipe: VoicesRecipe) -> list[np.ndarray]:

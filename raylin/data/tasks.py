@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from raylin.models.teachers import MODEL_CLASSES
+from raylin.data.limits import eval_rows, train_rows
+from raylin.fingerprint import fingerprint
+from raylin.tasks import task_kind
 
 LM_DATASETS = ("austen", "pile")
 SPEECH_DATASETS = ("spoken_digits", "hub_audio")
-METRICS = {"sequence_classification": "accuracy", "causal_lm": "perplexity", "utterance_classification": "accuracy",
-           "ctc": "wer"}
 WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's strided conv
 
 
@@ -70,8 +70,9 @@ def model_options(config, path: str) -> dict[str, Any]:
     task = config.task.type
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(path))
     model_type = getattr(teacher_config, "model_type", None)
-    options: dict[str, Any] = {"model_class": MODEL_CLASSES[task]}
-    if task == "ctc":
+    kind = task_kind(task)
+    options: dict[str, Any] = {"model_class": kind.model_class}
+    if kind.transcribes:
         from raylin.data.transcripts import BLANK_ID, CTC_VOCAB, check_ctc_head
 
         if model_type == "whisper":
@@ -79,7 +80,7 @@ def model_options(config, path: str) -> dict[str, Any]:
                              "none. Use utterance_classification with Whisper.")
         check_ctc_head(teacher_config)
         options |= {"vocab_size": len(CTC_VOCAB), "pad_token_id": BLANK_ID}
-    elif task != "causal_lm":
+    elif kind.classifies:
         options["num_labels"] = config.task.num_labels
     if model_type == "whisper":
         # A shorter encoder: the position table is cut (re-made as the same sinusoids on load).
@@ -94,7 +95,7 @@ def load_task_model(config, path: str):
 
     options = model_options(config, path)
     model, processor = load_teacher(path, **options)
-    if config.task.type == "utterance_classification" and model.config.model_type == "whisper":
+    if task_kind(config.task.type).classifies and model.config.model_type == "whisper":
         processor = whisper_feature_extractor(path, config.data.max_seconds)
     return model, processor
 
@@ -147,14 +148,13 @@ def load_task_data(config, processor, stage: str = "distill") -> TaskData:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
     broad = config.broad.enabled and stage == "align"
-    if task == "sequence_classification":
-        return _text_classification(config, processor, broad)
-    if task == "causal_lm":
-        return _language_modelling(config, processor, broad)
-    if task in ("utterance_classification", "ctc"):
+    kind = task_kind(task)
+    if kind.speech:
         copies = config.broad.train_copies if config.broad.enabled and stage == "distill" else 0
         return _speech(config, processor, broad, copies)
-    raise NotImplementedError(f"task.type {task!r} has no data pipeline yet; supported: {sorted(METRICS)}.")
+    if kind.language_model:
+        return _language_modelling(config, processor, broad)
+    return _text_classification(config, processor, broad)
 
 
 def _text_classification(config, tokenizer, broad: bool) -> TaskData:
@@ -188,7 +188,7 @@ def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
 
 
 def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
-    from raylin.data.audio import subset_rows
+    from raylin.data.limits import subset_rows
     from raylin.data.broad import broad_texts
     from raylin.data.eval_sets import load_lm_documents, resolve
 
@@ -198,11 +198,8 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
                for split, texts in documents.items()}
     order = torch.randperm(len(windows["eval"]), generator=torch.Generator().manual_seed(data.seed)).sort().values
     windows["eval"] = windows["eval"][order]  # a fixed spread over the held-out text when capped
-    if data.max_train_examples is not None:
-        windows["train"] = windows["train"][: data.max_train_examples]
-    if data.max_eval_examples is not None:
-        step = max(1, len(windows["eval"]) // data.max_eval_examples)
-        windows["eval"] = windows["eval"][::step][: data.max_eval_examples]
+    windows["train"] = windows["train"][train_rows(len(windows["train"]), data)]
+    windows["eval"] = windows["eval"][eval_rows(len(windows["eval"]), data)]
     if broad:  # broad.source's documents, cut into windows like the corpus
         stream = token_windows(_token_ids(tokenizer, broad_texts(config, max_words=10**9), cache=True), data.max_length)
         windows["train"] = torch.cat([windows["train"], stream[: config.broad.examples]])
@@ -226,25 +223,21 @@ def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
     $RAYLIN_CACHE/tokens/, keyed by the tokenizer and the texts: every training worker, the teacher
     replica and the teacher's scoring of a run need the same ids, and the six novels take seconds
     to tokenise on a CPU core."""
-    import hashlib
-
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     path = None
     if cache and getattr(tokenizer, "backend_tokenizer", None) is not None:  # fast tokenizers serialise
         from raylin.data.assets import cache_dir
 
-        key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-        for text in texts:
-            key.update(b"\0" + text.encode())
-        key.update(repr(separator).encode())
-        path = cache_dir() / "tokens" / f"{key.hexdigest()[:24]}.pt"
+        key = fingerprint({"tokenizer": tokenizer.backend_tokenizer.to_str(), "texts": list(texts),
+                           "separator": separator}, 24)
+        path = cache_dir() / "tokens" / f"{key}.pt"
         if path.is_file():
             return torch.load(path).tolist()
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
     if path is not None:
-        from raylin.data.assets import save_atomic
+        from raylin.atomic import save_atomic
 
         save_atomic(path, lambda staging: torch.save(torch.tensor(ids, dtype=torch.int32), staging))
     return ids
@@ -291,19 +284,20 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     from raylin.data.eval_sets import load_speech_set, resolve
     from raylin.data.speech import DIGITS
 
-    data, task, num_labels = config.data, config.task.type, config.task.num_labels
+    data, num_labels = config.data, config.task.num_labels
+    kind = task_kind(config.task.type)
     builtin_sets = {}
     if data.name == "hub_audio":
         from raylin.data.audio import load_audio_splits
 
-        sets = load_audio_splits(data, task)
+        sets = load_audio_splits(data, kind.name)
     else:
         sets, builtin_sets = _spoken_digit_sets(data)
     extra = {entry.name: load_speech_set(entry, config, builtin_sets) for entry in resolve(config)}
-    if task == "ctc":  # spoken digits transcribe the digit words
+    if kind.transcribes:  # spoken digits transcribe the digit words
         sets = {k: (clips, [DIGITS[t] for t in targets]) if data.name == "spoken_digits" else (clips, targets)
                 for k, (clips, targets) in sets.items()}
-    if task == "utterance_classification":
+    if kind.classifies:
         classes = 1 + max(max(sets["train"][1], default=0), max(sets["eval"][1], default=0))
         if classes > num_labels:
             raise ValueError(f"data.{data.name} has {classes} classes but task.num_labels is {num_labels}; set "
@@ -314,10 +308,10 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     if broad:
         unlabeled = broad_clips(config)
         sets["train"] = (_Concatenated([clips, unlabeled]),
-                         list(targets) + ["" if task == "ctc" else NO_LABEL] * len(unlabeled))
+                         list(targets) + ["" if kind.transcribes else NO_LABEL] * len(unlabeled))
     # Classification crops clips to data.max_seconds; CTC never crops (a cropped clip no longer says
     # its transcript), so its batches are as long as their longest clip.
-    max_samples = None if task == "ctc" else int(data.max_seconds * SAMPLING_RATE)
+    max_samples = None if kind.transcribes else int(data.max_seconds * SAMPLING_RATE)
     whisper = type(processor).__name__ == "WhisperFeatureExtractor"
     sets |= extra
 
@@ -331,7 +325,7 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
             features = processor(clips, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True,
                                  return_tensors="pt")
             batch = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
-        if task == "ctc":
+        if kind.transcribes:
             from raylin.data.transcripts import encode_transcripts
 
             batch["labels"] = encode_transcripts([targets[i] for i in indices])
@@ -340,7 +334,7 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
         return batch
 
     eval_sets = {"": len(sets["eval"][0])} | {name: len(sets[name][0]) for name in extra}
-    return TaskData(task, len(sets["train"][0]), eval_sets, build)
+    return TaskData(kind.name, len(sets["train"][0]), eval_sets, build)
 
 
 class _Concatenated:
@@ -367,10 +361,10 @@ def _spoken_digit_sets(data) -> tuple[dict, dict]:
     splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
     sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels)}
     extra = dict(splits.extra)
-    if data.max_train_examples is not None:
-        order = torch.randperm(len(splits.train_audio), generator=torch.Generator().manual_seed(data.seed)).tolist()
-        keep = order[: data.max_train_examples]
-        sets["train"] = ([splits.train_audio[i] for i in keep], [splits.train_labels[i] for i in keep])
+    for split, rows in (("train", train_rows(len(sets["train"][0]), data)), ("eval", eval_rows(len(sets["eval"][0]), data))):
+        clips, labels = sets[split]
+        if len(rows) < len(clips):
+            sets[split] = ([clips[i] for i in rows], [labels[i] for i in rows])
     return sets, extra
 
 
@@ -382,14 +376,15 @@ def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
     """Sums that add up over batches and workers: (correct, count), (summed NLL, predicted tokens), or
     for ctc (word errors, reference words, character errors, reference characters). ``state_mask``
     (ctc): the real frames of the logits (``FamilyAdapter.state_mask``)."""
-    if task == "causal_lm":
+    kind = task_kind(task)
+    if kind.language_model:
         from raylin.distill.losses import causal_lm_loss
 
         mask = batch.get("attention_mask")
         count = (mask[:, 1:].sum() if mask is not None else torch.tensor(batch["input_ids"][:, 1:].numel())).float()
         nll = causal_lm_loss(logits, batch["input_ids"], mask) * count
         return torch.stack([nll.detach().float(), count.to(nll.device)])
-    if task == "ctc":
+    if kind.transcribes:
         from raylin.data.transcripts import error_counts, greedy_decode, ids_to_text
 
         references = [ids_to_text(row[row >= 0].tolist()) for row in batch["labels"].cpu()]
@@ -401,14 +396,15 @@ def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
 
 def score_width(task: str) -> int:
     """How many sums ``score_sums`` returns for ``task``."""
-    return 4 if task == "ctc" else 2
+    return 4 if task_kind(task).transcribes else 2
 
 
 def finish_scores(task: str, sums: torch.Tensor) -> dict[str, float]:
     """The metric from ``score_sums`` totals."""
-    if task == "ctc":
+    kind = task_kind(task)
+    if kind.transcribes:
         return {"wer": sums[0].item() / max(sums[1].item(), 1.0), "cer": sums[2].item() / max(sums[3].item(), 1.0)}
     total, count = sums[0].item(), max(sums[1].item(), 1.0)
-    if task == "causal_lm":
+    if kind.language_model:
         return {"perplexity": math.exp(total / count), "loss": total / count}
     return {"accuracy": total / count}

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from raylin.data.limits import subset_rows
+
 SHIPPED_DATASETS = ("rotten_tomatoes", "imdb")
 
 
@@ -90,9 +92,13 @@ def load_text_classification(
         raise ValueError(f"Unknown data set {name!r}; text classification sets: {DATASETS}.")
     if name in HUB_DATASETS:
         splits = _load_hub_set(HUB_DATASETS[name])
+        train_idx = subset_rows(len(splits.train_texts), max_train_examples, seed, spread=False)
+        eval_idx = subset_rows(len(splits.eval_texts), max_eval_examples)
+        train_idx = range(len(splits.train_texts)) if train_idx is None else train_idx
+        eval_idx = range(len(splits.eval_texts)) if eval_idx is None else eval_idx
         return TextSplits(
-            splits.train_texts[:max_train_examples], splits.train_labels[:max_train_examples],
-            splits.eval_texts[:max_eval_examples], splits.eval_labels[:max_eval_examples],
+            [splits.train_texts[i] for i in train_idx], [splits.train_labels[i] for i in train_idx],
+            [splits.eval_texts[i] for i in eval_idx], [splits.eval_labels[i] for i in eval_idx],
         )
     import pandas as pd
 
@@ -102,11 +108,10 @@ def load_text_classification(
     labels = frame["label"].astype(int).tolist()
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     num_eval = int(round(len(texts) * eval_fraction))
+    # Both splits are already in a seeded random order: the first examples are a random subset.
     eval_idx, train_idx = order[:num_eval], order[num_eval:]
-    if max_train_examples is not None:
-        train_idx = train_idx[:max_train_examples]
-    if max_eval_examples is not None:
-        eval_idx = eval_idx[:max_eval_examples]
+    train_idx = train_idx[:max_train_examples]
+    eval_idx = eval_idx[:max_eval_examples]
     return TextSplits(
         [texts[i] for i in train_idx], [labels[i] for i in train_idx],
         [texts[i] for i in eval_idx], [labels[i] for i in eval_idx],

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from raylin.tasks import task_kind
+
+if TYPE_CHECKING:  # for hints only: raylin.config imports this module
+    from raylin.config import LossConfig
 
 NORMALIZATIONS = ("none", "layernorm")
 REDUCTIONS = ("sum", "mean")
@@ -135,16 +141,32 @@ def combine(weights: LossWeights, task: torch.Tensor, layer: torch.Tensor | None
     return {"loss": total, **parts}
 
 
+def cald_losses(task: str, loss: LossConfig, weights: LossWeights, student_out, teacher_out,
+                batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One batch's CALD loss and its parts (``combine``): the task loss, the layerwise loss when
+    ``weights.layer > 0`` and the output KD when ``weights.out > 0`` (``teacher_out`` may be None
+    when both are off). ``student_out`` / ``teacher_out``: model outputs with ``logits`` and, for
+    the layer loss, ``hidden_states``; ``mask``: the real positions (``state_mask``)."""
+    task_part = task_loss(task, student_out.logits, batch.get("labels"), batch, mask)
+    layer = kd = None
+    if weights.layer > 0:
+        layer = layerwise_loss(student_out.hidden_states, teacher_out.hidden_states, loss.layers,
+                               loss.normalization, mask, loss.reduction)
+    if weights.out > 0:
+        per_position = student_out.logits.dim() == 3
+        kd = kd_loss(student_out.logits, teacher_out.logits, loss.temperature, mask if per_position else None)
+    return combine(weights, task_part, layer, kd)
+
+
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor | None, inputs: dict[str, torch.Tensor],
               state_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The task loss of ``task`` (a config ``task.type``) from a model's logits and its batch.
     ``state_mask`` (ctc): the real frames of the logits; without it every frame counts."""
-    if task in ("sequence_classification", "utterance_classification"):
+    kind = task_kind(task)
+    if kind.classifies:
         return classification_loss(logits, labels)
-    if task == "causal_lm":
+    if kind.language_model:
         return causal_lm_loss(logits, inputs["input_ids"], inputs.get("attention_mask"))
-    if task == "ctc":
-        frames = (state_mask.sum(-1) if state_mask is not None
-                  else torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device))
-        return ctc_loss(logits, labels, frames)
-    raise ValueError(f"Unknown task {task!r}.")
+    frames = (state_mask.sum(-1) if state_mask is not None
+              else torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device))
+    return ctc_loss(logits, labels, frames)

@@ -19,7 +19,7 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-Budgets (SIZES): ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
+The grid (runs, shared settings, budgets) is jobs/configs/bench/quality.yaml. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
 (76 min end to end, measured at commit c191ad9: text 42.6 min with its two teacher fine-tunings,
 language modelling 19.1, speech 9.6, speed 4.1), so each student gets 16-30 steps. It was sized
 for an hour; where the 76 minutes go: 12 alignments 23 min, the 26 students' training loops 31
@@ -38,6 +38,7 @@ paper's epochs.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 import time
@@ -46,9 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from raylin.atomic import write_text_atomic
 from raylin.config import merge_sections
-from raylin.data.assets import write_text_atomic
+from raylin.eval.plots import figure
 from raylin.eval.retention import HELD_OUT, retention_table
 
 SUITES = ("text", "lm", "speech", "speed")
@@ -68,80 +71,31 @@ TARGETS = {
 # teacher / student, so 1.5x the teacher's perplexity is a retention of 2/3.
 RETENTION_TARGETS = {"text": 0.97, "speech": 0.95, "lm": 1 / 1.5}
 
-_COMMON = {
-    "loss": {"alpha_task": 1.0, "alpha_layer": 1.0, "alpha_out": 1.0, "temperature": 2.0},
-    # ZeRO stage 0: these 22-135M-parameter students fit every worker whole, and on 2 CPU cores with
-    # gloo stage 2's partitioned gradient reduction made each step 22-24% slower (MiniLM Linformer
-    # 1.65 -> 1.26 s, SmolLM2 Mamba2 10.5 -> 8.1 s). Stages 1-3 are tested on their own (tests/test_train.py).
-    "train": {"num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 0},
-    "teacher_service": {"mode": "served", "cpus": 0.5, "cache": True},
-}
-TEXT = {
-    "teacher": "asset:all-minilm-l6",
-    "task": {"type": "sequence_classification", "num_labels": 2},
-    "data": {"max_eval_examples": 600},
-    "loss": {"alpha_layer": 2.0},  # the weight the Tune sweep picked (docs/tune.md)
-    "train": {"batch_size": 16, "lr": 1.0e-4},  # aligned students start near their teacher
-    # Every student starts from the align stage (raylin.train.align): each block learns to reproduce
-    # the teacher block it came from, new mixer and copied weights alike, before distillation. Without
-    # it the bimamba2 text students still predicted one class after 60 steps and Linformer started at
-    # chance. An alignment is shared by the runs that align to the same model.
-    "align": {"parameters": "all"},
-}
-TEXT_DATA = {"rotten_tomatoes": 64, "imdb": 128}  # data set -> max_length
-TEXT_PLANS = {"linformer": {"mixer": "linformer", "linformer": {"k": 32, "share": "kv"}},
-              "bimamba2": {"mixer": "bimamba2", "init": "attention"}}
-LM = {
-    "teacher": "asset:smollm2-135m",
-    "target_teacher": "asset:smollm2-135m",
-    "task": {"type": "causal_lm"},
-    "data": {"name": "austen", "held_out": "persuasion", "max_length": 128, "max_eval_examples": 48},
-    "loss": {"normalization": "layernorm", "reduction": "mean"},
-    "train": {"batch_size": 8, "lr": 3.0e-4},
-    "align": {"lr": 3.0e-3},
-}
-LM_PLANS = {"mamba2": {"mixer": "mamba2", "init": "attention"},
-            "hybrid": {"mixer": "mamba2", "init": "attention", "keep_attention": [9, 19]}}
-SPEECH = {
-    "teacher": "asset:whisper-tiny-en",
-    "task": {"type": "utterance_classification", "num_labels": 10},
-    "data": {"name": "spoken_digits", "max_seconds": 2.0},
-    "plan": {"mixer": "bimamba2", "init": "attention"},
-    "train": {"batch_size": 32, "lr": 3.0e-4},
-    # The broad-data stage (raylin.data.broad): clips of other words by every espeak-ng variant,
-    # augmented, join the alignment (docs/results/broad-speech.json: what each variant bought).
-    "broad": {"enabled": True},
-}
-BUDGETS = ("quick", "hour", "long")
-# What each budget runs. ``hour`` and ``long`` run the whole grid; ``hour`` leaves out the speech
-# hybrid. ``quick`` runs one run per pipeline (the CI smoke run).
-_FULL_GRID = {"text_data": tuple(TEXT_DATA), "text_mixers": tuple(TEXT_PLANS), "text_modes": MODES,
-              "lm": tuple((plan, mode) for plan in LM_PLANS for mode in ("unguided", "target")),
-              "speech_modes": ("unguided", "target", "hybrid")}
-GRIDS = {
-    "long": _FULL_GRID,
-    "hour": _FULL_GRID | {"speech_modes": ("unguided", "target")},
-    "quick": {"text_data": ("rotten_tomatoes",), "text_mixers": ("linformer",), "text_modes": ("unguided", "waypoint"),
-              "lm": (("hybrid", "target"),), "speech_modes": ("target",)},
-}
-# How long each run is, per budget and suite: student steps, teacher fine-tuning steps, align steps
-# (per mixer on text), held-out evaluations per run, and the data caps.
-# What ``hour`` costs and where its minutes go: the module docstring; ``long`` gives every student
-# 2-3x the steps.
-SIZES = {
-    "long": {"text": {"steps": 60, "teacher_steps": 120, "align_steps": {"linformer": 300, "bimamba2": 200}, "evals": 4,
-                      "max_length": TEXT_DATA},
-             "lm": {"steps": 40, "align_steps": 100, "evals": 4, "max_length": 128},
-             "speech": {"steps": 80, "teacher_steps": 60, "align_steps": 300, "evals": 4, "broad_examples": 4000}},
-    "hour": {"text": {"steps": 24, "teacher_steps": 80, "align_steps": {"linformer": 150, "bimamba2": 100}, "evals": 2,
-                      "max_length": {"rotten_tomatoes": 64, "imdb": 64}},
-             "lm": {"steps": 16, "align_steps": 40, "evals": 2, "max_length": 64},
-             "speech": {"steps": 30, "teacher_steps": 40, "align_steps": 150, "evals": 2, "broad_examples": 2000}},
-    "quick": {"text": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "max_length": TEXT_DATA, "cap": 96},
-              "lm": {"steps": 2, "align_steps": None, "evals": 4, "max_length": 32, "cap": 32},
-              "speech": {"steps": 2, "teacher_steps": 4, "align_steps": None, "evals": 4, "cap": 64, "size": "quick",
-                         "broad_examples": 16}},
-}
+# The grid: runs, shared settings and budgets, in YAML next to the run configs.
+GRID_FILE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "bench" / "quality.yaml"
+NOTES_FILE = GRID_FILE.with_name("quality-notes.md")  # the results pages' reading notes (a template)
+
+
+def load_grid(path: str | Path = GRID_FILE) -> dict[str, Any]:
+    """The benchmark's grid file, with each budget's grid filled in from the full grid and each
+    text size's ``max_length`` defaulting to the text section's. Limits: the file is the source
+    checkout's (the benchmark also reads the checkout's shipped configs), not package data."""
+    grid = yaml.safe_load(Path(path).read_text())
+    text = grid["text"]
+    full = {"text_data": list(text["data"]), "text_mixers": list(text["plans"]), "text_modes": list(MODES),
+            "lm": [[plan, mode] for plan in grid["lm"]["plans"] for mode in ("unguided", "target")],
+            "speech_modes": ["unguided", "target", "hybrid"]}
+    grid["grids"] = {budget: full | (grid["grids"].get(budget) or {}) for budget in grid["sizes"]}
+    for sizes in grid["sizes"].values():
+        sizes["text"].setdefault("max_length", dict(text["data"]))
+    return grid
+
+
+GRID = load_grid()
+_COMMON, TEXT, LM, SPEECH = GRID["common"], GRID["text"]["base"], GRID["lm"]["base"], GRID["speech"]["base"]
+TEXT_DATA, TEXT_PLANS, LM_PLANS = GRID["text"]["data"], GRID["text"]["plans"], GRID["lm"]["plans"]
+SIZES, GRIDS = GRID["sizes"], GRID["grids"]
+BUDGETS = tuple(SIZES)
 DEFAULT_OUT = {"quick": "outputs/bench-quality-quick", "hour": "outputs/bench-quality", "long": "outputs/bench-quality-long"}
 PAGES = {"quick": "results.md", "hour": "results.md", "long": "results-long.md"}
 COMMANDS = {"quick": "raylin bench quality --quick", "hour": "raylin bench quality", "long": "raylin bench quality --long"}
@@ -182,7 +136,7 @@ def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) 
 
 def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
     """(step, held-out metric) points of a run's train log."""
-    from raylin.train.loop import read_train_log
+    from raylin.train.run_files import read_train_log
 
     return [(record["step"], record[metric]) for record in read_train_log(out) if metric in record]
 
@@ -265,7 +219,7 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
 
 
 @torch.no_grad()
-def decoding_state(lengths: tuple[int, ...], log=print) -> list[dict]:
+def decoding_state(lengths: tuple[int, ...], log=logging.getLogger(__name__).info) -> list[dict]:
     """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
     (a Mamba2 student and the two-attention-layer hybrid, freshly converted: state size does not
     depend on the weights)."""
@@ -306,7 +260,7 @@ def speed_suite(out: Path, budget: str, log) -> dict:
 
 def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
                           suites: tuple[str, ...] = SUITES, docs: str | Path | None = None,
-                          log: Callable[[str], None] = print) -> dict:
+                          log: Callable[[str], None] = logging.getLogger(__name__).info) -> dict:
     """Run the suites at ``budget`` (quick | hour | long), write OUT/quality.json (OUT defaults to
     DEFAULT_OUT[budget]) and, when ``docs``, DOCS/results.md (results-long.md for ``long``) + plots."""
     from raylin.train.trainer import ensure_ray
@@ -376,78 +330,20 @@ def _commit() -> str | None:
 
 
 def _reading_notes(budget: str) -> str:
-    """What every results page says about its budget, whatever the numbers (targets are checked per run)."""
+    """What every results page says about its budget, whatever the numbers (targets are checked per
+    run): jobs/configs/bench/quality-notes.md, its fields filled from the grid."""
     if budget == "quick":
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
-    lm_eval, speech_broad = LM["data"]["max_eval_examples"], f"{speech['broad_examples']:,}"
     other = {"hour": "long", "long": "hour"}[budget]
-    text_align = ", ".join(f"{mixer} {steps}" for mixer, steps in text["align_steps"].items())
-    return f"""## Reading these numbers
-
-This budget gives each student {text['steps']} steps on text (batch 16, {text['max_length']['imdb']}
-tokens of IMDB), {lm['steps']} steps of 8 x {lm['max_length']} tokens on language modelling and
-{speech['steps']} steps at batch 32 on speech, on 2 CPU cores: it shows what the methods keep at a
-laptop's budget, not the paper's epochs. Workers run DeepSpeed at ZeRO stage 0: the students fit
-each worker whole, and stage 2's partitioned gradient reduction made a step 22-24% slower here;
-their AdamW is torch's fused kernel (raylin.train.optim), which made a text step 30% shorter.
-About 30 s of every run is fixed cost, whatever its steps (a Rotten Tomatoes Linformer run: 7 s
-until Ray Train's controller runs, 9 s to start two workers and their process group, 4 s to import
-the training stack in them, 7 s to build the student, start DeepSpeed and the teacher replica and
-take the first step, 2 s to save the last checkpoint and stop); the teacher is scored once per
-data set, not per run. The {other} budget's page (docs/{PAGES[other]}, `{COMMANDS[other]}`)
-shows what {'2-3x more' if budget == 'hour' else 'fewer'} steps change.
-
-**Retention.** Every run is also scored on data its training never showed: IMDB for the Rotten
-Tomatoes students and Rotten Tomatoes for the IMDB students (600 reviews each, same token cap),
-flite's five voices (150 clips) and Festival's ked diphone voice (30 clips, so one clip is 3.3
-points) for speech, and {lm_eval} windows of the fortunes corpus (quotations, jokes and verse by
-many authors, Debian's fortune data) for the language models. Retention is student / teacher
-(teacher / student for perplexity); the targets are 0.97 for text, 0.95 for speech and 2/3 (1.5x
-the teacher's perplexity) for language modelling. Speech students align on the task's clips plus
-{speech_broad} clips of other words by every espeak-ng voice variant, augmented (the broad-data
-stage, raylin.data.broad); text and language-model students align on their task's data only.
-
-**Precision.** Every suite trains and scores in fp32. bf16 autocast was measured on this machine
-(2 cores, AVX2 only: no AMX, so bf16 is emulated) for every shipped student and teacher at the benchmark's per-worker batches and one thread
-per worker: a training step took 1.3-2x longer than in fp32 (docs/results/bf16-cpu.json), so it
-buys no steps here.
-
-**How each student starts.** As in the paper, target and hybrid students are converted from the
-target teacher (its fine-tuned weights, task head included); unguided, trajectory and waypoint
-students from the pretrained model, so their task head starts fresh. Mamba-family mixers are seeded
-from the teacher's attention (``plan.init: attention``). Then every student runs the align stage
-(raylin.train.align): each block learns to reproduce the teacher block it came from, for
-{text_align} steps per block on text (whole blocks, ``align.parameters: all``), {lm['align_steps']}
-on language modelling (the new mixers, lr 3e-3) and {speech['align_steps']} on speech. An alignment is
-shared by the runs that start from the same model, so its time counts in the first of them. Text
-distils at alpha_layer 2 (the Tune sweep's best weight, docs/tune.md), KD at T = 2, lr 1e-4;
-waypoints are the teacher's own fine-tuning snapshots.
-
-**What the align stage bought.** Before it (commit 9fd30b4: no alignment for Linformer or the
-language-model students, 60 new-mixer-only steps for bimamba2), the target-guided Linformer scored
-0.673 on Rotten Tomatoes and 0.610 on IMDB, the bimamba2 text students predicted one class in all
-five modes, and the Mamba2 language-model student reached perplexity 741. Linformer's length
-projections start N(0, 1) and need their own learning rate (``align.projection_lr``, 3e-2): at
-1e-3, 60 align steps left the student at chance.
-
-**Why the modes differ at tens of steps.** Target and hybrid start from the fine-tuned model, so
-distillation only has to repair the new mixers. The three source-initialised modes must also learn
-the task head in {text['steps']} steps; trajectory trails most because its teacher is the pretrained model
-with a fresh head, fine-tuning alongside at ``guidance.teacher_lr``, so for most of the run it
-guides towards a model that does not solve the task yet. Waypoint follows the teacher's finished
-fine-tuning and lands in between. The paper trains for epochs, where these differences shrink.
-
-**What was tried where a target is missed.** bimamba2 on text (in-process experiments on Rotten
-Tomatoes, teacher 0.737): Mamba2 geometry matching the attention heads (head_dim 32, 12 groups,
-state 32, which seeds Q/K exactly) aligned better (0.655 vs 0.558 after 60 steps) but distillation
-became unstable (about 0.64); an identity-initialised convolution did not help; 150 whole-block
-align steps then 24 distillation steps reached 0.723. Language modelling: 60 align steps then 16
-distillation steps reached perplexity 185 against the teacher's 71 (64-token windows); matching the
-attention geometry did not change it. Published conversions of causal LMs train on 10^8 to 10^10
-tokens; this budget sees about 10^4. Levers not tried: a larger Linformer k, more steps at a lower
-learning rate, a GPU with the mamba-ssm kernels.
-"""
+    template = NOTES_FILE.read_text().split("-->\n", 1)[1]
+    return template.format(
+        text_steps=text["steps"], text_imdb_length=text["max_length"]["imdb"], lm_steps=lm["steps"],
+        lm_length=lm["max_length"], speech_steps=speech["steps"], other=other, other_page=PAGES[other],
+        other_command=COMMANDS[other], other_steps="2-3x more" if budget == "hour" else "fewer",
+        lm_eval=LM["data"]["max_eval_examples"], speech_broad=f"{speech['broad_examples']:,}",
+        text_align=", ".join(f"{mixer} {steps}" for mixer, steps in text["align_steps"].items()),
+        lm_align_steps=lm["align_steps"], speech_align_steps=speech["align_steps"])
 
 
 def _broad_lines(figures: Path) -> list[str]:
@@ -601,48 +497,33 @@ def _guided_line(rows: list[dict]) -> str:
 
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Held-out metric vs step, one panel per (data, student), one line per guidance mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys((r["data"], r["mixer"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], panels):
-        for row in (r for r in rows if (r["data"], r["mixer"]) == key):
-            if row["curve"]:
-                ax.plot(*zip(*row["curve"]), marker="o", label=row["guidance"])
-        teacher = next(r["teacher_value"] for r in rows if (r["data"], r["mixer"]) == key)
-        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
-        ax.set_title(f"{key[0]} -> {key[1]}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(rows[0]["metric"])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with figure(path, cols=len(panels), size=(5, 3.8)) as axes:
+        for ax, key in zip(axes[0], panels):
+            for row in (r for r in rows if (r["data"], r["mixer"]) == key):
+                if row["curve"]:
+                    ax.plot(*zip(*row["curve"]), marker="o", label=row["guidance"])
+            teacher = next(r["teacher_value"] for r in rows if (r["data"], r["mixer"]) == key)
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            ax.set_title(f"{key[0]} -> {key[1]}")
+            ax.set_xlabel("step")
+            ax.set_ylabel(rows[0]["metric"])
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def plot_decoding_state(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for model in dict.fromkeys(r["model"] for r in records):
-        points = sorted((r["length"], r["state_bytes"] / 2**20) for r in records if r["model"] == model)
-        ax.plot(*zip(*points), marker="o", label=model)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decoding state (MiB)")
-    ax.set_title("Generation memory: KV cache vs recurrent state")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with figure(path, size=(5.5, 3.8)) as axes:
+        ax = axes[0][0]
+        for model in dict.fromkeys(r["model"] for r in records):
+            points = sorted((r["length"], r["state_bytes"] / 2**20) for r in records if r["model"] == model)
+            ax.plot(*zip(*points), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decoding state (MiB)")
+        ax.set_title("Generation memory: KV cache vs recurrent state")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def summary_lines(result: dict) -> list[str]:

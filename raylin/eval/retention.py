@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from raylin.data.tasks import METRICS, metric_mode
+from raylin.data.tasks import metric_mode
+from raylin.tasks import task_kind
 
 HELD_OUT = "held_out"
 
@@ -28,7 +29,7 @@ def retention(metric: str, teacher: float, student: float) -> float:
 def retention_table(task: str, teacher: dict[str, float], student: dict[str, float]) -> dict[str, dict]:
     """``{set: {metric, teacher, student, retention}}`` for the task's metric on every set both were
     scored on: the held-out split (``metric``) and each evaluation set (``NAME_metric``)."""
-    metric = METRICS[task]
+    metric = task_kind(task).metrics[0]
     table = {}
     for key, student_value in student.items():
         if key != metric and not key.endswith(f"_{metric}"):

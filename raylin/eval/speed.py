@@ -25,6 +25,7 @@ import copy
 import gc
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -36,11 +37,13 @@ import yaml
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
+from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict
 from raylin.convert import convert
-from raylin.data.assets import write_text_atomic
 from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
+from raylin.eval.plots import colours, figure
 from raylin.models.families import family_for
+from raylin.tasks import task_kind
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 STUDENT_PLANS = {
@@ -89,8 +92,9 @@ def peak_allocated_mb(fn: Callable[[], object]) -> float:
     return peak / 1e6
 
 
-def measure(fn: Callable[[], object], repeats: int = 2) -> tuple[float, float]:
-    """(best latency in seconds over ``repeats`` runs, peak allocated MB) of ``fn()``."""
+def measure(fn: Callable[[], object], repeats: int = 2, memory: bool = True) -> tuple[float, float]:
+    """(best latency in seconds over ``repeats`` runs, peak allocated MB) of ``fn()``; the peak is
+    0.0 without ``memory`` (the profiled replay is skipped)."""
     latencies = []
     for _ in range(repeats):
         gc.collect()
@@ -98,7 +102,7 @@ def measure(fn: Callable[[], object], repeats: int = 2) -> tuple[float, float]:
         with torch.inference_mode():
             fn()
         latencies.append(time.perf_counter() - start)
-    return min(latencies), peak_allocated_mb(fn)
+    return min(latencies), peak_allocated_mb(fn) if memory else 0.0
 
 
 def bench_teachers(hidden: int, layers: int, max_len: int) -> dict[str, nn.Module]:
@@ -152,7 +156,7 @@ def run_speed_benchmark(
     layers: int = 2,
     repeats: int = 2,
     inputs: tuple[str, ...] = INPUTS,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logging.getLogger(__name__).info,
 ) -> list[SpeedRecord]:
     """Measure every (model, scope, length) and write speed.json and speed.png into ``out_dir``."""
     out = Path(out_dir)
@@ -204,35 +208,26 @@ def _write(out: Path, records: list[SpeedRecord]) -> None:
 
 
 def plot_speed(records: list[SpeedRecord], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = sorted({(r.family, r.input) for r in records})
-    names = list(dict.fromkeys(r.model for r in records))
-    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    fig, axes = plt.subplots(len(panels), 4, figsize=(20, 4.2 * len(panels)), squeeze=False)
-    for row, (family_name, kind) in enumerate(panels):
-        for col, (scope, metric) in enumerate(
-            [("mixer", "latency_s"), ("mixer", "peak_mem_mb"), ("model", "latency_s"), ("model", "peak_mem_mb")]
-        ):
-            ax = axes[row][col]
-            chosen = [r for r in records if (r.family, r.input, r.scope) == (family_name, kind, scope)]
-            for name in dict.fromkeys(r.model for r in chosen):
-                points = sorted((r.seq_len, max(getattr(r, metric), 1e-3)) for r in chosen if r.model == name)
-                ax.plot(*zip(*points), marker="o", label=name, color=colours[name],
-                        linestyle="--" if "no-attention" in name else "-")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length (tokens)")
-            ax.set_ylabel("latency (s)" if metric == "latency_s" else "peak memory (MB)")
-            ax.set_title(f"{family_name}, {kind}: {scope} {'latency' if metric == 'latency_s' else 'memory'}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    colour = colours(list(dict.fromkeys(r.model for r in records)))
+    with figure(path, rows=len(panels), cols=4, size=(5, 4.2)) as axes:
+        for row, (family_name, kind) in enumerate(panels):
+            for col, (scope, metric) in enumerate(
+                [("mixer", "latency_s"), ("mixer", "peak_mem_mb"), ("model", "latency_s"), ("model", "peak_mem_mb")]
+            ):
+                ax = axes[row][col]
+                chosen = [r for r in records if (r.family, r.input, r.scope) == (family_name, kind, scope)]
+                for name in dict.fromkeys(r.model for r in chosen):
+                    points = sorted((r.seq_len, max(getattr(r, metric), 1e-3)) for r in chosen if r.model == name)
+                    ax.plot(*zip(*points), marker="o", label=name, color=colour[name],
+                            linestyle="--" if "no-attention" in name else "-")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("sequence length (tokens)")
+                ax.set_ylabel("latency (s)" if metric == "latency_s" else "peak memory (MB)")
+                ax.set_title(f"{family_name}, {kind}: {scope} {'latency' if metric == 'latency_s' else 'memory'}")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=8)
 
 
 def summarize(records: list[SpeedRecord]) -> dict[str, dict]:
@@ -290,7 +285,8 @@ DECODE_STEPS = 16
 class ShippedRecord:
     config: str  # the shipped config's file name
     model: str  # "teacher" | "student"
-    mode: str  # "forward" (prefill for causal models) | "decode" (per new token, after `seq_len`)
+    mode: str  # "forward" (prefill for causal models) | "decode" (per new token, after `seq_len`) | "compiled"
+    # ("compiled": the forward under torch.compile's inductor CPU backend, timed after compilation)
     dtype: str  # "float32" | "bfloat16" (weights and activations)
     seq_len: int  # tokens, or encoder positions for speech
     latency_s: float
@@ -338,15 +334,30 @@ def _decode_latency(model: nn.Module, input_ids: torch.Tensor, is_student: bool)
         return (time.perf_counter() - start) / DECODE_STEPS
 
 
+def _compiled_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
+    """Best-of-``repeats`` seconds of ``model``'s forward under ``torch.compile`` (inductor, CPU: a
+    C++ compiler must be installed), after a first call that compiles it. The compiled graph breaks
+    where the SSD scan picks its factored or exact decay path (a data-dependent branch)."""
+    compiled = torch.compile(model)
+    with torch.inference_mode():
+        compiled(**inputs)
+        latency, _ = measure(lambda: compiled(**inputs), repeats, memory=False)
+    torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next model
+    return latency
+
+
 def run_shipped_benchmark(
     out_dir: str | Path,
     shipped: tuple[tuple[str, tuple[int, ...]], ...] = SHIPPED,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     repeats: int = 3,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logging.getLogger(__name__).info,
+    compiled: bool = True,
 ) -> list[ShippedRecord]:
     """Time every shipped config's teacher and student at the config's lengths, per dtype; causal
-    models also per decoded token. Writes shipped-speed.json into ``out_dir``.
+    models also per decoded token; with ``compiled``, both also under ``torch.compile`` (fp32, each
+    config's longest length: compiling takes about 45 s a model here). Writes shipped-speed.json
+    into ``out_dir``.
 
     bf16 casts weights and activations (the scan and the norms still compute in fp32). Limits:
     batch 1, random inputs, the threads torch is given; bf16 is timed at each config's shortest
@@ -359,7 +370,7 @@ def run_shipped_benchmark(
         name = Path(config_path).name
         data = yaml.safe_load(Path(config_path).read_text())
         # A speech encoder is built for its positions (Whisper's table is cut): one pair per length.
-        if data["task"]["type"] in ("utterance_classification", "ctc"):
+        if task_kind(data["task"]["type"]).speech:
             pairs = {seq_len: _shipped_pair(data, seq_len) for seq_len in lengths}
         else:
             pairs = dict.fromkeys(lengths, _shipped_pair(data, None))
@@ -376,10 +387,14 @@ def run_shipped_benchmark(
                 latency, peak = measure(lambda m=model: m(**cast), repeats)
                 records.append(ShippedRecord(name, role, "forward", dtype_name, seq_len, latency, peak))
                 log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} forward {latency * 1e3:9.2f} ms")
-                if config.task.type == "causal_lm":
+                if task_kind(config.task.type).language_model:
                     step = _decode_latency(model, cast["input_ids"], role == "student")
                     records.append(ShippedRecord(name, role, "decode", dtype_name, seq_len, step, 0.0))
                     log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} decode  {step * 1e3:9.2f} ms/token")
+                if compiled and dtype == torch.float32 and seq_len == max(lengths):
+                    latency = _compiled_latency(model, cast, repeats)
+                    records.append(ShippedRecord(name, role, "compiled", dtype_name, seq_len, latency, 0.0))
+                    log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} compiled {latency * 1e3:8.2f} ms")
             write_text_atomic(out / "shipped-speed.json", json.dumps([r.__dict__ for r in records], indent=1))
     return records
 
@@ -400,4 +415,7 @@ def summarize_shipped(records: list[ShippedRecord]) -> list[dict]:
             "speedup": round(teacher.latency_s / student.latency_s, 2),
             "student_bf16_over_fp32": None if dtype == "float32" or fp32 is None else round(fp32.latency_s / student.latency_s, 2),
         })
+        eager = by_key.get((config, "student", "forward", dtype, seq_len))
+        if mode == "compiled" and eager is not None:
+            rows[-1]["student_compiled_over_eager"] = round(eager.latency_s / student.latency_s, 2)
     return rows

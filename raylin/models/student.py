@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from raylin.atomic import replace_folder
 from raylin.models.cache import StudentCache
 from raylin.models.families import FamilyAdapter, family_for_config
 from raylin.models.mixers import LinformerProjection
@@ -197,17 +196,13 @@ class RaylinStudent(PreTrainedModel):
         Everything is written into a temporary sibling folder that replaces ``save_directory`` in
         one rename, so an interrupted save never leaves a half-written student behind.
         """
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        def write(staging: Path) -> None:
             self.config.save_pretrained(staging)
             safetensors.torch.save_file(_standalone_state(self), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             if self.processor is not None:
                 self.processor.save_pretrained(staging)
-            _replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        replace_folder(save_directory, write)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, dtype=None, **kwargs):
@@ -248,17 +243,6 @@ def _choose_token(logits, do_sample, temperature, top_k, generator) -> torch.Ten
         cutoff = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then removed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def _resolve_folder(name_or_path: str) -> Path:

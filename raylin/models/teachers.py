@@ -18,13 +18,6 @@ from transformers import AutoConfig, PreTrainedModel
 from raylin.models.families import family_for_config
 
 ASSET_PREFIX = "asset:"
-# The transformers class (with the task head) that a task trains, for teachers and students alike.
-MODEL_CLASSES = {
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "causal_lm": "AutoModelForCausalLM",
-    "utterance_classification": "AutoModelForAudioClassification",
-    "ctc": "AutoModelForCTC",
-}
 
 
 def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:

@@ -11,16 +11,19 @@ never knows which one, nor which guidance mode, is active. ``teacher_service.mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from raylin.teacher.bank import FAULT_ENV, TeacherOutput, TeacherRequest, TeacherSpec
+from raylin.faults import requested_fault
+from raylin.fingerprint import fingerprint
+from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec
 
 __all__ = ["TeacherOutput", "TeacherRequest", "TeacherSpec", "teacher_spec", "teacher_pool", "open_teachers"]
 
 
 def teacher_spec(config) -> TeacherSpec:
     """The TeacherSpec of a run's distillation: the teachers its guidance mode uses, the states its losses read."""
-    import os
     from pathlib import Path
 
     from raylin.data.tasks import model_options
@@ -29,11 +32,13 @@ def teacher_spec(config) -> TeacherSpec:
     mode, loss, service = config.guidance.mode, config.loss, config.teacher_service
     schedule = config.guidance_schedule()
     tokenizer_source = config.target_teacher if schedule.student_starts_from_target else config.teacher
-    d = config.data
-    data_key = (f"{d.name}|{d.eval_fraction}|{d.seed}|{d.max_train_examples}|{d.max_length}|{d.held_out}|"
-                f"{d.max_seconds}|{d.size}|{teacher_fingerprint(tokenizer_source)}")
+    # A cached entry is one training example's teacher outputs: keyed by everything that decides
+    # which example an index is (the data section, data.source included, and the tokenizer).
+    identity = {"data": dataclasses.asdict(config.data), "tokenizer": teacher_fingerprint(tokenizer_source)}
+    identity["data"].pop("max_eval_examples")  # held-out examples are never cached
     if config.broad.enabled:  # training indices past the task's examples are broad examples or augmented copies
-        data_key += f"|broad:{sorted(vars(config.broad).items())}"
+        identity["broad"] = dataclasses.asdict(config.broad)
+    data_key = fingerprint(identity)
     options = model_options(config, config.target_teacher or config.teacher)
     return TeacherSpec(
         model_class=options.pop("model_class"),
@@ -51,7 +56,7 @@ def teacher_spec(config) -> TeacherSpec:
         cache_dir=str(Path(service.cache_dir).expanduser()) if service.cache else None,
         cache_max_bytes=int(service.cache_max_gb * 2**30),
         data_key=data_key,
-        fault=os.environ.get(FAULT_ENV),
+        fault=requested_fault(),
         fault_dir=config.output_dir,
     )
 

@@ -16,22 +16,18 @@ the teacher's states before its update at s. Fixed teachers can read and fill an
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from raylin.faults import die, fires
 from raylin.train.optim import adamw
 
 COMPACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STATES = ("hidden_states", "layer_io")
-# Fault injection for tests (TeacherSpec.fault, from RAYLIN_TEST_FAULT): "teacher-crash:STEP" ends
-# the holder's process on its first request for STEP (once per fault_dir; a marker file remembers it).
-FAULT_ENV = "RAYLIN_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -341,11 +337,5 @@ class TeacherBank:
         return stats | (self.cache.stats() if self.cache else {})
 
     def _maybe_fault(self, step: int) -> None:
-        if self.spec.fault != f"teacher-crash:{step}" or not self.spec.fault_dir:
-            return
-        marker = Path(self.spec.fault_dir) / f".fault-teacher-crash-{step}"
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        os._exit(1)  # the replica's process dies mid-request, as on a lost node
+        if fires(self.spec.fault, "teacher-crash", step, self.spec.fault_dir):
+            die()  # the replica's process dies mid-request, as on a lost node

@@ -19,8 +19,6 @@ trajectory teacher changes every step and is never cached.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from raylin.atomic import save_atomic
+from raylin.fingerprint import fingerprint
 from raylin.models.teachers import resolve_teacher_path
 
 WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf")
@@ -42,13 +42,13 @@ def teacher_fingerprint(name_or_path: str) -> str:
             if file.suffix in WEIGHT_SUFFIXES:
                 stat = file.stat()
                 parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return fingerprint(parts)
 
 
 def cache_namespace(teacher: str, data_key: str, layers: tuple[int, ...] | None, logits: bool, dtype: str, states: str) -> str:
     identity = {"teacher": teacher_fingerprint(teacher), "data": data_key, "layers": layers, "logits": logits,
                 "dtype": dtype, "states": states}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint(identity, 20)
 
 
 class ActivationCache:
@@ -91,13 +91,11 @@ class ActivationCache:
     def put(self, namespace: str, example_id: int, tensors: dict[str, torch.Tensor]) -> None:
         file = self._file(namespace, example_id)
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        size = tmp.stat().st_size
-        if size > self.max_bytes:
-            tmp.unlink()
+        save_atomic(file, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()}, staging))
+        size = file.stat().st_size
+        if size > self.max_bytes:  # one entry larger than the whole budget is not kept
+            file.unlink(missing_ok=True)
             return
-        os.replace(tmp, file)
         self.total_bytes += size - self._entries.pop(file, 0)
         self._entries[file] = size
         while self.total_bytes > self.max_bytes and self._entries:

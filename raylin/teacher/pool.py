@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 
+from raylin.fingerprint import fingerprint
 from raylin.teacher.bank import TeacherBank, TeacherOutput, TeacherRequest, TeacherSpec, pack, teacher_loader, unpack
 
 NAMESPACE = "raylin"
@@ -105,7 +104,7 @@ class TeacherPool:
     def name(self) -> str:
         identity = dataclasses.asdict(dataclasses.replace(self.spec, fault=None, fault_dir=None))
         identity |= {"cpus": self.cpus, "gpus": self.gpus, "owner": self.owner if self.spec.source else ""}
-        return "raylin-teacher-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return "raylin-teacher-" + fingerprint(identity, 12)
 
     @property
     def single_replica(self) -> bool:

@@ -33,17 +33,20 @@ the others wait and reuse it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
+from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
+from raylin.fingerprint import fingerprint
+from raylin.train.batch import model_inputs
+from raylin.train.source import converted_student
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
@@ -84,15 +87,13 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs:
 
 def _fingerprint(config: RunConfig) -> str:
     """What the aligned weights depend on; the guidance mode only through the model aligned to."""
-    from raylin.train.loop import init_teacher
-
     align = {k: v for k, v in dataclasses.asdict(config.align).items() if k not in ("enabled", "dir")}
-    data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": init_teacher(config),
+    data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": config.conversion_source,
             "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype,
             "normalization": config.loss.normalization}
     if config.broad.enabled:  # left out otherwise, so alignments made before the broad stage existed stay valid
         data["broad"] = dataclasses.asdict(config.broad)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(data)
 
 
 def aligned_dir(config: RunConfig) -> Path:
@@ -114,9 +115,7 @@ def _finished(out: Path, fingerprint: str) -> dict | None:
 def align_spec(config: RunConfig):
     """The TeacherSpec for alignment: every block's input and output of the model the student came from."""
     from raylin.teacher import teacher_spec
-    from raylin.train.loop import init_teacher
-
-    return dataclasses.replace(teacher_spec(config), target=init_teacher(config), source=None, hidden=True,
+    return dataclasses.replace(teacher_spec(config), target=config.conversion_source, source=None, hidden=True,
                                layers=None, logits=False, states="layer_io")
 
 
@@ -132,7 +131,6 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     from raylin.models.mixers import LinformerProjection
     from raylin.teacher import TeacherRequest
     from raylin.teacher.bank import unpack
-    from raylin.train.loop import converted_student, model_inputs
     from raylin.train.optim import adamw
 
     config = config_from_dict(config_dict)
@@ -204,25 +202,13 @@ def run_align(config: RunConfig) -> dict:
     fingerprint = _fingerprint(config)
     # Runs aligning the same way at the same time (Tune trials, a sweep's modes) take turns: the
     # first computes, the others wait for it and reuse its result.
-    with _exclusive(out.with_name(f".{out.name}.lock")):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One aligner per store entry, across processes and nodes (filelock: flock on local and NFS folders).
+    with FileLock(out.with_name(f".{out.name}.lock")):
         finished = _finished(out, fingerprint)
         if finished:
             return finished
         return _align(config, out, fingerprint)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path):
-    """Hold an exclusive ``flock`` on ``lock_file`` (local and NFS folders) while the block runs."""
-    import fcntl
-
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
@@ -233,10 +219,8 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     from raylin.models.families import family_for_config
     from raylin.models.teachers import resolve_teacher_path
     from raylin.teacher import teacher_pool
-    from raylin.train.loop import init_teacher
-
     started = time.perf_counter()
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(init_teacher(config)))
+    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.conversion_source))
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
     workers = min(config.align.num_workers, num_layers)
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]
@@ -253,14 +237,12 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
                "wall_s": round(time.perf_counter() - started, 1),
                "layers": {str(i): layers[i] for i in sorted(layers)},
                "worker_pids": sorted({r["pid"] for r in results}), "teacher": teacher_stats}
-    staging = out.with_name(f".{out.name}.incoming-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
-    (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    def write(staging: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+
+    replace_folder(out, write)
     return summary
 
 

@@ -14,8 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
-from raylin.data.assets import write_text_atomic
 from raylin.train.loop import train_loop_per_worker
 
 TEACHER_STATS = "teacher_service.json"  # the served teacher's counters: forwards, cache hits, bytes served

@@ -46,8 +46,9 @@ from typing import Any
 
 import yaml
 
-from raylin.config import ConfigError, RunConfig, config_from_dict, dump_config
-from raylin.data.assets import write_text_atomic
+from raylin.atomic import write_text_atomic
+from raylin.config import ConfigError, RunConfig, apply_overrides, build_section, config_from_dict, dump_config
+from raylin.eval.plots import figure
 
 DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -72,15 +73,13 @@ class TuneSection:
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, TuneSection, RunConfig]:
     """Split CONFIG.yaml into the base run config (validated) and its ``tune:`` section (validated,
     every choice checked against the base config)."""
-    from raylin.config import _apply_overrides, _build
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
-    data = _apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
     if "tune" not in data:
         raise ConfigError(f"{path} has no `tune:` section; add one with a `space:` (see docs/tune.md).")
-    section = _build(TuneSection, data.pop("tune"), "tune.")
+    section = build_section(TuneSection, data.pop("tune"), "tune.")
     base = config_from_dict(data)
     # Trials run in Ray Tune's trial folders, not here: pin relative paths to what they mean here.
     data = {**data, "teacher": base.teacher, "target_teacher": base.target_teacher, "output_dir": base.output_dir}
@@ -313,7 +312,7 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     not from Tune's per-trial results: Tune restarts a trial interrupted mid-run with empty results
     (our checkpoints are Ray Train's, not Tune's), so those would hold only what it reported after
     the resume, and nothing for a trial interrupted after its last checkpoint."""
-    from raylin.train.loop import read_train_log, reports_at
+    from raylin.train.run_files import read_train_log, reports_at
 
     frame = results.get_dataframe()
     params = sorted(section.space)
@@ -367,22 +366,15 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
 
 
 def _plot(rows, section: TuneSection, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        if row["history"]:
-            steps, values = zip(*row["history"])
-            label = ", ".join(f"{p.split('.')[-1]}={row[p]}" for p in sorted(section.space))
-            ax.plot(steps, values, marker="o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(section.metric)
-    ax.set_title("Sweep: metric vs step per trial")
-    if rows:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(7, 4), dpi=120) as axes:
+        ax = axes[0][0]
+        for row in rows:
+            if row["history"]:
+                steps, values = zip(*row["history"])
+                label = ", ".join(f"{p.split('.')[-1]}={row[p]}" for p in sorted(section.space))
+                ax.plot(steps, values, marker="o", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(section.metric)
+        ax.set_title("Sweep: metric vs step per trial")
+        if rows:
+            ax.legend(fontsize=7)

@@ -1,0 +1,37 @@
+"""What ``data.max_train_examples`` and ``data.max_eval_examples`` mean, for every data set.
+
+* ``max_train_examples``: a seeded random subset of the training examples (``data.seed``).
+  Examples are what a training index addresses: texts, clips, or language-model
+  windows of ``data.max_length`` tokens.
+* ``max_eval_examples`` (and an evaluation set's ``max_examples``): an even spread over the held-out
+  examples, first and last included, so every part of the set is scored.
+
+Unset (None) keeps everything. Limits: a streamed corpus (the Pile) reads only as many documents as
+the caps need; see raylin.data.tasks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def subset_rows(size: int, cap: int | None, seed: int = 0, spread: bool = True) -> list[int] | None:
+    """Rows to keep of ``size`` under a cap: None (all) when ``cap`` is None or not below ``size``;
+    else an even spread (``spread``: held-out sets) or a seeded random choice, in row order."""
+    if cap is None or cap >= size:
+        return None
+    if spread:
+        return np.linspace(0, size - 1, cap).round().astype(int).tolist()
+    return sorted(np.random.default_rng(seed).choice(size, cap, replace=False).tolist())
+
+
+def train_rows(size: int, data) -> list[int]:
+    """The training rows ``data`` (a DataConfig) keeps of ``size``: all, or ``max_train_examples`` at random."""
+    rows = subset_rows(size, data.max_train_examples, data.seed, spread=False)
+    return list(range(size)) if rows is None else rows
+
+
+def eval_rows(size: int, data) -> list[int]:
+    """The held-out rows ``data`` keeps of ``size``: all, or ``max_eval_examples`` spread evenly."""
+    rows = subset_rows(size, data.max_eval_examples)
+    return list(range(size)) if rows is None else rows
