@@ -34,7 +34,8 @@ def _umask() -> int:
 # What open() and mkdir() would give under this process's umask, read once at import (os.umask is
 # process-wide). mkstemp and mkdtemp make 0600 / 0700 entries, which other users, and other
 # nodes' processes running as another user, could not read.
-_FILE_MODE, _DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+_UMASK = _umask()
+_FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 def save_atomic(path: str | Path, write: Callable[[Path], None]) -> None:

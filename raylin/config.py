@@ -324,12 +324,7 @@ def _build(cls, data: Any, prefix: str, problems: _Problems):
         if name not in data:
             complete &= problems.need(not required, f"Missing required config key {dotted!r}.")
             continue
-        try:
-            value = _coerce(hints[name], data[name], dotted, problems)
-        except ConfigError as error:
-            problems.found.extend(error.problems)
-            complete &= not required
-            continue
+        value = _coerce(hints[name], data[name], dotted, problems)
         if value is _INVALID:
             complete &= not required
             continue
@@ -350,6 +345,7 @@ _INVALID = object()  # a section that could not be built (its problems are recor
 
 
 def _coerce(hint, value, dotted: str, problems: _Problems):
+    """``value`` as type ``hint``, or _INVALID with the problem recorded."""
     if dataclasses.is_dataclass(hint):
         built = _build(hint, value, dotted + ".", problems)
         return _INVALID if built is None else built
@@ -375,7 +371,8 @@ def _coerce(hint, value, dotted: str, problems: _Problems):
     if hint is Any:
         return value
     expected = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"Config key {dotted!r} must be {expected}, got {value!r}.")
+    problems.need(False, f"Config key {dotted!r} must be {expected}, got {value!r}.")
+    return _INVALID
 
 
 def validate(config: RunConfig, problems: _Problems | None = None) -> None:

@@ -111,13 +111,11 @@ def test_spoken_digits_on_a_shortened_whisper_encoder():
 def test_example_caps_mean_one_thing_for_every_data_set():
     """max_train_examples: a seeded random subset in row order; max_eval_examples: an even spread
     with the first and last example (raylin.data.limits)."""
-    from raylin.config import DataConfig
     from raylin.data.limits import eval_rows, train_rows
 
-    data = DataConfig(max_train_examples=5, max_eval_examples=4, seed=3)
-    picked = train_rows(100, data)
-    assert len(picked) == 5 and picked == sorted(picked) and picked == train_rows(100, data)
-    assert picked != train_rows(100, DataConfig(max_train_examples=5, seed=4))
-    assert eval_rows(10, data) == [0, 3, 6, 9]
-    assert train_rows(3, data) == eval_rows(3, data) == [0, 1, 2]  # caps above the size keep everything
-    assert train_rows(7, DataConfig()) == list(range(7))
+    picked = train_rows(100, 5, seed=3)
+    assert len(picked) == 5 and picked == sorted(picked) and picked == train_rows(100, 5, seed=3)
+    assert picked != train_rows(100, 5, seed=4)
+    assert eval_rows(10, 4) == [0, 3, 6, 9]
+    assert train_rows(3, 5, seed=3) == eval_rows(3, 4) == [0, 1, 2]  # caps above the size keep everything
+    assert train_rows(7, None, seed=0) == eval_rows(7, None) == list(range(7))

@@ -136,9 +136,10 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
         if isinstance(dataset.features[source.audio_column], datasets.Audio):
             dataset = dataset.cast_column(source.audio_column, datasets.Audio(decode=False))
         splits[role] = dataset
-    rows = {"train": train_rows(len(splits["train"]), data), "eval": eval_rows(len(splits["eval"]), data)}
+    rows = {"train": train_rows(len(splits["train"]), data.max_train_examples, data.seed),
+            "eval": eval_rows(len(splits["eval"]), data.max_eval_examples)}
     columns = {role: list(dataset[source.target_column]) for role, dataset in splits.items()}
-    targets = {role: column if rows[role] is None else [column[i] for i in rows[role]] for role, column in columns.items()}
+    targets = {role: [column[i] for i in rows[role]] for role, column in columns.items()}
     if not task_kind(task).transcribes:  # class names from the whole training split: a capped subset may miss some
         targets = _class_ids(splits["train"].features[source.target_column], columns["train"], targets, source)
     return {role: (AudioClips(splits[role], source.audio_column, rows[role]), targets[role]) for role in splits}

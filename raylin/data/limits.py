@@ -25,13 +25,13 @@ def subset_rows(size: int, cap: int | None, seed: int = 0, spread: bool = True) 
     return sorted(np.random.default_rng(seed).choice(size, cap, replace=False).tolist())
 
 
-def train_rows(size: int, data) -> list[int]:
-    """The training rows ``data`` (a DataConfig) keeps of ``size``: all, or ``max_train_examples`` at random."""
-    rows = subset_rows(size, data.max_train_examples, data.seed, spread=False)
+def train_rows(size: int, cap: int | None, seed: int) -> list[int]:
+    """The training rows kept of ``size`` under ``max_train_examples`` = ``cap``: all, or a seeded random subset."""
+    rows = subset_rows(size, cap, seed, spread=False)
     return list(range(size)) if rows is None else rows
 
 
-def eval_rows(size: int, data) -> list[int]:
-    """The held-out rows ``data`` keeps of ``size``: all, or ``max_eval_examples`` spread evenly."""
-    rows = subset_rows(size, data.max_eval_examples)
+def eval_rows(size: int, cap: int | None) -> list[int]:
+    """The held-out rows kept of ``size`` under ``max_eval_examples`` = ``cap``: all, or an even spread."""
+    rows = subset_rows(size, cap)
     return list(range(size)) if rows is None else rows

@@ -198,8 +198,8 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
                for split, texts in documents.items()}
     order = torch.randperm(len(windows["eval"]), generator=torch.Generator().manual_seed(data.seed)).sort().values
     windows["eval"] = windows["eval"][order]  # a fixed spread over the held-out text when capped
-    windows["train"] = windows["train"][train_rows(len(windows["train"]), data)]
-    windows["eval"] = windows["eval"][eval_rows(len(windows["eval"]), data)]
+    windows["train"] = windows["train"][train_rows(len(windows["train"]), data.max_train_examples, data.seed)]
+    windows["eval"] = windows["eval"][eval_rows(len(windows["eval"]), data.max_eval_examples)]
     if broad:  # broad.source's documents, cut into windows like the corpus
         stream = token_windows(_token_ids(tokenizer, broad_texts(config, max_words=10**9), cache=True), data.max_length)
         windows["train"] = torch.cat([windows["train"], stream[: config.broad.examples]])
@@ -361,10 +361,11 @@ def _spoken_digit_sets(data) -> tuple[dict, dict]:
     splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
     sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels)}
     extra = dict(splits.extra)
-    for split, rows in (("train", train_rows(len(sets["train"][0]), data)), ("eval", eval_rows(len(sets["eval"][0]), data))):
+    kept = {"train": train_rows(len(sets["train"][0]), data.max_train_examples, data.seed),
+            "eval": eval_rows(len(sets["eval"][0]), data.max_eval_examples)}
+    for split, rows in kept.items():
         clips, labels = sets[split]
-        if len(rows) < len(clips):
-            sets[split] = ([clips[i] for i in rows], [labels[i] for i in rows])
+        sets[split] = ([clips[i] for i in rows], [labels[i] for i in rows])
     return sets, extra
 
 

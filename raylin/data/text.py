@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from raylin.data.limits import subset_rows
+from raylin.data.limits import eval_rows, train_rows
 
 SHIPPED_DATASETS = ("rotten_tomatoes", "imdb")
 
@@ -92,10 +92,8 @@ def load_text_classification(
         raise ValueError(f"Unknown data set {name!r}; text classification sets: {DATASETS}.")
     if name in HUB_DATASETS:
         splits = _load_hub_set(HUB_DATASETS[name])
-        train_idx = subset_rows(len(splits.train_texts), max_train_examples, seed, spread=False)
-        eval_idx = subset_rows(len(splits.eval_texts), max_eval_examples)
-        train_idx = range(len(splits.train_texts)) if train_idx is None else train_idx
-        eval_idx = range(len(splits.eval_texts)) if eval_idx is None else eval_idx
+        train_idx = train_rows(len(splits.train_texts), max_train_examples, seed)
+        eval_idx = eval_rows(len(splits.eval_texts), max_eval_examples)
         return TextSplits(
             [splits.train_texts[i] for i in train_idx], [splits.train_labels[i] for i in train_idx],
             [splits.eval_texts[i] for i in eval_idx], [splits.eval_labels[i] for i in eval_idx],

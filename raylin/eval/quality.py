@@ -54,6 +54,8 @@ from raylin.config import merge_sections
 from raylin.eval.plots import figure
 from raylin.eval.retention import HELD_OUT, retention_table
 
+_log = logging.getLogger(__name__)
+
 SUITES = ("text", "lm", "speech", "speed")
 _TASKS = {"text": "sequence_classification", "lm": "causal_lm", "speech": "utterance_classification"}
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
@@ -219,7 +221,7 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
 
 
 @torch.no_grad()
-def decoding_state(lengths: tuple[int, ...], log=logging.getLogger(__name__).info) -> list[dict]:
+def decoding_state(lengths: tuple[int, ...], log=_log.info) -> list[dict]:
     """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
     (a Mamba2 student and the two-attention-layer hybrid, freshly converted: state size does not
     depend on the weights)."""
@@ -260,7 +262,7 @@ def speed_suite(out: Path, budget: str, log) -> dict:
 
 def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
                           suites: tuple[str, ...] = SUITES, docs: str | Path | None = None,
-                          log: Callable[[str], None] = logging.getLogger(__name__).info) -> dict:
+                          log: Callable[[str], None] = _log.info) -> dict:
     """Run the suites at ``budget`` (quick | hour | long), write OUT/quality.json (OUT defaults to
     DEFAULT_OUT[budget]) and, when ``docs``, DOCS/results.md (results-long.md for ``long``) + plots."""
     from raylin.train.trainer import ensure_ray

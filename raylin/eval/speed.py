@@ -45,6 +45,8 @@ from raylin.eval.plots import colours, figure
 from raylin.models.families import family_for
 from raylin.tasks import task_kind
 
+_log = logging.getLogger(__name__)
+
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 STUDENT_PLANS = {
     "bert": {
@@ -156,7 +158,7 @@ def run_speed_benchmark(
     layers: int = 2,
     repeats: int = 2,
     inputs: tuple[str, ...] = INPUTS,
-    log: Callable[[str], None] = logging.getLogger(__name__).info,
+    log: Callable[[str], None] = _log.info,
 ) -> list[SpeedRecord]:
     """Measure every (model, scope, length) and write speed.json and speed.png into ``out_dir``."""
     out = Path(out_dir)
@@ -351,7 +353,7 @@ def run_shipped_benchmark(
     shipped: tuple[tuple[str, tuple[int, ...]], ...] = SHIPPED,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     repeats: int = 3,
-    log: Callable[[str], None] = logging.getLogger(__name__).info,
+    log: Callable[[str], None] = _log.info,
     compiled: bool = True,
 ) -> list[ShippedRecord]:
     """Time every shipped config's teacher and student at the config's lengths, per dtype; causal
