@@ -13,20 +13,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
+from raylin.atomic import save_atomic
 
-matplotlib.use("Agg")  # headless: benchmarks run on servers and in CI
 
-import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
+def _pyplot():
+    """pyplot on the headless backend. Imported on first use, not at module import: modules that
+    plot (sweeps among them) also run in every Tune trial process, which never draws."""
+    import matplotlib
 
-from raylin.atomic import save_atomic  # noqa: E402
+    matplotlib.use("Agg")  # headless: benchmarks run on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @contextmanager
 def figure(path: str | Path, rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 4.0),
-           dpi: int = 80) -> Iterator[list[list[plt.Axes]]]:
+           dpi: int = 80) -> Iterator[list]:
     """Axes ``rows`` x ``cols`` (each panel ``size`` inches), saved to ``path`` atomically with a
     tight layout when the block ends without an error; the figure is closed either way."""
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
     try:
         yield axes
@@ -38,4 +44,4 @@ def figure(path: str | Path, rows: int = 1, cols: int = 1, size: tuple[float, fl
 
 def colours(names: list[str]) -> dict[str, tuple]:
     """A stable colour per name (tab10, cycling)."""
-    return {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    return {name: _pyplot().get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
