@@ -19,7 +19,7 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-The grid (runs, shared settings, budgets) is jobs/configs/bench/quality.yaml. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
+The grid (runs, shared settings, budgets) is benchmarks/quality.yaml. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
 (76 min end to end, measured at commit c191ad9: text 42.6 min with its two teacher fine-tunings,
 language modelling 19.1, speech 9.6, speed 4.1), so each student gets 16-30 steps. It was sized
 for an hour; where the 76 minutes go: 12 alignments 23 min, the 26 students' training loops 31
@@ -73,8 +73,8 @@ TARGETS = {
 # teacher / student, so 1.5x the teacher's perplexity is a retention of 2/3.
 RETENTION_TARGETS = {"text": 0.97, "speech": 0.95, "lm": 1 / 1.5}
 
-# The grid: runs, shared settings and budgets, in YAML next to the run configs.
-GRID_FILE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "bench" / "quality.yaml"
+# The grid: runs, shared settings and budgets, in YAML beside the benchmark scripts (not a run config).
+GRID_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.yaml"
 NOTES_FILE = GRID_FILE.with_name("quality-notes.md")  # the results pages' reading notes (a template)
 
 
@@ -333,7 +333,7 @@ def _commit() -> str | None:
 
 def _reading_notes(budget: str) -> str:
     """What every results page says about its budget, whatever the numbers (targets are checked per
-    run): jobs/configs/bench/quality-notes.md, its fields filled from the grid."""
+    run): benchmarks/quality-notes.md, its fields filled from the grid."""
     if budget == "quick":
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
