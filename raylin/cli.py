@@ -19,6 +19,9 @@ from pathlib import Path
 
 from raylin.log import setup_logging
 
+# Each command imports what it runs inside its handler: `raylin --help` answers before torch,
+# transformers and Ray load, and a run loads Ray only after its config is checked.
+
 
 def _demo(args: argparse.Namespace) -> int:
     from raylin.demo import run_demo

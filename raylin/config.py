@@ -8,6 +8,7 @@ raise ``ConfigError`` naming the field and the fix. See docs/config.md for every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -17,10 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoConfig
 
+from raylin.data.audio import audio_source
+from raylin.data.broad import check as check_broad
+from raylin.data.eval_sets import check as check_eval_sets
+from raylin.data.tasks import datasets_for
 from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
 from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
+from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
+from raylin.models.teachers import resolve_teacher_path
 from raylin.tasks import TASKS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -75,11 +83,17 @@ class DataConfig:
 
 
 @dataclass
+class WaypointConfig:
+    step: int  # the student step from which this snapshot guides
+    path: str  # a plain checkpoint folder (raylin finetune writes OUTPUT_DIR/snapshots/step_N)
+
+
+@dataclass
 class GuidanceConfig:
     mode: str = "target"
     teacher_update_every: int = 1  # T_u (trajectory)
     teacher_lr: float = 3e-5  # trajectory teacher's own learning rate
-    waypoints: list[dict[str, Any]] = field(default_factory=list)  # [{step, path}] (waypoint)
+    waypoints: list[WaypointConfig] = field(default_factory=list)  # waypoint mode
     hybrid_cutoff: int | None = None  # hybrid
 
 
@@ -221,7 +235,7 @@ class RunConfig:
             g.mode,
             self.loss_weights(),
             teacher_update_every=g.teacher_update_every,
-            waypoints=[Waypoint(int(w["step"]), str(w["path"])) for w in g.waypoints],
+            waypoints=[Waypoint(w.step, w.path) for w in g.waypoints],
             hybrid_cutoff=g.hybrid_cutoff,
         )
 
@@ -247,8 +261,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``extra`` merged in section by section (nested mappings merge, other values
     replace); a new dict, neither argument is changed."""
-    import copy
-
     merged = copy.deepcopy(base)
     for key, value in extra.items():
         both = isinstance(value, dict) and isinstance(merged.get(key), dict)
@@ -283,13 +295,10 @@ def _absolute_paths(config: RunConfig) -> None:
     local = lambda path: str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
     config.teacher, config.target_teacher = local(config.teacher), local(config.target_teacher)
     for waypoint in config.guidance.waypoints:
-        if isinstance(waypoint, dict) and "path" in waypoint:
-            waypoint["path"] = local(str(waypoint["path"]))
+        waypoint.path = local(waypoint.path)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -384,14 +393,11 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
 
     task_ok = need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
-    from raylin.data.tasks import datasets_for
 
     datasets = datasets_for(config.task.type)
     need(not task_ok or config.data.name in datasets,
          f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
     if config.data.name == "hub_audio":
-        from raylin.data.audio import audio_source
-
         try:
             audio_source(config.data.source, config.task.type)
         except ValueError as error:
@@ -411,14 +417,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
         need(config.target_teacher is not None,
              f"guidance.mode {g.mode!r} distils from a fine-tuned teacher: set target_teacher to the fine-tuned "
              "checkpoint folder, or use guidance.mode unguided.")
-    waypoints_ok = True
-    if g.mode == "waypoint":
-        waypoints_ok = need(bool(g.waypoints),
-                            "guidance.mode 'waypoint' needs guidance.waypoints: [{step: N, path: FOLDER}, ...].")
-        for i, waypoint in enumerate(g.waypoints):
-            waypoints_ok &= need(isinstance(waypoint, dict) and set(waypoint) == {"step", "path"},
-                                 f"guidance.waypoints[{i}] must be a mapping with exactly 'step' and 'path'.")
-    if g.mode in MODES and waypoints_ok:
+    if g.mode in MODES:
         try:
             config.guidance_schedule()
         except (ValueError, TypeError) as error:
@@ -450,8 +449,6 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0 and a.projection_lr > 0,
          "align.steps, align.batch_size, align.num_workers, align.lr and align.projection_lr must be positive.")
     need(a.parameters in ("new", "all"), f"align.parameters must be 'new' or 'all', got {a.parameters!r}.")
-    from raylin.data.broad import check as check_broad
-    from raylin.data.eval_sets import check as check_eval_sets
 
     for problem in check_eval_sets(config) + check_broad(config):
         need(False, problem)
@@ -471,10 +468,6 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
 
 def _teacher_config(key: str, teacher: str, need):
     """The teacher's transformers config (its config.json: no weights are read), or None with the problem recorded."""
-    from transformers import AutoConfig
-
-    from raylin.models.teachers import resolve_teacher_path
-
     try:
         return AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
     except (OSError, ValueError) as error:
@@ -486,8 +479,6 @@ def _teacher_config(key: str, teacher: str, need):
 
 def _check_against_teacher(config: RunConfig, plan: Plan | None, teacher_config, need) -> None:
     """The plan and the layer indices of the loss against the teacher's shape."""
-    from raylin.models.families import family_for_config
-
     try:
         family = family_for_config(teacher_config)
     except ValueError as error:

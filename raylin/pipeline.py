@@ -27,16 +27,26 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config
+from raylin.data.assets import cache_dir
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
+from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.retention import retention_table, table_markdown
+from raylin.eval.speed import measure
 from raylin.fingerprint import fingerprint
+from raylin.models.families import family_for_config
+from raylin.models.student import load_student
+from raylin.models.teachers import resolve_teacher_path
 from raylin.tasks import task_kind
+from raylin.teacher.cache import teacher_fingerprint
+from raylin.train.align import aligned_dir, run_align
 from raylin.train.evaluation import evaluate
-from raylin.train.run_files import STUDENT_DIR
+from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR, STUDENT_DIR
+from raylin.train.trainer import check_disk, ensure_ray, fit, publish_outputs, published_outputs
 
 
 def check_eval_sets(config: RunConfig) -> None:
@@ -60,11 +70,6 @@ def finetune_config(config: RunConfig) -> RunConfig:
     """The run that fine-tunes the teacher itself: a "student" keeping every attention layer is
     the teacher's own architecture and weights, trained unguided on the task (without the broad-data
     stage, which is the student's: the teacher learns the task as it is given)."""
-    from transformers import AutoConfig
-
-    from raylin.models.families import family_for_config
-    from raylin.models.teachers import resolve_teacher_path
-
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.teacher))
     layers = list(range(family_for_config(teacher_config).num_layers(teacher_config)))
     mixer = "mamba2" if family_for_config(teacher_config).causal else "bimamba2"
@@ -80,9 +85,6 @@ def finetune_config(config: RunConfig) -> RunConfig:
 
 def run_finetune(config: RunConfig) -> dict:
     """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/."""
-    from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR
-    from raylin.train.trainer import fit, publish_outputs, published_outputs
-
     config = finetune_config(config)
     started = time.perf_counter()
     out = Path(config.output_dir)
@@ -118,14 +120,9 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
     the task, the data settings and the evaluation batch, so a suite of runs against one teacher (a
     benchmark's guidance modes, Tune trials) scores it once. A source model whose head is new for
     the task is scored every time: its head is initialised afresh by each load."""
-    from raylin.data.assets import cache_dir
-    from raylin.data.tasks import load_task_data, load_task_model
-
     teacher = config.target_teacher or config.teacher
     cached = None
     if config.target_teacher or task_kind(config.task.type).language_model:
-        from raylin.teacher.cache import teacher_fingerprint
-
         identity = {"teacher": teacher_fingerprint(teacher), "task": dataclasses.asdict(config.task),
                     "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size,
                     "eval_sets": [dataclasses.asdict(entry) for entry in resolve_eval_sets(config)]}
@@ -142,8 +139,6 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
 
 
 def run_conversion(config: RunConfig) -> dict:
-    from raylin.train.trainer import check_disk, fit, publish_outputs, published_outputs
-
     started = time.perf_counter()
     check_eval_sets(config)
     out = Path(config.output_dir)
@@ -152,8 +147,6 @@ def run_conversion(config: RunConfig) -> dict:
     aligned = None
     if config.align.enabled:
         check_disk(config)  # fit checks again, but the align stage comes first and takes minutes
-        from raylin.train.align import run_align
-        from raylin.train.trainer import ensure_ray
 
         ensure_ray()
         aligned = run_align(config)
@@ -180,8 +173,6 @@ def run_conversion(config: RunConfig) -> dict:
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
     if aligned is not None:
-        from raylin.train.align import aligned_dir
-
         metrics["align"] = {"steps": aligned["steps"], "workers": aligned["workers"], "layers": aligned["layers"],
                             "wall_s": aligned.get("wall_s"), "dir": str(aligned_dir(config))}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
@@ -191,8 +182,6 @@ def run_conversion(config: RunConfig) -> dict:
 
 
 def render_report(config: RunConfig, metrics: dict) -> str:
-    from raylin.models.student import load_student
-
     student = load_student(Path(config.output_dir) / STUDENT_DIR)
     params = sum(p.numel() for p in student.parameters())
     rows = "\n".join(
@@ -216,10 +205,6 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     of each on this process's CPU or GPU: at ``length`` tokens (default:
     the model's longest) for text, on one held-out clip for speech. Writes OUTPUT_DIR/eval.json.
     Limits: batch 1 for the timing."""
-    from raylin.data.tasks import load_task_data, load_task_model
-    from raylin.eval.speed import measure
-    from raylin.models.student import load_student
-
     folder = Path(student_dir) if student_dir else Path(config.output_dir) / STUDENT_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No student folder at {folder}: run `raylin convert` first or pass --student.")

@@ -54,7 +54,7 @@ def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
         ({"loss": {"temperature": 0}}, r"loss.temperature must be > 0"),
         ({"target_teacher": None}, r"guidance.mode 'target' distils from a fine-tuned teacher: set target_teacher"),
         ({"guidance": {"mode": "waypoint"}}, r"needs guidance.waypoints"),
-        ({"guidance": {"mode": "waypoint", "waypoints": [{"step": 5}]}}, r"waypoints\[0\] must be a mapping with exactly"),
+        ({"guidance": {"mode": "waypoint", "waypoints": [{"step": 5}]}}, r"Missing required config key 'guidance.waypoints\[0\].path'"),
         ({"guidance": {"mode": "hybrid"}}, r"needs guidance.hybrid_cutoff"),
         ({"train": {"zero_stage": 4}}, r"train.zero_stage must be 0, 1, 2 or 3"),
         ({"train": {"batch_size": 7}}, r"train.batch_size=7 must be divisible by train.num_workers=2"),

@@ -20,6 +20,17 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
 from raylin.atomic import build_once
 
 ASSETS = {
@@ -69,8 +80,6 @@ def _cached_folder(name: str, build) -> Path:
 def _build_smollm2(package: Path, out: Path) -> None:
     """Dequantise the GGUF checkpoint into a plain fp32 LlamaForCausalLM folder."""
     gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf_name)
     quantised = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf_name, dtype=torch.float32)
@@ -90,8 +99,6 @@ def read_ctranslate2(path: Path) -> dict:
     Layout: u32 version, spec name, u32 revision, u32 count, then per variable: name, u8 rank,
     rank x u32 dims, u8 dtype, u32 byte count, raw bytes. Strings are u16 length + bytes + NUL.
     """
-    import numpy as np
-
     data = path.read_bytes()
     offset = 0
 
@@ -130,10 +137,6 @@ def read_ctranslate2(path: Path) -> dict:
 
 def _build_whisper_tiny_en(package: Path, out: Path) -> None:
     """Rebuild transformers' WhisperForConditionalGeneration from the CTranslate2 weights."""
-    import numpy as np
-    import torch
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
     variables = read_ctranslate2(package / "model" / "model.bin")
     tensor = lambda key: torch.from_numpy(variables[key].astype(np.float32))
     count = lambda side: len({k.split("/")[1] for k in variables if re.match(side + r"/layer_\d+/", k)})

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import datasets
 import numpy as np
 
 from raylin.data.limits import eval_rows, train_rows
@@ -116,8 +117,6 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
     """``{"train": (clips, targets), "eval": (clips, targets)}`` of ``data.source``; targets are class
     ids (classification) or transcripts (ctc). ``data.max_train_examples`` keeps a seeded random
     subset, ``data.max_eval_examples`` an even spread of the held-out split."""
-    import datasets
-
     source = audio_source(data.source, task)
     splits: dict[str, Any] = {}
     for role, split in (("train", source.train_split), ("eval", source.eval_split)):
@@ -146,8 +145,6 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
 
 
 def _class_ids(feature, all_train: list, targets: dict[str, list], source: AudioSource) -> dict[str, list[int]]:
-    import datasets
-
     if isinstance(feature, datasets.ClassLabel) or all(isinstance(t, (int, np.integer)) for t in all_train):
         return {role: [int(t) for t in values] for role, values in targets.items()}
     names = sorted(set(all_train))

@@ -37,6 +37,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from raylin.data.augment import augment
+from raylin.data.austen import load_austen
+from raylin.data.eval_sets import UNLABELED_AUDIO, EvalSet, load_lm_documents, manifest_clips, source_problems
+from raylin.data.fortunes import load_fortunes
+from raylin.data.speech import VoicesRecipe, load_voices
 from raylin.tasks import task_kind
 
 AUTO = {"sequence_classification": "passages", "utterance_classification": "voices", "ctc": "voices", "causal_lm": None}
@@ -66,8 +70,6 @@ def check(config) -> list[str]:
         elif (kind == "voices") != task_kind(task).speech:
             errors.append(f"broad.data {kind!r} does not fit task.type {task}; use broad.data auto.")
     else:
-        from raylin.data.eval_sets import source_problems
-
         errors += [f"broad.source: {problem}" for problem in source_problems(broad.source, _source_task(task))]
     if broad.examples < 1:
         errors.append(f"broad.examples must be >= 1, got {broad.examples}.")
@@ -82,8 +84,6 @@ def check(config) -> list[str]:
 
 def _source_task(task: str) -> str:
     """A broad source is unlabeled: text needs only its text column, speech only its audio column."""
-    from raylin.data.eval_sets import UNLABELED_AUDIO
-
     return UNLABELED_AUDIO if task_kind(task).speech else "causal_lm"
 
 
@@ -91,13 +91,8 @@ def broad_texts(config, max_words: int) -> list[str]:
     """``broad.examples`` unlabeled texts of at most ``max_words`` words (text tasks)."""
     broad = config.broad
     if broad.source:
-        from raylin.data.eval_sets import EvalSet, load_lm_documents
-
         documents = load_lm_documents(EvalSet("broad", dict(broad.source), None))
     else:
-        from raylin.data.austen import load_austen
-        from raylin.data.fortunes import load_fortunes
-
         documents = list(load_austen().values()) + load_fortunes()
     passages = [" ".join(words[start : start + max_words]) for words in (d.split() for d in documents)
                 for start in range(0, len(words), max_words)]
@@ -109,14 +104,10 @@ def broad_clips(config) -> Sequence[np.ndarray]:
     """``broad.examples`` unlabeled clips (speech tasks), augmented when ``broad.augment``."""
     broad = config.broad
     if broad.source:
-        from raylin.data.eval_sets import manifest_clips
-
         clips = manifest_clips(broad.source)
         rows = random.Random(broad.seed).sample(range(len(clips)), min(broad.examples, len(clips)))
         clips = [clips[i] for i in sorted(rows)]
     else:
-        from raylin.data.speech import VoicesRecipe, load_voices
-
         clips = load_voices(VoicesRecipe(clips=broad.examples, seed=broad.seed))
     return AugmentedClips(clips, copies=0, seed=broad.seed) if broad.augment else clips
 

@@ -47,10 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pandas as pd
 
 from raylin.data.audio import SAMPLING_RATE, decode_audio
+from raylin.data.fortunes import load_fortunes
 from raylin.data.limits import subset_rows
+from raylin.data.speech import DIGITS
+from raylin.data.text import load_text_classification
 from raylin.tasks import task_kind
 
 TEXT_BUILTINS = ("imdb", "rotten_tomatoes")
@@ -177,8 +182,6 @@ def _columns(source: dict[str, Any], task: str) -> list[tuple[str, str]]:
 
 
 def _read_table(path: Path, rows: int | None = None):
-    import pandas as pd
-
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", nrows=rows)
@@ -194,7 +197,6 @@ def read_source(source: dict[str, Any]):
     local = Path(source["path"]).expanduser()
     if local.is_file():
         return _read_table(local)
-    import datasets
 
     split = source.get("split", "validation")
     try:
@@ -215,8 +217,6 @@ def read_source(source: dict[str, Any]):
 def load_text_set(entry: EvalSet, config) -> tuple[list, list[int]]:
     """(texts, labels) of a text classification set."""
     if entry.builtin:
-        from raylin.data.text import load_text_classification
-
         splits = load_text_classification(entry.name, config.data.eval_fraction, config.data.seed)
         texts, labels = splits.eval_texts, splits.eval_labels
     else:
@@ -234,8 +234,6 @@ def load_text_set(entry: EvalSet, config) -> tuple[list, list[int]]:
 def load_lm_documents(entry: EvalSet) -> list[str]:
     """The documents of a language-modelling set (windows are cut by the caller, then capped)."""
     if entry.builtin:
-        from raylin.data.fortunes import load_fortunes
-
         return load_fortunes()
     local = Path(entry.source["path"]).expanduser()
     if local.is_dir():
@@ -248,8 +246,6 @@ def load_lm_documents(entry: EvalSet) -> list[str]:
 def load_speech_set(entry: EvalSet, config, builtin_sets: dict[str, tuple[list, list]]) -> tuple[list, list]:
     """(clips, targets) of a speech set: class ids, or transcripts for ctc. ``builtin_sets`` are the
     spoken digits' own extra sets (flite, festival), with digit ids as targets."""
-    from raylin.data.speech import DIGITS
-
     task = config.task.type
     if entry.builtin:
         clips, targets = builtin_sets[entry.name]
@@ -268,8 +264,6 @@ def load_speech_set(entry: EvalSet, config, builtin_sets: dict[str, tuple[list, 
 
 
 def _class_id(target, entry: EvalSet, config) -> int:
-    from raylin.data.speech import DIGITS
-
     if isinstance(target, (int, np.integer)) or str(target).strip().isdigit():
         value = int(target)
     elif config.data.name == "spoken_digits" and str(target).strip().lower() in DIGITS:

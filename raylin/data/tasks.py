@@ -28,15 +28,37 @@ a resumed run build exactly the same batch for the same indices.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
+from transformers import AutoConfig, WhisperFeatureExtractor
 
-from raylin.data.limits import eval_rows, train_rows
+from raylin.atomic import save_atomic
+from raylin.data.assets import cache_dir
+from raylin.data.audio import SAMPLING_RATE, load_audio_splits
+from raylin.data.austen import NOVELS, load_austen
+from raylin.data.broad import AugmentedClips, broad_clips, broad_texts
+from raylin.data.eval_sets import load_lm_documents, load_speech_set, load_text_set, resolve
+from raylin.data.limits import eval_rows, subset_rows, train_rows
+from raylin.data.speech import DIGITS, load_spoken_digits
+from raylin.data.text import DATASETS, load_splits, tokenize
+from raylin.data.transcripts import (
+    BLANK_ID,
+    CTC_VOCAB,
+    check_ctc_head,
+    encode_transcripts,
+    error_counts,
+    greedy_decode,
+    ids_to_text,
+)
+from raylin.distill.losses import causal_lm_loss
 from raylin.fingerprint import fingerprint
+from raylin.models.teachers import load_teacher, resolve_teacher_path
 from raylin.tasks import task_kind
 
 LM_DATASETS = ("austen", "pile")
@@ -46,8 +68,6 @@ WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the en
 
 def datasets_for(task: str) -> tuple[str, ...]:
     """The data sets a task can train on."""
-    from raylin.data.text import DATASETS
-
     return {"sequence_classification": DATASETS, "causal_lm": LM_DATASETS, "utterance_classification": SPEECH_DATASETS,
             "ctc": SPEECH_DATASETS}.get(task, ())
 
@@ -63,18 +83,12 @@ def metric_mode(metric: str) -> str:
 def model_options(config, path: str) -> dict[str, Any]:
     """What ``load_teacher`` needs to load ``path`` as this run's model: the class with the task head,
     the number of labels, and for Whisper the positions of ``data.max_seconds`` of audio."""
-    from transformers import AutoConfig
-
-    from raylin.models.teachers import resolve_teacher_path
-
     task = config.task.type
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(path))
     model_type = getattr(teacher_config, "model_type", None)
     kind = task_kind(task)
     options: dict[str, Any] = {"model_class": kind.model_class}
     if kind.transcribes:
-        from raylin.data.transcripts import BLANK_ID, CTC_VOCAB, check_ctc_head
-
         if model_type == "whisper":
             raise ValueError("task.type ctc needs a model with a CTC head (Wav2Vec2, HuBERT); the Whisper encoder has "
                              "none. Use utterance_classification with Whisper.")
@@ -91,8 +105,6 @@ def model_options(config, path: str) -> dict[str, Any]:
 
 def load_task_model(config, path: str):
     """The model at ``path`` with this run's task head, and its tokenizer / feature extractor."""
-    from raylin.models.teachers import load_teacher
-
     options = model_options(config, path)
     model, processor = load_teacher(path, **options)
     if task_kind(config.task.type).classifies and model.config.model_type == "whisper":
@@ -102,10 +114,6 @@ def load_task_model(config, path: str):
 
 def whisper_feature_extractor(path: str, max_seconds: float):
     """Whisper's log-mel features for ``max_seconds`` windows instead of 30 s."""
-    from transformers import WhisperFeatureExtractor
-
-    from raylin.models.teachers import resolve_teacher_path
-
     extractor = WhisperFeatureExtractor.from_pretrained(resolve_teacher_path(path))
     extractor.chunk_length = max_seconds
     extractor.n_samples = int(round(max_seconds * extractor.sampling_rate))
@@ -158,10 +166,6 @@ def load_task_data(config, processor, stage: str = "distill") -> TaskData:
 
 
 def _text_classification(config, tokenizer, broad: bool) -> TaskData:
-    from raylin.data.broad import broad_texts
-    from raylin.data.eval_sets import load_text_set, resolve
-    from raylin.data.text import load_splits, tokenize
-
     data = config.data
     splits = load_splits(data)
     sets = {"train": (splits.train_texts, splits.train_labels), "eval": (splits.eval_texts, splits.eval_labels)}
@@ -188,10 +192,6 @@ def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
 
 
 def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
-    from raylin.data.limits import subset_rows
-    from raylin.data.broad import broad_texts
-    from raylin.data.eval_sets import load_lm_documents, resolve
-
     data = config.data
     documents = _lm_documents(data)
     windows = {split: token_windows(_token_ids(tokenizer, texts, cache=data.name == "austen"), data.max_length)
@@ -226,7 +226,6 @@ def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     path = None
     if cache and getattr(tokenizer, "backend_tokenizer", None) is not None:  # fast tokenizers serialise
-        from raylin.data.assets import cache_dir
 
         key = fingerprint({"tokenizer": tokenizer.backend_tokenizer.to_str(), "texts": list(texts),
                            "separator": separator}, 24)
@@ -237,16 +236,12 @@ def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
     if path is not None:
-        from raylin.atomic import save_atomic
-
         save_atomic(path, lambda staging: torch.save(torch.tensor(ids, dtype=torch.int32), staging))
     return ids
 
 
 def _lm_documents(data) -> dict[str, list[str]]:
     if data.name == "austen":
-        from raylin.data.austen import NOVELS, load_austen
-
         held_out = data.held_out or "persuasion"
         if held_out not in NOVELS:
             raise ValueError(f"data.held_out {held_out!r} is not one of Jane Austen's novels here: {NOVELS}.")
@@ -260,10 +255,6 @@ def _lm_documents(data) -> dict[str, list[str]]:
 def _pile_documents(data) -> dict[str, list[str]]:
     """The first documents of the (uncopyrighted) Pile, streamed: ``max_train_examples`` windows need
     about that many documents; validation documents form the held-out set."""
-    import itertools
-
-    import datasets
-
     def take(split: str, count: int) -> list[str]:
         try:
             stream = datasets.load_dataset("monology/pile-uncopyrighted", split=split, streaming=True)
@@ -279,17 +270,10 @@ def _pile_documents(data) -> dict[str, list[str]]:
 
 def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     """Clips with class ids (utterance_classification) or transcripts (ctc)."""
-    from raylin.data.audio import SAMPLING_RATE
-    from raylin.data.broad import AugmentedClips, broad_clips
-    from raylin.data.eval_sets import load_speech_set, resolve
-    from raylin.data.speech import DIGITS
-
     data, num_labels = config.data, config.task.num_labels
     kind = task_kind(config.task.type)
     builtin_sets = {}
     if data.name == "hub_audio":
-        from raylin.data.audio import load_audio_splits
-
         sets = load_audio_splits(data, kind.name)
     else:
         sets, builtin_sets = _spoken_digit_sets(data)
@@ -326,8 +310,6 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
                                  return_tensors="pt")
             batch = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
         if kind.transcribes:
-            from raylin.data.transcripts import encode_transcripts
-
             batch["labels"] = encode_transcripts([targets[i] for i in indices])
         else:
             batch["labels"] = torch.tensor([targets[i] for i in indices])
@@ -356,8 +338,6 @@ class _Concatenated:
 
 def _spoken_digit_sets(data) -> tuple[dict, dict]:
     """Spoken digits as (clips, digit ids) per split, and the synthesisers' extra sets (flite, festival)."""
-    from raylin.data.speech import load_spoken_digits
-
     splits = load_spoken_digits(seed=data.seed, quick=data.size == "quick")
     sets = {"train": (splits.train_audio, splits.train_labels), "eval": (splits.eval_audio, splits.eval_labels)}
     extra = dict(splits.extra)
@@ -379,15 +359,11 @@ def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
     (ctc): the real frames of the logits (``FamilyAdapter.state_mask``)."""
     kind = task_kind(task)
     if kind.language_model:
-        from raylin.distill.losses import causal_lm_loss
-
         mask = batch.get("attention_mask")
         count = (mask[:, 1:].sum() if mask is not None else torch.tensor(batch["input_ids"][:, 1:].numel())).float()
         nll = causal_lm_loss(logits, batch["input_ids"], mask) * count
         return torch.stack([nll.detach().float(), count.to(nll.device)])
     if kind.transcribes:
-        from raylin.data.transcripts import error_counts, greedy_decode, ids_to_text
-
         references = [ids_to_text(row[row >= 0].tolist()) for row in batch["labels"].cpu()]
         counts = error_counts(references, greedy_decode(logits, state_mask))
         return torch.tensor(counts, dtype=torch.float32, device=logits.device)

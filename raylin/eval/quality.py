@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,11 +50,18 @@ from typing import Any
 
 import torch
 import yaml
+from transformers import DynamicCache
 
 from raylin.atomic import write_text_atomic
-from raylin.config import merge_sections
+from raylin.config import config_from_dict, merge_sections
+from raylin.convert import convert
 from raylin.eval.plots import figure
 from raylin.eval.retention import HELD_OUT, retention_table
+from raylin.eval.speed import run_speed_benchmark, summarize
+from raylin.models.teachers import load_teacher
+from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
+from raylin.train.run_files import read_train_log
+from raylin.train.trainer import ensure_ray
 
 _log = logging.getLogger(__name__)
 
@@ -123,9 +132,6 @@ def _aligned(run: dict, steps: int | None, store: Path) -> dict:
 def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) -> dict:
     """The metrics of the run ``config_dict`` describes (a teacher fine-tuning when ``finetune``): an
     earlier run with exactly this config is reused, so an interrupted benchmark continues."""
-    from raylin.config import config_from_dict
-    from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
-
     config = config_from_dict(config_dict)
     cached = finished_run(finetune_config(config) if finetune else config)
     if cached:
@@ -138,8 +144,6 @@ def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) 
 
 def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
     """(step, held-out metric) points of a run's train log."""
-    from raylin.train.run_files import read_train_log
-
     return [(record["step"], record[metric]) for record in read_train_log(out) if metric in record]
 
 
@@ -225,11 +229,6 @@ def decoding_state(lengths: tuple[int, ...], log=_log.info) -> list[dict]:
     """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
     (a Mamba2 student and the two-attention-layer hybrid, freshly converted: state size does not
     depend on the weights)."""
-    from transformers import DynamicCache
-
-    from raylin.convert import convert
-    from raylin.models.teachers import load_teacher
-
     teacher, _ = load_teacher("asset:smollm2-135m", model_class="AutoModelForCausalLM")
     students = {name: convert(teacher, plan)[0] for name, plan in LM_PLANS.items()}
     records = []
@@ -249,8 +248,6 @@ def decoding_state(lengths: tuple[int, ...], log=_log.info) -> list[dict]:
 
 
 def speed_suite(out: Path, budget: str, log) -> dict:
-    from raylin.eval.speed import run_speed_benchmark, summarize
-
     quick = budget == "quick"
     lengths = (128, 256) if quick else (512, 1024, 2048, 4096, 8192)
     log("speed")
@@ -265,8 +262,6 @@ def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
                           log: Callable[[str], None] = _log.info) -> dict:
     """Run the suites at ``budget`` (quick | hour | long), write OUT/quality.json (OUT defaults to
     DEFAULT_OUT[budget]) and, when ``docs``, DOCS/results.md (results-long.md for ``long``) + plots."""
-    from raylin.train.trainer import ensure_ray
-
     if budget not in BUDGETS:
         raise ValueError(f"Unknown benchmark budget {budget!r}; choose from {BUDGETS}.")
     unknown = set(suites) - set(SUITES)
@@ -299,8 +294,6 @@ def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
 
 
 def _machine() -> dict:
-    import os
-
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
 
@@ -311,8 +304,6 @@ def _commit() -> str | None:
     that outlives a change of configuration says which one it shows. None when raylin is not
     running from its own git checkout (an installed package inside some other repository must not
     report that repository's commit)."""
-    import subprocess
-
     here = Path(__file__).resolve()
     git = ["git", "-C", str(here.parent)]
     try:

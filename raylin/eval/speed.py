@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from raylin.atomic import write_text_atomic
@@ -81,8 +82,6 @@ def peak_allocated_mb(fn: Callable[[], object]) -> float:
     Replays torch's allocation and free events (profiler ``profile_memory``) in time order, using
     each op's own allocations so nested ops are not counted twice.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.inference_mode():
             fn()

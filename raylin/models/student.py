@@ -25,6 +25,7 @@ from typing import Any
 import safetensors.torch
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -250,7 +251,6 @@ def _resolve_folder(name_or_path: str) -> Path:
     if not path.exists():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
             raise FileNotFoundError(f"No student folder at {name_or_path}. Check the path, or convert a teacher first.")
-        from huggingface_hub import snapshot_download
 
         try:
             path = Path(snapshot_download(name_or_path))

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
+from raylin.data.assets import asset_path
 from raylin.models.families import family_for_config
 
 ASSET_PREFIX = "asset:"
@@ -25,8 +26,6 @@ def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:
     is treated as a Hub id (downloaded by transformers on first use)."""
     name = str(name_or_path)
     if name.startswith(ASSET_PREFIX):
-        from raylin.data.assets import asset_path
-
         return str(asset_path(name.removeprefix(ASSET_PREFIX)))
     path = Path(name).expanduser()
     if path.exists():

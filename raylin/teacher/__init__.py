@@ -12,23 +12,23 @@ never knows which one, nor which guidance mode, is active. ``teacher_service.mod
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
+from raylin.data.tasks import model_options
 from raylin.faults import requested_fault
 from raylin.fingerprint import fingerprint
-from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec
+from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec, teacher_loader
+from raylin.teacher.cache import teacher_fingerprint
+from raylin.teacher.inprocess import InProcessTeachers
+from raylin.teacher.pool import ServedTeachers, TeacherPool
 
 __all__ = ["TeacherOutput", "TeacherRequest", "TeacherSpec", "teacher_spec", "teacher_pool", "open_teachers"]
 
 
 def teacher_spec(config) -> TeacherSpec:
     """The TeacherSpec of a run's distillation: the teachers its guidance mode uses, the states its losses read."""
-    from pathlib import Path
-
-    from raylin.data.tasks import model_options
-    from raylin.teacher.cache import teacher_fingerprint
-
     mode, loss, service = config.guidance.mode, config.loss, config.teacher_service
     schedule = config.guidance_schedule()
     tokenizer_source = config.target_teacher if schedule.student_starts_from_target else config.teacher
@@ -63,8 +63,6 @@ def teacher_spec(config) -> TeacherSpec:
 
 def teacher_pool(config, spec: TeacherSpec | None = None):
     """The TeacherPool serving ``config``'s teachers (replicas start when first asked for)."""
-    from raylin.teacher.pool import TeacherPool
-
     service = config.teacher_service
     return TeacherPool(spec or teacher_spec(config), cpus=service.cpus, gpus=service.gpus, owner=config.run_name)
 
@@ -72,11 +70,7 @@ def teacher_pool(config, spec: TeacherSpec | None = None):
 def open_teachers(config, device: torch.device, rank: int, world: int, pool=None):
     """The teachers a training worker talks to: served by ``pool`` when given, else in-process."""
     if pool is not None:
-        from raylin.teacher.pool import ServedTeachers
-
         return ServedTeachers(pool, device, rank, world)
-    from raylin.teacher.bank import teacher_loader
-    from raylin.teacher.inprocess import InProcessTeachers
 
     spec = teacher_spec(config)
     return InProcessTeachers(spec, teacher_loader(spec), device)

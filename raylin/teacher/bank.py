@@ -23,7 +23,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from raylin.distill.losses import task_loss
 from raylin.faults import die, fires
+from raylin.models.families import family_for, state_mask
+from raylin.models.teachers import load_teacher
+from raylin.teacher.cache import ActivationCache, cache_namespace
 from raylin.train.optim import adamw
 
 COMPACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,8 +83,6 @@ class TeacherOutput:
 
 def teacher_loader(spec: TeacherSpec) -> Callable[[str], torch.nn.Module]:
     """``path -> model`` loading a teacher checkpoint with the task head the spec names."""
-    from raylin.models.teachers import load_teacher
-
     options = dict(spec.load_options)
     return lambda path: load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels, **options)[0]
 
@@ -135,8 +137,6 @@ class TeacherBank:
 
     def __init__(self, spec: TeacherSpec, load: Callable[[str], torch.nn.Module], device: torch.device,
                  grad_sync: Callable[[torch.nn.Module], None] | None = None):
-        from raylin.teacher.cache import ActivationCache
-
         self.spec, self._load, self.device, self._grad_sync = spec, load, device, grad_sync
         self._models: dict[str, torch.nn.Module] = {}
         self._optimizer = None
@@ -184,8 +184,6 @@ class TeacherBank:
             return self._forward(self.model(request.teacher), inputs)
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> TeacherOutput:
-        from raylin.models.families import family_for
-
         self.forwards += 1
         self.examples_forwarded += next(iter(inputs.values())).shape[0]
         spec, dtype = self.spec, COMPACT_DTYPES[self.spec.dtype]
@@ -209,8 +207,6 @@ class TeacherBank:
         group-norm feature encoder of the base models normalises over the padding too, so a clip's
         states would otherwise depend on the batch that first computed them. Entries are then each
         clip's own states, whatever the batch; uncached forwards see their batch's padding."""
-        from raylin.models.families import state_mask
-
         namespace = self._namespace(request.teacher)
         model = self.model(request.teacher)
         mask = state_mask(model, inputs)
@@ -267,13 +263,9 @@ class TeacherBank:
     @staticmethod
     def _num_states(model: torch.nn.Module) -> int:
         """Embeddings + one per block (hidden_states), or each block's input + the last output (layer_io)."""
-        from raylin.models.families import family_for
-
         return family_for(model).num_layers(model.config) + 1
 
     def _namespace(self, teacher: str) -> str:
-        from raylin.teacher.cache import cache_namespace
-
         path = self.spec.target if teacher == "target" else teacher
         if path not in self._namespaces:
             spec = self.spec
@@ -283,9 +275,6 @@ class TeacherBank:
 
     # ----- the trajectory teacher ------------------------------------------------------------------
     def _trajectory(self, request: TeacherRequest, inputs: dict[str, torch.Tensor]) -> TeacherOutput:
-        from raylin.distill.losses import task_loss
-        from raylin.models.families import state_mask
-
         model = self._models["trajectory"]
         self.forwards += 1
         self.examples_forwarded += next(iter(inputs.values())).shape[0]

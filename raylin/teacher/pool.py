@@ -28,7 +28,9 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
+import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raylin.fingerprint import fingerprint
 from raylin.teacher.bank import TeacherBank, TeacherOutput, TeacherRequest, TeacherSpec, pack, teacher_loader, unpack
@@ -40,8 +42,6 @@ class TeacherReplica:
     """One teacher holder (wrapped by ``ray.remote`` in ``TeacherPool.replica``)."""
 
     def __init__(self, spec: TeacherSpec, use_gpu: bool):
-        import ray
-
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.bank = TeacherBank(spec, teacher_loader(spec), device)
@@ -85,8 +85,6 @@ class TeacherReplica:
         return self.bank.stats() | {"transfer_bytes": self.transfer_bytes}
 
     def ping(self) -> str:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
 
@@ -112,9 +110,6 @@ class TeacherPool:
 
     def replica(self, node_id: str | None = None):
         """The replica on ``node_id`` (default: this process's node), created on first use."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         options = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                        max_restarts=self.max_restarts, max_task_retries=-1,
                        num_cpus=self.cpus, num_gpus=self.gpus, max_concurrency=64)
@@ -130,16 +125,12 @@ class TeacherPool:
         return ray.remote(TeacherReplica).options(name=name, **options).remote(self.spec, self.gpus > 0)
 
     def replicas(self) -> list:
-        import ray
-
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == NAMESPACE and a["name"].startswith(self.name)]
         return [ray.get_actor(name, namespace=NAMESPACE) for name in sorted(names)]
 
     def stats(self) -> dict[str, int]:
         """Counters summed over replicas: teacher forwards, cache hits/misses, bytes served."""
-        import ray
-
         totals: dict[str, int] = {}
         for stats in ray.get([r.stats.remote() for r in self.replicas()]):
             for key, value in stats.items():
@@ -147,8 +138,6 @@ class TeacherPool:
         return totals
 
     def shutdown(self) -> None:
-        import ray
-
         for replica in self.replicas():
             ray.kill(replica, no_restart=True)
 
@@ -157,8 +146,6 @@ class ServedTeachers:
     """The training worker's side of the service: same interface as InProcessTeachers."""
 
     def __init__(self, pool: TeacherPool, device: torch.device, rank: int, world: int):
-        import ray
-
         self.pool, self.device, self.rank, self.world = pool, device, rank, world
         self.replica = pool.replica()
         ray.get(self.replica.ping.remote())  # wait for the model load here, not inside step 0's timing
@@ -169,25 +156,17 @@ class ServedTeachers:
         self._refs[request.step] = self.replica.serve.remote(request)
 
     def result(self, step: int) -> TeacherOutput:
-        import ray
-
         return unpack(ray.get(self._refs.pop(step)), self.device)
 
     def state_dict(self) -> dict:
-        import ray
-
         # One replica holds the trajectory teacher for every worker: rank 0 saves it.
         return ray.get(self.replica.state_dict.remote()) if self.rank == 0 and self.pool.single_replica else {}
 
     def load_state_dict(self, state: dict) -> None:
-        import ray
-
         if state and self.rank == 0:
             ray.get(self.replica.load_state_dict.remote(state))
 
     def stats(self) -> dict[str, int]:
-        import ray
-
         return ray.get(self.replica.stats.remote())
 
     def close(self) -> None:

@@ -39,13 +39,26 @@ import os
 import time
 from pathlib import Path
 
+import ray
 import torch
 from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
+from raylin.convert import freezable_copied_parameters
+from raylin.data.tasks import load_task_data
+from raylin.data.text import GlobalBatches
+from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
+from raylin.models.families import family_for, family_for_config, state_mask
+from raylin.models.mixers import LinformerProjection
+from raylin.models.teachers import resolve_teacher_path
+from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
+from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
+from raylin.train.optim import adamw
 from raylin.train.source import converted_student
 
 ALIGNED_DIR = "aligned"
@@ -60,8 +73,6 @@ class _StopForward(Exception):
 def block_call_arguments(student: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
     """The arguments (besides the hidden states) the model passes to its blocks for ``inputs``:
     runs the model up to its first block only."""
-    from raylin.models.families import family_for
-
     captured = {}
 
     def grab(module, args, kwargs):
@@ -114,25 +125,12 @@ def _finished(out: Path, fingerprint: str) -> dict | None:
 
 def align_spec(config: RunConfig):
     """The TeacherSpec for alignment: every block's input and output of the model the student came from."""
-    from raylin.teacher import teacher_spec
     return dataclasses.replace(teacher_spec(config), target=config.conversion_source, source=None, hidden=True,
                                layers=None, logits=False, states="layer_io")
 
 
 def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations."""
-    import ray
-
-    from raylin.convert import freezable_copied_parameters
-    from raylin.data.tasks import load_task_data
-    from raylin.data.text import GlobalBatches
-    from raylin.distill.losses import layerwise_loss
-    from raylin.models.families import family_for, state_mask
-    from raylin.models.mixers import LinformerProjection
-    from raylin.teacher import TeacherRequest
-    from raylin.teacher.bank import unpack
-    from raylin.train.optim import adamw
-
     config = config_from_dict(config_dict)
     align = config.align
     student, report, processor = converted_student(config)
@@ -212,13 +210,6 @@ def run_align(config: RunConfig) -> dict:
 
 
 def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
-    import ray
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    from raylin.models.families import family_for_config
-    from raylin.models.teachers import resolve_teacher_path
-    from raylin.teacher import teacher_pool
     started = time.perf_counter()
     teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.conversion_source))
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
@@ -248,8 +239,6 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
 
 def load_aligned(student: torch.nn.Module, config: RunConfig) -> None:
     """Put the aligned blocks' weights (written by ``run_align``) onto a freshly converted student."""
-    from safetensors.torch import load_file
-
     file = aligned_dir(config) / WEIGHTS_FILE
     if not file.exists():
         raise FileNotFoundError(f"align.enabled is set but {file} does not exist: run the align stage first "

@@ -6,17 +6,20 @@ engine (student, optimizer, scheduler: ZeRO shards included), each worker's traj
 state, ``trainer_state.json`` (step, tokens, wall time, LIT state, config fingerprint) and, in the
 final one, the student in transformers format.
 
-DeepSpeed and Ray Train are imported inside the functions that use them: they run in training
-workers only, and importing DeepSpeed costs seconds and probes accelerators in any process that does.
+DeepSpeed is imported inside the functions that use it: they run in training workers only, and
+importing DeepSpeed costs seconds and probes accelerators in any process that does.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray.train
 import torch
 
 from raylin.atomic import replace_folder
@@ -52,8 +55,6 @@ class TrainerState:
 def restore(engine, teachers, lit, config: RunConfig, rank: int) -> TrainerState:
     """The state of Ray Train's latest checkpoint, loaded into ``engine``, ``teachers`` and ``lit``;
     a fresh TrainerState when the run starts from scratch. Refuses a checkpoint of another config."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return TrainerState(config_fingerprint=config_fingerprint(config))
@@ -74,15 +75,16 @@ def restore(engine, teachers, lit, config: RunConfig, rank: int) -> TrainerState
     return state
 
 
-def save_checkpoint(engine, teachers, state: TrainerState, metrics: dict, rank: int, final: bool,
-                    output_dir: Path, crash: bool = False) -> None:
-    """Write this worker's part of a checkpoint and report it with ``metrics``; ``final`` adds the
-    transformers-format student. ``crash`` (fault injection) ends the process half-way.
+@contextmanager
+def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: bool, output_dir: Path,
+                      crash: bool = False) -> Iterator[ray.train.Checkpoint]:
+    """This worker's part of a checkpoint, written and handed out to be reported (Ray Train copies
+    it into storage at ``ray.train.report``), then removed. ``final`` adds the transformers-format
+    student. ``crash`` (fault injection) ends the process half-way.
 
     Each rank stages in one fixed folder of the run (OUTPUT_DIR/.checkpoint-staging/rank<R>), emptied
     before every save: a worker killed mid-write leaves at most that folder, not a temp dir per crash."""
     import deepspeed
-    import ray.train
 
     folder = output_dir / STAGING_DIR / f"rank{rank}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -102,7 +104,7 @@ def save_checkpoint(engine, teachers, state: TrainerState, metrics: dict, rank: 
                     engine.module.save_pretrained(folder / STUDENT_DIR)
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
-        ray.train.report(metrics | {"wall_s": state.wall_s}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        yield ray.train.Checkpoint.from_directory(str(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import ray.train
+import ray.train.torch
 import torch
 
 from raylin.config import RunConfig, config_from_dict
@@ -31,7 +34,7 @@ from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
 from raylin.train.batch import Batch, BatchFeed, count_tokens
-from raylin.train.checkpoint import restore, save_checkpoint, save_plain_model
+from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
 from raylin.train.deepspeed import deepspeed_config
 from raylin.train.evaluation import evaluate
@@ -78,8 +81,6 @@ def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig, nan_f
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed  # in the worker only: see raylin.train.checkpoint
-    import ray.train
-    import ray.train.torch
 
     setup_logging()
     config = config_from_dict(loop_config["config"])
@@ -133,14 +134,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             append_train_log(output_dir, metrics)
             if (step + 1) % PROGRESS_EVERY == 0 or done:
                 log.info("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if evaluate_now and not checkpoint_now:
-            ray.train.report(metrics)  # evaluation results reach Ray Tune's schedulers between checkpoints
+        if checkpoint_now and finetune:
+            save_plain_model(engine, run.processor, output_dir / SNAPSHOT_DIR / f"step_{step + 1}", rank)
+            if done:
+                save_plain_model(engine, run.processor, output_dir / FINETUNED_DIR, rank)
+        staged = nullcontext()
         if checkpoint_now:
             state = replace(resumed, step=step + 1, tokens=tokens_seen, wall_s=wall_s,
                             lit=lit.state_dict() if lit else None)
             crash = rank == 0 and fires(fault, "crash-in-checkpoint", step + 1, output_dir)
-            if finetune:
-                save_plain_model(engine, run.processor, output_dir / SNAPSHOT_DIR / f"step_{step + 1}", rank)
-                if done:
-                    save_plain_model(engine, run.processor, output_dir / FINETUNED_DIR, rank)
-            save_checkpoint(engine, teachers, state, metrics, rank, done, output_dir, crash)
+            staged = staged_checkpoint(engine, teachers, state, rank, done, output_dir, crash)
+        if evaluate_now or checkpoint_now:
+            # The step's one report: evaluation results reach Ray Tune's schedulers, and a checkpoint
+            # is registered once every worker has reported its part.
+            with staged as checkpoint:
+                ray.train.report(metrics, checkpoint=checkpoint)

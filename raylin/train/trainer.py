@@ -12,10 +12,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
+
+import pyarrow.fs
+import ray
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors import safe_open
 
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
+from raylin.models.teachers import resolve_teacher_path
+from raylin.teacher import teacher_pool as make_pool
 from raylin.train.loop import train_loop_per_worker
 
 TEACHER_STATS = "teacher_service.json"  # the served teacher's counters: forwards, cache hits, bytes served
@@ -42,16 +52,12 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
 
 def ensure_ray() -> None:
     """Connect to the Ray cluster (RAY_ADDRESS, or a running local one), or start a local one."""
-    import ray
-
     if not ray.is_initialized():
         env_vars = _worker_env(False)
         # Under `ray job submit` the job's own runtime_env (working_dir, pip, env_vars) applies;
         # Ray refuses a driver runtime_env that sets the same variables, so those are left to the job.
         job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
         if job_config:
-            import json
-
             job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
             env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
         # The dashboard hosts the State API that Ray Train uses to clean up placement groups.
@@ -66,12 +72,6 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     ``teacher_pool``: a TeacherPool shared with other runs (Tune trials); by default a served run
     gets its own pool, shut down when the run ends. ``callbacks``: Ray Train callbacks (Tune's
     TuneReportCallback inside a trial)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raylin.teacher import teacher_pool as make_pool
-
     ensure_ray()
     use_gpu = config.train.use_gpu
     if use_gpu is None:
@@ -127,7 +127,6 @@ def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
     destination = published_outputs(config)
     if destination is None:
         return None
-    import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(destination if "://" in destination else f"file://{destination}")
     filesystem.create_dir(root, recursive=True)
@@ -166,10 +165,6 @@ def checkpoint_disk_need(config: RunConfig, finetune: bool = False) -> tuple[int
     None when that cannot be known cheaply (a Hub id not downloaded yet, .bin weights, remote
     storage). The peak is Ray Train's two kept checkpoints plus the one being reported plus its
     staging copy; teacher fine-tuning also keeps a plain snapshot (4 bytes a parameter) per checkpoint."""
-    from safetensors import safe_open
-
-    from raylin.models.teachers import resolve_teacher_path
-
     if config.train.storage_path is not None and "://" in config.train.storage_path:
         return None
     folder = Path(resolve_teacher_path(config.teacher))
@@ -197,8 +192,6 @@ def check_disk(config: RunConfig, finetune: bool = False) -> None:
     """Fail before training when Ray Train's storage (OUTPUT_DIR/ray or train.storage_path) lacks the
     space the run's checkpoints will take: a full disk would otherwise stop the run at its first
     save, after the work. Checkpoints are written atomically, so an earlier one is never lost."""
-    import shutil
-
     estimate = checkpoint_disk_need(config, finetune)
     if estimate is None:
         return
@@ -220,8 +213,6 @@ def check_resources(config: RunConfig, with_teacher_replica: bool, use_gpu: bool
     """Fail fast when a single-node cluster cannot hold the workers (and the teacher replica):
     Ray would otherwise wait for resources forever. Not checked: multi-node clusters, and a lone
     head with no CPUs (an autoscaling cluster, as cluster/ defines them, before its workers start)."""
-    import ray
-
     alive = [node for node in ray.nodes() if node["Alive"]]
     have = ray.cluster_resources()
     if len(alive) != 1 or have.get("CPU", 0) == 0:

@@ -35,7 +35,9 @@ shared storage.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -44,11 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.tune
 import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig, apply_overrides, build_section, config_from_dict, dump_config
 from raylin.eval.plots import figure
+from raylin.teacher import teacher_pool, teacher_spec
+from raylin.train.run_files import read_train_log, reports_at
+from raylin.train.trainer import ensure_ray, fit
 
 DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -84,7 +94,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
     # Trials run in Ray Tune's trial folders, not here: pin relative paths to what they mean here.
     data = {**data, "teacher": base.teacher, "target_teacher": base.target_teacher, "output_dir": base.output_dir}
     if base.guidance.waypoints:
-        data["guidance"] = {**data.get("guidance", {}), "waypoints": base.guidance.waypoints}
+        data["guidance"] = {**data.get("guidance", {}), "waypoints": [dataclasses.asdict(w) for w in base.guidance.waypoints]}
     validate_section(section, data)
     return data, section, base
 
@@ -116,8 +126,6 @@ def validate_section(section: TuneSection, base: dict) -> None:
 
 
 def param_space(section: TuneSection) -> dict[str, Any]:
-    from ray import tune
-
     space = {}
     for key, spec in section.space.items():
         kind, values = next(iter(spec.items()))
@@ -143,8 +151,6 @@ def _plain(value):
 def shared_pool(config: RunConfig):
     """The pool every fixed-teacher trial uses: serves all hidden states and the logits, so trials
     with different loss weights still share one replica."""
-    from raylin.teacher import teacher_pool, teacher_spec
-
     spec = dataclasses.replace(teacher_spec(config), hidden=True, layers=None, logits=True, fault=None)
     return teacher_pool(config, spec)
 
@@ -162,8 +168,6 @@ class TrialSlots:
         self.holders: dict[str, Any] = {}  # trial id -> the trial's actor handle
 
     async def acquire(self, trial: str, holder) -> None:
-        import asyncio
-
         while trial not in self.holders and len(self.holders) >= self.slots:
             await self._forget_dead_holders()
             if len(self.holders) < self.slots:
@@ -175,10 +179,6 @@ class TrialSlots:
         self.holders.pop(trial, None)
 
     async def _forget_dead_holders(self) -> None:
-        import asyncio
-
-        import ray
-
         for trial, holder in list(self.holders.items()):
             try:
                 await asyncio.wait_for(holder.__ray_ready__.remote(), timeout=10)
@@ -190,12 +190,6 @@ class TrialSlots:
 
 def run_trial(params: dict, base: dict, pools: dict, slots) -> None:
     """One Tune trial: the driver of its own TorchTrainer, once it holds a slot."""
-    import ray
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raylin.train.trainer import fit
-
     context = ray.tune.get_context()
     config = trial_config(base, params, context.get_trial_name())
     shared = pools.get("fixed")
@@ -224,8 +218,6 @@ def searches_trajectory(base: RunConfig, section: TuneSection) -> bool:
 def concurrency(base: RunConfig, section: TuneSection) -> int:
     """Trials at once: what the cluster's CPUs hold next to the shared teacher replica, counting a
     trajectory trial's own replica. Raises ConfigError when not even one trial fits."""
-    import ray
-
     if section.max_concurrent_trials:
         return section.max_concurrent_trials
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -244,12 +236,6 @@ def concurrency(base: RunConfig, section: TuneSection) -> int:
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
     """Run (or resume) the sweep in ``path``; returns the best trial's summary."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from raylin.train.trainer import ensure_ray
-
     base_data, section, base = load_tune_config(path, overrides)
     out = Path(base.output_dir)
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
@@ -312,8 +298,6 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     not from Tune's per-trial results: Tune restarts a trial interrupted mid-run with empty results
     (our checkpoints are Ray Train's, not Tune's), so those would hold only what it reported after
     the resume, and nothing for a trial interrupted after its last checkpoint."""
-    from raylin.train.run_files import read_train_log, reports_at
-
     frame = results.get_dataframe()
     params = sorted(section.space)
     metric = section.metric
@@ -333,7 +317,6 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
                      "error": str(result.error) if result.error else "", "history": history})
     ordered = sorted((r for r in rows if not math.isnan(r[section.metric])), key=lambda r: r[section.metric],
                      reverse=section.mode == "max")
-    import csv
 
     with open(folder / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["trial", *params, section.metric, "steps", "stopped_early", "error"])
