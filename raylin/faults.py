@@ -9,6 +9,7 @@
 | nan                   | training rank 0           | the loss of step STEP is NaN                   |
 | crash-in-checkpoint   | training rank 0           | its process ends while writing STEP's checkpoint |
 | teacher-crash         | the teacher holder        | its process ends on its first request for STEP |
+| stall                 | training rank 0           | it waits STALL_S before step STEP (the others wait at its all-reduce): a window in which a test removes a node |
 
 Unset, every check is one string comparison; nothing else in the training path knows about faults.
 """
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 FAULT_ENV = "RAYLIN_TEST_FAULT"
+STALL_S = 120.0  # well under the collectives' 600 s timeout
 
 
 def requested_fault() -> str | None:

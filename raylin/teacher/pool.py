@@ -51,10 +51,22 @@ class TeacherReplica:
         self.needs_state = spec.source is not None and ray.get_runtime_context().was_current_actor_reconstructed
         self._updated: asyncio.Condition | None = None
         self.transfer_bytes = 0
+        self.served: dict[str, dict[str, int]] = {}  # requester's node id -> {requests, bytes}
 
-    async def serve(self, request: TeacherRequest) -> dict:
+    async def serve(self, request: TeacherRequest, requester_node: str = "") -> dict:
+        """The teacher's outputs for ``request``, packed for the object store. ``requester_node``:
+        the asking process's node id, counted in ``placement()`` (what crosses nodes)."""
+        message = await self._serve(request)
+        nbytes = sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
+        self.transfer_bytes += nbytes
+        counts = self.served.setdefault(requester_node, {"requests": 0, "bytes": 0})
+        counts["requests"] += 1
+        counts["bytes"] += nbytes
+        return message
+
+    async def _serve(self, request: TeacherRequest) -> dict:
         if request.teacher != "trajectory":
-            return self._pack(self.bank.compute(request))
+            return pack(self.bank.compute(request), self.bank.spec.dtype)
         if self.needs_state:
             raise RuntimeError(
                 "The trajectory teacher's replica restarted and lost its training state; the run must restart "
@@ -65,13 +77,8 @@ class TeacherReplica:
         async with self._updated:
             # Serve step s only after every update before s: workers run up to one step apart.
             await self._updated.wait_for(lambda: self.bank.updated_through >= self.bank.last_update_before(request.step))
-            message = self._pack(self.bank.compute(request))
+            message = pack(self.bank.compute(request), self.bank.spec.dtype)
             self._updated.notify_all()
-        return message
-
-    def _pack(self, output: TeacherOutput) -> dict:
-        message = pack(output, self.bank.spec.dtype)
-        self.transfer_bytes += sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
         return message
 
     def state_dict(self) -> dict:
@@ -83,6 +90,12 @@ class TeacherReplica:
 
     def stats(self) -> dict:
         return self.bank.stats() | {"transfer_bytes": self.transfer_bytes}
+
+    def placement(self) -> dict:
+        """Where this replica runs and whom it served: {node_id, forwards, transfer_bytes, served:
+        {requester node id: {requests, bytes}}}."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "forwards": self.bank.forwards,
+                "transfer_bytes": self.transfer_bytes, "served": self.served}
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -129,13 +142,31 @@ class TeacherPool:
                  if a["namespace"] == NAMESPACE and a["name"].startswith(self.name)]
         return [ray.get_actor(name, namespace=NAMESPACE) for name in sorted(names)]
 
+    def _answers(self, method: str, timeout_s: float = 30.0) -> list:
+        """Every reachable replica's answer to ``method``. A replica lost with its node (its
+        restart has nowhere to go: it is pinned there) is left out after ``timeout_s``."""
+        refs = [getattr(replica, method).remote() for replica in self.replicas()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answers = []
+        for ref in ready:
+            try:
+                answers.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                pass
+        return answers
+
     def stats(self) -> dict[str, int]:
-        """Counters summed over replicas: teacher forwards, cache hits/misses, bytes served."""
+        """Counters summed over the reachable replicas: teacher forwards, cache hits/misses, bytes served."""
         totals: dict[str, int] = {}
-        for stats in ray.get([r.stats.remote() for r in self.replicas()]):
+        for stats in self._answers("stats"):
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0) + value
         return totals
+
+    def placement(self) -> list[dict]:
+        """Every reachable replica's node and the nodes it served (TeacherReplica.placement): with
+        node-local serving each replica serves its own node only."""
+        return sorted(self._answers("placement"), key=lambda p: p["node_id"])
 
     def shutdown(self) -> None:
         for replica in self.replicas():
@@ -149,11 +180,12 @@ class ServedTeachers:
         self.pool, self.device, self.rank, self.world = pool, device, rank, world
         self.replica = pool.replica()
         ray.get(self.replica.ping.remote())  # wait for the model load here, not inside step 0's timing
+        self.node_id = ray.get_runtime_context().get_node_id()
         self._refs: dict[int, object] = {}
 
     def submit(self, request: TeacherRequest) -> None:
         request.micro_batches = self.world  # the replica trains the trajectory teacher on the global batch
-        self._refs[request.step] = self.replica.serve.remote(request)
+        self._refs[request.step] = self.replica.serve.remote(request, self.node_id)
 
     def result(self, step: int) -> TeacherOutput:
         return unpack(ray.get(self._refs.pop(step)), self.device)

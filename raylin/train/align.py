@@ -151,7 +151,8 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
 
     data = load_task_data(config, processor, stage="align")  # with broad.enabled: task + broad examples
     batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)
-    replica = pool.replica()
+    replica = pool.replica()  # this node's replica
+    node_id = ray.get_runtime_context().get_node_id()
 
     def request(step: int):
         if step < 0:  # the held-out batch: the first eval examples (never cached: ids are training ids)
@@ -160,7 +161,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         else:
             ids = batches.indices(step)
             inputs = model_inputs(data.train_batch(ids))
-        ref = replica.serve.remote(TeacherRequest(step, "target", {k: v.numpy() for k, v in inputs.items()}, example_ids=ids))
+        ref = replica.serve.remote(TeacherRequest(step, "target", {k: v.numpy() for k, v in inputs.items()}, example_ids=ids), node_id)
         return inputs, ref
 
     def block_losses(inputs, ref) -> dict[int, torch.Tensor]:
@@ -216,10 +217,12 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     workers = min(config.align.num_workers, num_layers)
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]
     pool = teacher_pool(config, align_spec(config))
-    task = ray.remote(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2)
+    # SPREAD: block tasks go to different nodes where there are several, each reading its own node's replica.
+    task = ray.remote(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2,
+                                            scheduling_strategy="SPREAD")
     try:
         results = ray.get([task.remote(config.to_dict(), group, pool) for group in groups])
-        teacher_stats = pool.stats()
+        teacher_stats = pool.stats() | {"replicas": pool.placement()}
     finally:
         pool.shutdown()
     state = {k: v for result in results for k, v in result["state"].items()}

@@ -29,7 +29,7 @@ import torch
 
 from raylin.config import RunConfig, config_from_dict
 from raylin.distill.losses import cald_losses
-from raylin.faults import die, fires, requested_fault
+from raylin.faults import STALL_S, die, fires, requested_fault
 from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
@@ -111,6 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(resumed.step, config.train.max_steps):
         if rank == min(1, world - 1) and fires(fault, "crash", step, output_dir):
             die()  # a worker dies without cleanup, as on a lost node
+        if rank == 0 and fires(fault, "stall", step, output_dir):
+            time.sleep(STALL_S)  # the run holds still while a test takes a node away
         torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
         batch = feed.get(step)
         nan_fault = rank == 0 and fires(fault, "nan", step, output_dir)

@@ -28,7 +28,7 @@ from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool as make_pool
 from raylin.train.loop import train_loop_per_worker
 
-TEACHER_STATS = "teacher_service.json"  # the served teacher's counters: forwards, cache hits, bytes served
+TEACHER_STATS = "teacher_service.json"  # the served teacher's counters (forwards, cache hits, bytes) and replicas' placement
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -100,7 +100,8 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         return trainer.fit()
     finally:
         if own_pool:
-            write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(pool.stats(), indent=1))
+            served = pool.stats() | {"replicas": pool.placement()}
+            write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(served, indent=1))
             pool.shutdown()
 
 

@@ -274,6 +274,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
             for key, value in pool.stats().items():
                 # Counters add up; the cache's size is a state of the shared folder: the latest wins.
                 totals[key] = value if key in ("cache_bytes", "cache_entries") else totals.get(key, 0) + value
+            totals["replicas"] = pool.placement()  # this (last) part of the sweep's replicas: node and whom they served
             write_text_atomic(stats_file, json.dumps(totals, indent=1))
             pool.shutdown()
     # After Ctrl-C Tune returns normally; unfinished trials stay PENDING/RUNNING in its saved state,

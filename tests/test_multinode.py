@@ -1,0 +1,144 @@
+"""Conversions on a Ray cluster of several nodes, all on this machine (``ray.cluster_utils.Cluster``:
+a head and worker nodes as separate raylets with their own node ids). What each test asserts comes
+from what the run records: the teacher replicas' placement in teacher_service.json (the replica's
+node, and the bytes it served to each requesting node) and the train log.
+
+Nodes: a head with no CPUs (the driver and Ray Train's controller live there, as on cluster/aws.yaml)
+and two 2-CPU worker nodes. A training worker takes 1.5 CPUs, so Ray Train's PACK placement puts one
+worker on each node, and each node keeps 0.5 CPU for its teacher replica. The cluster is started and
+stopped by its own processes (``Cluster.shutdown``), never by ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import losses_of, run_config
+from raylin.train.run_files import read_train_log
+from raylin.train.trainer import TEACHER_STATS, fit
+
+pytestmark = pytest.mark.multinode
+
+NODE = {"num_cpus": 2, "object_store_memory": 200 * 1024 ** 2}
+PER_NODE = {"train.cpus_per_worker": 1.5, "teacher_service.cpus": 0.5}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 1024 ** 2})
+    for _ in range(2):
+        cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def worker_nodes(cluster) -> set[str]:
+    """The node ids of the alive nodes that can hold a training worker."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1.5}
+
+
+def placement(out) -> list[dict]:
+    return json.loads((out / TEACHER_STATS).read_text())["replicas"]
+
+
+def test_fixed_teacher_is_served_node_locally(teachers, cluster, tmp_path):
+    """Two workers on two nodes: one replica per node, each serving only its own node's worker."""
+    result = fit(run_config(teachers, tmp_path / "run", **PER_NODE))
+    assert result.error is None
+    replicas = placement(tmp_path / "run")
+    nodes = worker_nodes(cluster)
+    assert len(nodes) == 2
+    assert {replica["node_id"] for replica in replicas} == nodes  # exactly one replica on each worker node
+    assert len(replicas) == 2
+    for replica in replicas:
+        # Every byte a replica served went to a worker on its own node: no activation crossed nodes.
+        assert set(replica["served"]) == {replica["node_id"]}
+        assert replica["served"][replica["node_id"]]["bytes"] == replica["transfer_bytes"] > 0
+        assert replica["served"][replica["node_id"]]["requests"] == 12  # one request per step per worker
+        assert replica["forwards"] > 0
+
+
+@pytest.mark.slow
+def test_trajectory_teacher_keeps_one_replica_and_says_where(teachers, cluster, tmp_path):
+    guidance = {"mode": "trajectory", "teacher_update_every": 2, "teacher_lr": 1e-3}
+    result = fit(run_config(teachers, tmp_path / "run", guidance=guidance, **PER_NODE))
+    assert result.error is None
+    (replica,) = placement(tmp_path / "run")  # one replica for the whole run: it trains on the global batch
+    assert replica["node_id"] in worker_nodes(cluster)
+    assert set(replica["served"]) == worker_nodes(cluster)  # both workers' nodes asked it
+    assert all(counts["requests"] == 12 for counts in replica["served"].values())
+
+
+@pytest.mark.slow
+def test_align_tasks_spread_over_the_nodes_and_read_their_own_replica(teachers, cluster, tmp_path):
+    """Two block tasks small enough to share a node still land on two, each served node-locally."""
+    from raylin.train.align import run_align
+
+    config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 5, "num_workers": 2},
+                        **{"train.cpus_per_worker": 0.5, "teacher_service.cpus": 0.5})
+    replicas = run_align(config)["teacher"]["replicas"]
+    assert len(replicas) == 2 and {replica["node_id"] for replica in replicas} <= worker_nodes(cluster)
+    for replica in replicas:
+        assert set(replica["served"]) == {replica["node_id"]}
+        assert replica["served"][replica["node_id"]]["requests"] == 5 + 2  # its steps, and the held-out batch before and after
+
+
+def _served_nodes() -> set[str]:
+    """Node-id prefixes of the nodes holding a fixed-teacher replica (its name ends in one)."""
+    return {actor["name"].rsplit("-", 1)[-1] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("raylin-teacher-") and not actor["name"].endswith("-global")}
+
+
+def _remove_a_training_node_when_stalled(cluster, out, step: int, removed: list) -> threading.Thread:
+    """A watcher that, once the run stalls before ``step`` (fault ``stall:STEP``), removes a node
+    that holds a training worker (and its teacher replica), without a graceful shutdown: a lost
+    machine. (Nodes can be removed from any thread, added only from the main one.)"""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (out / f".fault-stall-{step}").exists():
+            time.sleep(0.2)
+        serving = _served_nodes()
+        node = next(n for n in cluster.list_all_nodes() if n.node_id[:16] in serving)
+        removed.append(node.node_id)
+        cluster.remove_node(node, allow_graceful=False)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_lost_worker_node_resumes_from_shared_storage_and_ends_as_the_uninterrupted_run(
+        teachers, cluster, tmp_path, monkeypatch):
+    """A node with a worker and a replica is lost after the step-6 checkpoint; Ray Train restarts the
+    worker group on the survivor and a spare node, which gets its own replica, and the run resumes
+    from the checkpoint in shared storage (train.storage_path) to the uninterrupted run's losses."""
+    shared = {"train.storage_path": str(tmp_path / "shared"), "train.max_failures": 2, **PER_NODE}
+    plain = fit(run_config(teachers, tmp_path / "plain", **shared, name="plain"))
+    cluster.add_node(**NODE)  # the spare: a replacement the run has not used yet
+    cluster.wait_for_nodes()
+    removed: list[str] = []
+    monkeypatch.setenv("RAYLIN_TEST_FAULT", "stall:8")  # holds still after step 8, past the step-6 checkpoint
+    watcher = _remove_a_training_node_when_stalled(cluster, tmp_path / "lost", 8, removed)
+    result = fit(run_config(teachers, tmp_path / "lost", **shared, name="lost"))
+    watcher.join(timeout=60)
+    assert result.error is None and removed
+    assert removed[0] not in worker_nodes(cluster)
+    logged = (tmp_path / "lost" / "train_log.jsonl").read_text().splitlines()
+    assert len(logged) > 12  # steps after the step-6 checkpoint ran twice: the run resumed from it
+    assert losses_of(tmp_path / "lost") == losses_of(tmp_path / "plain")
+    assert result.metrics["eval_accuracy"] == plain.metrics["eval_accuracy"]
+    replicas = placement(tmp_path / "lost")  # the lost node's replica is gone with it
+    assert {replica["node_id"] for replica in replicas} == worker_nodes(cluster)  # survivor and spare
+    for replica in replicas:
+        assert set(replica["served"]) == {replica["node_id"]}
