@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from raylin.log import setup_logging
+from raylin.log import LEVEL_ENV, setup_logging
 
 # Each command imports what it runs inside its handler: `raylin --help` answers before torch,
 # transformers and Ray load, and a run loads Ray only after its config is checked.
@@ -123,6 +124,11 @@ def _tune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="verbose",
+                       help="debug lines too, from the driver and every worker")
+    level.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="quiet",
+                       help="warnings and errors only (no progress lines)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert and distil a teacher as a YAML config says")
@@ -208,6 +214,8 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_level:
+        os.environ[LEVEL_ENV] = args.log_level  # Ray workers inherit it (raylin.train.trainer forwards it)
     setup_logging()
     return args.func(args)
 

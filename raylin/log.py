@@ -10,19 +10,28 @@ lines a second time. Limits: Ray forwards a worker's stderr to the driver's cons
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _HANDLER_NAME = "raylin-console"
+# The console level, set by `raylin --verbose / --quiet` in the driver and carried to every Ray
+# worker in its environment (raylin.train.trainer forwards it), so workers log at the driver's level.
+LEVEL_ENV = "RAYLIN_LOG_LEVEL"
+LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
-def setup_logging(verbose: bool = False) -> logging.Logger:
-    """Attach raylin's console handler once per process (INFO, or DEBUG with ``verbose``)."""
+def setup_logging(level: str | None = None) -> logging.Logger:
+    """Attach raylin's console handler once per process, at ``level`` (quiet: warnings and errors
+    only; normal: progress; verbose: debug), by default this process's RAYLIN_LOG_LEVEL, else normal."""
+    level = level or os.environ.get(LEVEL_ENV) or "normal"
+    if level not in LEVELS:
+        raise ValueError(f"{LEVEL_ENV}={level!r} is not a log level; use one of {sorted(LEVELS)}.")
     logger = logging.getLogger("raylin")
     if not any(handler.get_name() == _HANDLER_NAME for handler in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter("[raylin] %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(LEVELS[level])
     logger.propagate = False
     return logger

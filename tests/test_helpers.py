@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import pytest
 
@@ -60,8 +61,26 @@ def test_the_console_handler_is_attached_once_and_does_not_propagate():
     setup_logging()
     assert [h.get_name() for h in logger.handlers].count("raylin-console") == 1
     assert not logger.propagate and logger.level == logging.INFO
-    assert setup_logging(verbose=True).level == logging.DEBUG
+    assert setup_logging("verbose").level == logging.DEBUG
+    assert setup_logging("quiet").level == logging.WARNING
     setup_logging()
+
+
+def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatch):
+    from raylin.cli import main
+    from raylin.log import LEVEL_ENV
+
+    monkeypatch.setenv(LEVEL_ENV, "quiet")
+    assert setup_logging().level == logging.WARNING  # a Ray worker started with the driver's level
+    monkeypatch.setenv(LEVEL_ENV, "loud")
+    with pytest.raises(ValueError, match="RAYLIN_LOG_LEVEL='loud' is not a log level"):
+        setup_logging()
+    monkeypatch.delenv(LEVEL_ENV)
+    with pytest.raises(SystemExit):
+        main(["--quiet", "--verbose", "convert", "x.yaml"])  # one level at a time
+    monkeypatch.setenv(LEVEL_ENV, "normal")
+    assert main(["--quiet", "convert", "missing.yaml"]) == 2 and os.environ[LEVEL_ENV] == "quiet"
+    setup_logging("normal")
 
 
 def test_atomic_files_and_folders_get_the_usual_permissions(tmp_path):

@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
+from raylin.log import LEVEL_ENV
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool as make_pool
 from raylin.train.loop import train_loop_per_worker
@@ -44,7 +45,7 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raylin" / "torch_extensions")
     )
-    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT"):
+    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT", LEVEL_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
