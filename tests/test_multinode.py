@@ -41,7 +41,7 @@ def cluster():
     cluster.shutdown()
 
 
-def worker_nodes(cluster) -> set[str]:
+def worker_nodes() -> set[str]:
     """The node ids of the alive nodes that can hold a training worker."""
     return {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1.5}
 
@@ -55,7 +55,7 @@ def test_fixed_teacher_is_served_node_locally(teachers, cluster, tmp_path):
     result = fit(run_config(teachers, tmp_path / "run", **PER_NODE))
     assert result.error is None
     replicas = placement(tmp_path / "run")
-    nodes = worker_nodes(cluster)
+    nodes = worker_nodes()
     assert len(nodes) == 2
     assert {replica["node_id"] for replica in replicas} == nodes  # exactly one replica on each worker node
     assert len(replicas) == 2
@@ -73,8 +73,8 @@ def test_trajectory_teacher_keeps_one_replica_and_says_where(teachers, cluster, 
     result = fit(run_config(teachers, tmp_path / "run", guidance=guidance, **PER_NODE))
     assert result.error is None
     (replica,) = placement(tmp_path / "run")  # one replica for the whole run: it trains on the global batch
-    assert replica["node_id"] in worker_nodes(cluster)
-    assert set(replica["served"]) == worker_nodes(cluster)  # both workers' nodes asked it
+    assert replica["node_id"] in worker_nodes()
+    assert set(replica["served"]) == worker_nodes()  # both workers' nodes asked it
     assert all(counts["requests"] == 12 for counts in replica["served"].values())
 
 
@@ -86,7 +86,7 @@ def test_align_tasks_spread_over_the_nodes_and_read_their_own_replica(teachers, 
     config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 5, "num_workers": 2},
                         **{"train.cpus_per_worker": 0.5, "teacher_service.cpus": 0.5})
     replicas = run_align(config)["teacher"]["replicas"]
-    assert len(replicas) == 2 and {replica["node_id"] for replica in replicas} <= worker_nodes(cluster)
+    assert len(replicas) == 2 and {replica["node_id"] for replica in replicas} <= worker_nodes()
     for replica in replicas:
         assert set(replica["served"]) == {replica["node_id"]}
         assert replica["served"][replica["node_id"]]["requests"] == 5 + 2  # its steps, and the held-out batch before and after
@@ -133,13 +133,13 @@ def test_a_lost_worker_node_resumes_from_shared_storage_and_ends_as_the_uninterr
     result = fit(run_config(teachers, tmp_path / "lost", **shared, name="lost"))
     watcher.join(timeout=60)
     assert result.error is None and removed
-    assert removed[0] not in worker_nodes(cluster)
+    assert removed[0] not in worker_nodes()
     logged = (tmp_path / "lost" / "train_log.jsonl").read_text().splitlines()
     assert len(logged) > 12  # steps after the step-6 checkpoint ran twice: the run resumed from it
     assert losses_of(tmp_path / "lost") == losses_of(tmp_path / "plain")
     assert result.metrics["eval_accuracy"] == plain.metrics["eval_accuracy"]
     replicas = placement(tmp_path / "lost")  # the lost node's replica is gone with it
-    assert {replica["node_id"] for replica in replicas} == worker_nodes(cluster)  # survivor and spare
+    assert {replica["node_id"] for replica in replicas} == worker_nodes()  # survivor and spare
     for replica in replicas:
         assert set(replica["served"]) == {replica["node_id"]}
 

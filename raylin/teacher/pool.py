@@ -50,18 +50,15 @@ class TeacherReplica:
         # A restarted trajectory replica has lost the teacher's training since the last checkpoint.
         self.needs_state = spec.source is not None and ray.get_runtime_context().was_current_actor_reconstructed
         self._updated: asyncio.Condition | None = None
-        self.transfer_bytes = 0
         self.served: dict[str, dict[str, int]] = {}  # requester's node id -> {requests, bytes}
 
     async def serve(self, request: TeacherRequest, requester_node: str = "") -> dict:
         """The teacher's outputs for ``request``, packed for the object store. ``requester_node``:
         the asking process's node id, counted in ``placement()`` (what crosses nodes)."""
         message = await self._serve(request)
-        nbytes = sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
-        self.transfer_bytes += nbytes
         counts = self.served.setdefault(requester_node, {"requests": 0, "bytes": 0})
         counts["requests"] += 1
-        counts["bytes"] += nbytes
+        counts["bytes"] += sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
         return message
 
     async def _serve(self, request: TeacherRequest) -> dict:
@@ -87,6 +84,10 @@ class TeacherReplica:
     def load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(state)
         self.needs_state = False
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(counts["bytes"] for counts in self.served.values())
 
     def stats(self) -> dict:
         return self.bank.stats() | {"transfer_bytes": self.transfer_bytes}
@@ -167,6 +168,11 @@ class TeacherPool:
         """Every reachable replica's node and the nodes it served (TeacherReplica.placement): with
         node-local serving each replica serves its own node only."""
         return sorted(self._answers("placement"), key=lambda p: p["node_id"])
+
+    def report(self) -> dict:
+        """What a run records of its pool (teacher_service.json, the align summary): the summed
+        counters and, under ``replicas``, each replica's placement."""
+        return self.stats() | {"replicas": self.placement()}
 
     def shutdown(self) -> None:
         for replica in self.replicas():

@@ -222,7 +222,7 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
                                             scheduling_strategy="SPREAD")
     try:
         results = ray.get([task.remote(config.to_dict(), group, pool) for group in groups])
-        teacher_stats = pool.stats() | {"replicas": pool.placement()}
+        teacher_stats = pool.report()
     finally:
         pool.shutdown()
     state = {k: v for result in results for k, v in result["state"].items()}

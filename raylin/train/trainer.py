@@ -101,8 +101,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         return trainer.fit()
     finally:
         if own_pool:
-            served = pool.stats() | {"replicas": pool.placement()}
-            write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(served, indent=1))
+            write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(pool.report(), indent=1))
             pool.shutdown()
 
 
