@@ -8,6 +8,7 @@
     raylin bench speed [--out DIR] [--shipped]   latency / memory at long lengths (or of the shipped models)
     raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
     raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
+    raylin bench cluster [--out DIR] [--nodes 1,2,3]   teacher traffic per node on simulated nodes
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def _bench_quality(args: argparse.Namespace) -> int:
     result = run_quality_benchmark(out, budget=budget, suites=suites, docs=docs)
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(out) / 'quality.json'} and {Path(docs) / PAGES[budget]}")
+    return 0
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from raylin.eval.cluster import run_cluster_benchmark, summarize
+
+    nodes = tuple(int(x) for x in args.nodes.split(","))
+    if not nodes or min(nodes) < 1 or args.steps < 3:
+        raise SystemExit("raylin bench cluster: --nodes takes counts >= 1 (e.g. 1,2,3) and --steps must be >= 3.")
+    result = run_cluster_benchmark(args.out, nodes=nodes, steps=args.steps)
+    print(json.dumps(summarize(result), indent=1))
+    print(f"wrote {Path(args.out) / 'cluster.json'} and {Path(args.out) / 'cluster.png'}")
     return 0
 
 
@@ -191,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,speed (default all)")
     quality.add_argument("--docs", default=None, help="where the results page and its plots go (default docs/, or OUT with --quick)")
     quality.set_defaults(func=_bench_quality)
+    cluster = bench_kinds.add_parser(
+        "cluster", help="teacher-service traffic on 1, 2 and 3 simulated nodes (each a raylet on this machine): "
+                        "activation bytes and forwards per node, prefetch overlap, extrapolated to the paper configs")
+    cluster.add_argument("--out", default="benchmarks/results", help="output folder for cluster.json / cluster.png")
+    cluster.add_argument("--nodes", default="1,2,3", help="comma-separated node counts (default 1,2,3)")
+    cluster.add_argument("--steps", type=int, default=10, help="distillation steps per run; the first 2 are not timed")
+    cluster.set_defaults(func=_bench_cluster)
     return parser
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from raylin.config import ConfigError, config_from_dict
+from raylin.models.teachers import paper_teacher_architecture
 from raylin.train.trainer import teacher_replica_resources, worker_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,39 +33,26 @@ def pinned(package: str) -> str:
     raise AssertionError(f"{package} is not pinned in constraints-cpu.txt")
 
 
+def _architecture(tmp_path_factory, hub_id: str) -> str:
+    """A folder with ``hub_id``'s config.json only (no weights, no Hub), to validate the paper configs offline."""
+    folder = tmp_path_factory.mktemp(hub_id.rsplit("/", 1)[-1])
+    paper_teacher_architecture(hub_id).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def roberta_base(tmp_path_factory) -> str:
-    """roberta-base's config.json (architecture only: no weights, no Hub) for validating the paper configs offline."""
-    from transformers import RobertaConfig
-
-    folder = tmp_path_factory.mktemp("roberta-base")
-    RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
-                  eos_token_id=2, layer_norm_eps=1e-5, architectures=["RobertaForMaskedLM"]).save_pretrained(folder)
-    return str(folder)
+    return _architecture(tmp_path_factory, "roberta-base")
 
 
 @pytest.fixture(scope="module")
 def pythia_1b(tmp_path_factory) -> str:
-    """EleutherAI/pythia-1b's architecture (config.json only) for validating the Pile config offline."""
-    from transformers import GPTNeoXConfig
-
-    folder = tmp_path_factory.mktemp("pythia-1b")
-    GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                  intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25,
-                  architectures=["GPTNeoXForCausalLM"]).save_pretrained(folder)
-    return str(folder)
+    return _architecture(tmp_path_factory, "EleutherAI/pythia-1b")
 
 
 @pytest.fixture(scope="module")
 def wav2vec2_large(tmp_path_factory) -> str:
-    """facebook/wav2vec2-large-lv60's architecture (config.json only) for validating the speech configs offline."""
-    from transformers import Wav2Vec2Config
-
-    folder = tmp_path_factory.mktemp("wav2vec2-large-lv60")
-    Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                   feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
-                   architectures=["Wav2Vec2ForPreTraining"]).save_pretrained(folder)
-    return str(folder)
+    return _architecture(tmp_path_factory, "facebook/wav2vec2-large-lv60")
 
 
 def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None, wav2vec2_large: str | None = None):
@@ -240,3 +228,21 @@ def test_a_config_that_cannot_fit_is_caught(roberta_base):
     with pytest.raises(ConfigError, match="gpus_per_worker"):
         config_from_dict(yaml.safe_load((ROOT / "jobs" / "configs" / "minilm-rt-linformer.yaml").read_text()),
                          ["train.gpus_per_worker=1.5", "target_teacher=asset:all-minilm-l6"])
+
+
+def test_served_bytes_of_the_paper_configs_follow_their_shapes():
+    """`raylin bench cluster`'s extrapolation: positions per worker x served states x width x 2 bytes (bf16),
+    plus per-position logits only where the KL term is on for per-position outputs."""
+    from raylin.eval.cluster import paper_extrapolation
+
+    rows = {row["config"]: row for row in paper_extrapolation()}
+    assert set(rows) == {path.stem for path in (ROOT / "jobs" / "configs" / "paper").glob("*.yaml")}
+    pythia = rows["pythia-1b-pile-mamba"]  # 128 x 2,048 tokens over 4 workers; layers 1..15; alpha_out 0
+    assert pythia["bytes_per_worker_step"] == 32 * 2048 * 15 * 2048 * 2
+    assert pythia["bytes_per_node_step"] == 4 * pythia["bytes_per_worker_step"]
+    roberta = rows["roberta-sst2-linformer"]  # 32 x 512 over 4 workers; all 13 states
+    assert roberta["bytes_per_worker_step"] == 8 * 512 * 13 * 768 * 2
+    tedlium = rows["wav2vec2-large-tedlium-bimamba2"]  # CTC: per-frame logits (32 symbols) with alpha_out 1
+    assert tedlium["length_assumed"] and tedlium["bytes_per_worker_step"] == 8 * 500 * (24 * 1024 + 32) * 2
+    slurp = rows["wav2vec2-large-slurp-bimamba2"]  # 10 s clips at 50 frames/s
+    assert not slurp["length_assumed"] and slurp["positions_per_worker_step"] == 8 * 500

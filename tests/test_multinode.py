@@ -17,10 +17,9 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from conftest import losses_of, run_config
-from raylin.train.run_files import read_train_log
+from raylin.eval.cluster import local_cluster
 from raylin.train.trainer import TEACHER_STATS, fit
 
 pytestmark = pytest.mark.multinode
@@ -31,14 +30,8 @@ PER_NODE = {"train.cpus_per_worker": 1.5, "teacher_service.cpus": 0.5}
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 1024 ** 2})
-    for _ in range(2):
-        cluster.add_node(**NODE)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(2, cpus=NODE["num_cpus"], object_store_bytes=NODE["object_store_memory"]) as cluster:
+        yield cluster
 
 
 def worker_nodes() -> set[str]:
@@ -65,6 +58,10 @@ def test_fixed_teacher_is_served_node_locally(teachers, cluster, tmp_path):
         assert replica["served"][replica["node_id"]]["bytes"] == replica["transfer_bytes"] > 0
         assert replica["served"][replica["node_id"]]["requests"] == 12  # one request per step per worker
         assert replica["forwards"] > 0
+        # What `raylin bench cluster` extrapolates by: bf16 states x hidden per served position, and
+        # per-example logits (12 requests of 4 rows, 2 labels). Tiny teacher: 2 layers, width 32.
+        served = replica["served"][replica["node_id"]]
+        assert served["bytes"] == served["positions"] * (2 + 1) * 32 * 2 + 12 * 4 * 2 * 2
 
 
 @pytest.mark.slow
@@ -90,6 +87,38 @@ def test_align_tasks_spread_over_the_nodes_and_read_their_own_replica(teachers, 
     for replica in replicas:
         assert set(replica["served"]) == {replica["node_id"]}
         assert replica["served"][replica["node_id"]]["requests"] == 5 + 2  # its steps, and the held-out batch before and after
+
+
+@pytest.mark.slow
+def test_tune_trials_on_different_nodes_share_one_replica_per_node_and_the_cache(teachers, cluster, tmp_path):
+    """Three one-worker trials, two at a time: the first two land on the two nodes, each served by
+    its own node's replica of the sweep's one pool; the third runs once a slot frees and reads every
+    example from the activation cache the first two wrote (one folder: these nodes share a disk)."""
+    import yaml
+
+    from raylin.tune.search import run_sweep
+
+    data = run_config(teachers, tmp_path / "sweep", **PER_NODE).to_dict()
+    data["data"] |= {"max_train_examples": 48}  # 6 steps x batch 8: every trial sees each example once
+    data["train"] |= {"num_workers": 1, "max_steps": 6, "checkpoint_every": 6}
+    data["teacher_service"] |= {"cache": True, "cache_dir": str(tmp_path / "cache")}
+    data["tune"] = {"metric": "loss", "mode": "min", "scheduler": "fifo",
+                    "space": {"loss.alpha_layer": {"grid": [0.5, 1.0, 2.0]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary = run_sweep(path)
+    assert summary["trials"] == 3 and summary["stopped_early"] == 0
+    stats = json.loads((tmp_path / "sweep" / "tune" / TEACHER_STATS).read_text())
+    replicas = stats["replicas"]
+    assert {replica["node_id"] for replica in replicas} == worker_nodes()  # one replica on each node
+    assert len(replicas) == 2 and stats["teacher_loads"] == 2  # once per node, not once per trial
+    for replica in replicas:
+        assert set(replica["served"]) == {replica["node_id"]}  # trials on both nodes, each served locally
+    assert sum(replica["served"][replica["node_id"]]["requests"] for replica in replicas) == 3 * 6
+    examples = 3 * 48
+    assert stats["cache_hits"] + stats["cache_misses"] == examples
+    assert stats["cache_hits"] >= 48  # the third trial ran no teacher forward of its own
+    assert stats["examples_forwarded"] == stats["cache_misses"] <= 2 * 48
 
 
 def _served_nodes() -> set[str]:
@@ -178,7 +207,6 @@ def test_the_autoscaler_adds_nodes_for_a_submitted_conversion_and_removes_them_w
     import tempfile
 
     import yaml
-
     from test_jobs import BIN, ROOT, free_port, ray_cli, submit, wait_for
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",

@@ -21,6 +21,27 @@ from raylin.models.families import family_for_config
 ASSET_PREFIX = "asset:"
 
 
+def paper_teacher_architecture(hub_id: str) -> transformers.PretrainedConfig | None:
+    """The architecture (config only, no weights) of a Hub teacher the paper configs in
+    jobs/configs/paper name, known offline; None for any other id. It lets those configs be
+    validated, fitted to clusters and costed (``raylin bench cluster``) where the Hub is unreachable.
+    The values are the checkpoints' own config.json fields."""
+    if hub_id == "roberta-base":
+        return transformers.RobertaConfig(
+            vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, layer_norm_eps=1e-5, architectures=["RobertaForMaskedLM"])
+    if hub_id == "EleutherAI/pythia-1b":
+        return transformers.GPTNeoXConfig(
+            vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192,
+            max_position_embeddings=2048, rotary_pct=0.25, architectures=["GPTNeoXForCausalLM"])
+    if hub_id == "facebook/wav2vec2-large-lv60":
+        return transformers.Wav2Vec2Config(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+            feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+            architectures=["Wav2Vec2ForPreTraining"])
+    return None
+
+
 def resolve_teacher_path(name_or_path: str | os.PathLike) -> str:
     """Local folders stay as they are, ``asset:NAME`` resolves to a shipped asset, anything else
     is treated as a Hub id (downloaded by transformers on first use)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import ray
@@ -50,15 +51,19 @@ class TeacherReplica:
         # A restarted trajectory replica has lost the teacher's training since the last checkpoint.
         self.needs_state = spec.source is not None and ray.get_runtime_context().was_current_actor_reconstructed
         self._updated: asyncio.Condition | None = None
-        self.served: dict[str, dict[str, int]] = {}  # requester's node id -> {requests, bytes}
+        # requester's node id -> {requests, bytes, positions (tokens or frames served), seconds serving}
+        self.served: dict[str, dict[str, float]] = {}
 
     async def serve(self, request: TeacherRequest, requester_node: str = "") -> dict:
         """The teacher's outputs for ``request``, packed for the object store. ``requester_node``:
         the asking process's node id, counted in ``placement()`` (what crosses nodes)."""
+        started = time.perf_counter()
         message = await self._serve(request)
-        counts = self.served.setdefault(requester_node, {"requests": 0, "bytes": 0})
+        counts = self.served.setdefault(requester_node, {"requests": 0, "bytes": 0, "positions": 0, "seconds": 0.0})
         counts["requests"] += 1
         counts["bytes"] += sum(a.nbytes for a in (message["hidden"], message["logits"]) if a is not None)
+        counts["positions"] += served_positions(message)
+        counts["seconds"] += time.perf_counter() - started
         return message
 
     async def _serve(self, request: TeacherRequest) -> dict:
@@ -94,12 +99,23 @@ class TeacherReplica:
 
     def placement(self) -> dict:
         """Where this replica runs and whom it served: {node_id, forwards, transfer_bytes, served:
-        {requester node id: {requests, bytes}}}."""
+        {requester node id: {requests, bytes, positions, seconds}}}. ``positions``: the sequence
+        positions (tokens, frames) of the served states; ``seconds``: wall time spent serving,
+        cache reads and the teacher's forwards included."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "forwards": self.bank.forwards,
                 "transfer_bytes": self.transfer_bytes, "served": self.served}
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def served_positions(message: dict) -> int:
+    """Sequence positions (rows x length) in a packed message: of its states, else of per-position
+    logits; 0 when it holds per-example logits only."""
+    if message["hidden"] is not None:
+        return int(message["hidden"].shape[1] * message["hidden"].shape[2])
+    logits = message["logits"]
+    return int(logits.shape[0] * logits.shape[1]) if logits is not None and logits.ndim == 3 else 0
 
 
 @dataclass(frozen=True)

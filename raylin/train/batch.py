@@ -10,6 +10,7 @@ crosses a checkpoint: a saved trajectory teacher has seen exactly the steps befo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class BatchFeed:
         self.device, self.rank, self.world = device, rank, world
         self.batches = GlobalBatches(data.num_train, config.train.batch_size, config.data.seed)
         self._ahead: Batch | None = None
+        self.teacher_wait_s = 0.0
 
     def get(self, step: int) -> Batch:
         batch = self._ahead if self._ahead is not None and self._ahead.step == step else self._load_and_ask(step)
@@ -66,8 +68,16 @@ class BatchFeed:
         return batch
 
     def teacher_output(self, batch: Batch) -> TeacherOutput | None:
-        """The teacher's outputs for ``batch`` (None when this step has no teacher: task loss only)."""
-        return self.teachers.result(batch.step) if batch.guidance.teacher is not None else None
+        """The teacher's outputs for ``batch`` (None when this step has no teacher: task loss only).
+        ``teacher_wait_s`` keeps how long this worker waited for them: the part of the teacher's
+        work that prefetch did not hide behind the previous step."""
+        self.teacher_wait_s = 0.0
+        if batch.guidance.teacher is None:
+            return None
+        started = time.perf_counter()
+        output = self.teachers.result(batch.step)
+        self.teacher_wait_s = time.perf_counter() - started
+        return output
 
     def _load_and_ask(self, step: int) -> Batch:
         idx = self.batches.shard(step, self.rank, self.world)

@@ -125,7 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         done = step + 1 == config.train.max_steps
         wall_s = resumed.wall_s + time.perf_counter() - started
         metrics = {"step": step + 1, "loss": means["loss"], "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                   "wall_s": round(wall_s, 2), **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
+                   "wall_s": round(wall_s, 2), "teacher_wait_s": round(feed.teacher_wait_s, 4),
+                   **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
         if lit is not None:
             metrics["copied_frozen"] = int(lit.frozen)
         evaluate_now, checkpoint_now = evaluates_at(step + 1, config.train), checkpoints_at(step + 1, config.train)
