@@ -150,7 +150,9 @@ class TeacherPool:
             options["scheduling_strategy"] = "DEFAULT"
         else:
             node_id = node_id or ray.get_runtime_context().get_node_id()
-            name = f"{self.name}-{node_id[:16]}"
+            # The whole node id: ids can share long prefixes (Ray's fake autoscaling provider
+            # numbers its nodes ff...f00001, ff...f00002), and a shared name means a shared replica.
+            name = f"{self.name}-{node_id}"
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         return ray.remote(TeacherReplica).options(name=name, **options).remote(self.spec, self.gpus > 0)
 
