@@ -26,7 +26,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --durations=15
 
-# Every multi-node test (several raylets on this machine), the slow ones included: about 11 minutes.
+# Every multi-node test (several raylets on this machine), the slow ones included: about 15 minutes.
 test-cluster: setup
 	$(PY) -m pytest -q -m multinode tests/test_multinode.py
 
