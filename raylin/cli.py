@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from raylin.errors import RayClusterUnreachable
 from raylin.log import LEVEL_ENV, setup_logging
 
 # Each command imports what it runs inside its handler: `raylin --help` answers before torch,
@@ -237,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level:
         os.environ[LEVEL_ENV] = args.log_level  # Ray workers inherit it (raylin.train.trainer forwards it)
     setup_logging()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RayClusterUnreachable as error:  # bad input: the cluster the environment names is gone
+        print(f"raylin: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -141,14 +141,13 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
 def run_conversion(config: RunConfig) -> dict:
     started = time.perf_counter()
     check_eval_sets(config)
+    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:
         check_disk(config)  # fit checks again, but the align stage comes first and takes minutes
-
-        ensure_ray()
         aligned = run_align(config)
     result = fit(config)
     if result.error is not None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
-from conftest import make_teacher
+import yaml
+from conftest import make_teacher, run_config
 
 import raylin
 from raylin.models.plan import PlanError
@@ -98,3 +103,25 @@ def test_bidirectional_students_cannot_generate():
     student, _ = raylin.convert(make_teacher("bert"), {"mixer": "bimamba2"})
     with pytest.raises(ValueError, match="bidirectional and cannot generate"):
         student.generate(torch.randint(5, 100, (1, 4)))
+
+
+@pytest.mark.assets
+def test_a_dead_clusters_address_is_refused_in_seconds_with_what_to_do(teachers, tmp_path):
+    """A `ray start --head` that died leaves its address in RAY_TMPDIR/ray/ray_current_cluster, and
+    ray.init() would retry that GCS for minutes. raylin probes it first and says what to do."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(teachers, tmp_path / "out").to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    for extra, source in [({}, "ray_current_cluster, left by the last `ray start --head`"),
+                          ({"RAY_ADDRESS": dead}, "(from RAY_ADDRESS)")]:
+        done = subprocess.run([sys.executable, "-m", "raylin.cli", "convert", str(config)], env=env | extra,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"No Ray cluster answers at {dead}" in done.stderr and source in done.stderr
+        assert "RAY_ADDRESS=local" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pyarrow.fs
@@ -24,6 +25,7 @@ from safetensors import safe_open
 
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
+from raylin.errors import RayClusterUnreachable
 from raylin.log import LEVEL_ENV
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool as make_pool
@@ -51,9 +53,41 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+RAY_PROBE_TIMEOUT_S = 3.0
+
+
+def check_ray_address() -> None:
+    """Fail in seconds when ``ray.init()`` would connect to a cluster that is gone, instead of its
+    minutes of retries: the address in RAY_ADDRESS, or the one the last ``ray start --head`` on this
+    machine recorded (``ray_current_cluster`` in RAY_TMPDIR, else /tmp/ray), which a head that
+    crashed or was killed leaves behind. Ray Client (``ray://``) and job-server (``http://``)
+    addresses are left to Ray, which reports those itself."""
+    from_env = os.environ.get("RAY_ADDRESS", "").strip()
+    if "://" in from_env or from_env == "local":
+        return
+    # Ray's own lookup of the last `ray start` (a private helper; its file layout is Ray's).
+    address = from_env if from_env not in ("", "auto") else ray._private.services.find_bootstrap_address(None)
+    if not address:
+        return  # nothing recorded: ray.init() starts a local cluster
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as error:
+        where = ("RAY_ADDRESS" if from_env not in ("", "auto")
+                 else f"{ray._common.utils.get_ray_address_file(None)}, left by the last `ray start --head` on this machine")
+        raise RayClusterUnreachable(
+            f"No Ray cluster answers at {address} (from {where}): {error}. Start that cluster again "
+            f"(`ray start --head`), set RAY_ADDRESS to a running one, or set RAY_ADDRESS=local to let raylin "
+            f"start its own."
+        ) from None
+
+
 def ensure_ray() -> None:
-    """Connect to the Ray cluster (RAY_ADDRESS, or a running local one), or start a local one."""
+    """Connect to the Ray cluster (RAY_ADDRESS, or a running local one), or start a local one.
+    Raises RayClusterUnreachable within seconds when the cluster it would join is gone."""
     if not ray.is_initialized():
+        check_ray_address()
         env_vars = _worker_env(False)
         # Under `ray job submit` the job's own runtime_env (working_dir, pip, env_vars) applies;
         # Ray refuses a driver runtime_env that sets the same variables, so those are left to the job.

@@ -237,10 +237,10 @@ def concurrency(base: RunConfig, section: TuneSection) -> int:
 def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
     """Run (or resume) the sweep in ``path``; returns the best trial's summary."""
     base_data, section, base = load_tune_config(path, overrides)
+    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
     out = Path(base.output_dir)
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
     base_data["output_dir"] = str(out)
-    ensure_ray()
     limit = concurrency(base, section)  # before the teacher replica starts: may refuse the sweep
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
