@@ -18,11 +18,18 @@ _HANDLER_NAME = "raylin-console"
 # worker in its environment (raylin.train.trainer forwards it), so workers log at the driver's level.
 LEVEL_ENV = "RAYLIN_LOG_LEVEL"
 LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
+# Libraries' start-up chatter, hidden below --verbose: transformers' weight-load reports and
+# advisory warnings, and Hugging Face progress bars (one weight-loading bar per worker). Set in
+# the environment, so the libraries read them at import, here and in every Ray worker (the
+# trainer forwards them); a value the user set is kept.
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def setup_logging(level: str | None = None) -> logging.Logger:
     """Attach raylin's console handler once per process, at ``level`` (quiet: warnings and errors
-    only; normal: progress; verbose: debug), by default this process's RAYLIN_LOG_LEVEL, else normal."""
+    only; normal: progress; verbose: debug), by default this process's RAYLIN_LOG_LEVEL, else
+    normal. Below verbose, also quiets the libraries (``QUIET_LIBRARIES``) for what imports them next."""
     level = level or os.environ.get(LEVEL_ENV) or "normal"
     if level not in LEVELS:
         raise ValueError(f"{LEVEL_ENV}={level!r} is not a log level; use one of {sorted(LEVELS)}.")
@@ -34,4 +41,7 @@ def setup_logging(level: str | None = None) -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(LEVELS[level])
     logger.propagate = False
+    if level != "verbose":
+        for name, value in QUIET_LIBRARIES.items():
+            os.environ.setdefault(name, value)
     return logger

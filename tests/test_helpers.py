@@ -11,7 +11,8 @@ import pytest
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.faults import fires
 from raylin.fingerprint import fingerprint
-from raylin.log import setup_logging
+from raylin.log import QUIET_LIBRARIES, setup_logging
+from raylin.train.trainer import _worker_env
 
 
 def test_a_replaced_folder_is_whole_before_and_after_and_a_failed_build_keeps_the_old_one(tmp_path):
@@ -94,3 +95,15 @@ def test_atomic_files_and_folders_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "student").stat().st_mode) == 0o777 & ~umask
+
+
+def test_libraries_are_quiet_below_verbose_and_a_users_setting_wins(monkeypatch):
+    for name in QUIET_LIBRARIES:
+        monkeypatch.delenv(name, raising=False)
+    setup_logging("verbose")
+    assert not any(name in os.environ for name in QUIET_LIBRARIES)  # --verbose shows the libraries' own output
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    setup_logging("normal")
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"  # set by the user: kept
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert {name: _worker_env(False)[name] for name in QUIET_LIBRARIES} == {name: os.environ[name] for name in QUIET_LIBRARIES}

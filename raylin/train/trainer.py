@@ -26,7 +26,7 @@ from safetensors import safe_open
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
 from raylin.errors import RayClusterUnreachable
-from raylin.log import LEVEL_ENV
+from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool as make_pool
 from raylin.train.loop import train_loop_per_worker
@@ -47,7 +47,7 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raylin" / "torch_extensions")
     )
-    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT", LEVEL_ENV):
+    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT", LEVEL_ENV, *QUIET_LIBRARIES):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -56,19 +56,21 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
 RAY_PROBE_TIMEOUT_S = 3.0
 
 
-def check_ray_address() -> None:
-    """Fail in seconds when ``ray.init()`` would connect to a cluster that is gone, instead of its
+def check_ray_address() -> str | None:
+    """The address ``ray.init()`` will join (None: it starts a private local cluster). Fails in seconds when ``ray.init()`` would connect to a cluster that is gone, instead of its
     minutes of retries: the address in RAY_ADDRESS, or the one the last ``ray start --head`` on this
     machine recorded (``ray_current_cluster`` in RAY_TMPDIR, else /tmp/ray), which a head that
     crashed or was killed leaves behind. Ray Client (``ray://``) and job-server (``http://``)
     addresses are left to Ray, which reports those itself."""
     from_env = os.environ.get("RAY_ADDRESS", "").strip()
-    if "://" in from_env or from_env == "local":
-        return
+    if "://" in from_env:
+        return from_env
+    if from_env == "local":
+        return None
     # Ray's own lookup of the last `ray start` (a private helper; its file layout is Ray's).
     address = from_env if from_env not in ("", "auto") else ray._private.services.find_bootstrap_address(None)
     if not address:
-        return  # nothing recorded: ray.init() starts a local cluster
+        return None  # nothing recorded: ray.init() starts a local cluster
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_TIMEOUT_S):
@@ -81,14 +83,20 @@ def check_ray_address() -> None:
             f"(`ray start --head`), set RAY_ADDRESS to a running one, or set RAY_ADDRESS=local to let raylin "
             f"start its own."
         ) from None
+    return address
 
 
 def ensure_ray() -> None:
     """Connect to the Ray cluster (RAY_ADDRESS, or a running local one), or start a local one.
     Raises RayClusterUnreachable within seconds when the cluster it would join is gone."""
     if not ray.is_initialized():
-        check_ray_address()
+        joins = check_ray_address()
         env_vars = _worker_env(False)
+        if joins is None:
+            # A private cluster on this machine is never preempted; Ray Train's preemption watcher
+            # (for cloud nodes being drained) is force-killed at the end of every run, which logs an
+            # actor-death error line on the console.
+            env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         # Under `ray job submit` the job's own runtime_env (working_dir, pip, env_vars) applies;
         # Ray refuses a driver runtime_env that sets the same variables, so those are left to the job.
         job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
