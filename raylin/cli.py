@@ -9,6 +9,7 @@
     raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
     raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
     raylin bench cluster [--out DIR] [--nodes 1,2,3]   teacher traffic per node on simulated nodes
+    raylin bench scale [--out DIR] [--hidden 1024]   align-task peak memory, block-local vs whole student
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def _bench_quality(args: argparse.Namespace) -> int:
     result = run_quality_benchmark(out, budget=budget, suites=suites, docs=docs)
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(out) / 'quality.json'} and {Path(docs) / PAGES[budget]}")
+    return 0
+
+
+def _bench_scale(args: argparse.Namespace) -> int:
+    from raylin.eval.scale import run_scale_benchmark, summarize
+
+    result = run_scale_benchmark(args.out, hidden=args.hidden, tasks=args.tasks, steps=args.steps)
+    print("\n".join(summarize(result)))
+    print(f"wrote {Path(args.out) / 'scale-align.json'} and {Path(args.out) / 'scale-align.png'}")
     return 0
 
 
@@ -212,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", default="1,2,3", help="comma-separated node counts (default 1,2,3)")
     cluster.add_argument("--steps", type=int, default=10, help="distillation steps per run; the first 2 are not timed")
     cluster.set_defaults(func=_bench_cluster)
+    scale = bench_kinds.add_parser(
+        "scale", help="peak memory of an align task holding its blocks against one holding the whole student, "
+                      "for a 22-block Llama of TinyLlama's proportions")
+    scale.add_argument("--out", default="benchmarks/results", help="output folder for scale-align.json / .png")
+    scale.add_argument("--hidden", type=int, default=1024, help="teacher width (2048: TinyLlama-1.1B's shape)")
+    scale.add_argument("--tasks", type=int, default=4, help="align tasks the 22 blocks are spread over")
+    scale.add_argument("--steps", type=int, default=2, help="align steps per task")
+    scale.set_defaults(func=_bench_scale)
     return parser
 
 

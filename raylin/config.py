@@ -158,6 +158,9 @@ class TeacherServiceConfig:
     cache_max_gb: float = 20.0
 
 
+ALIGN_HOLDS = ("blocks", "model")
+
+
 @dataclass
 class AlignConfig:
     enabled: bool = False  # run the layer-parallel alignment stage before distillation
@@ -169,6 +172,9 @@ class AlignConfig:
     projection_lr: float = 3e-2
     num_workers: int = 2  # Ray tasks; layers are spread round-robin across them
     parameters: str = "new"  # new: only the new mixer weights learn | all: the whole block
+    # blocks: each task builds only the blocks it aligns, from those blocks' teacher weights (memory
+    # follows blocks per task) | model: each task builds the whole student. Same result either way.
+    holds: str = "blocks"
     # A store of aligned blocks shared across runs, keyed by what the alignment depends on (teacher,
     # plan, data, align settings): runs that align the same way align once. None: OUTPUT_DIR/aligned.
     dir: str | None = None
@@ -449,6 +455,8 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(a.steps >= 1 and a.batch_size >= 1 and a.num_workers >= 1 and a.lr > 0 and a.projection_lr > 0,
          "align.steps, align.batch_size, align.num_workers, align.lr and align.projection_lr must be positive.")
     need(a.parameters in ("new", "all"), f"align.parameters must be 'new' or 'all', got {a.parameters!r}.")
+    need(a.holds in ALIGN_HOLDS, f"align.holds must be one of {ALIGN_HOLDS} (blocks: each task builds only its "
+         f"blocks; model: the whole student), got {a.holds!r}.")
 
     for problem in check_eval_sets(config) + check_broad(config):
         need(False, problem)

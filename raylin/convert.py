@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from raylin.models.families import FamilyAdapter, family_for
+from raylin.models.families import BlockSubset, FamilyAdapter, family_for
 from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, MambaMixer
 from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent, RaylinStudentConfig
@@ -98,21 +98,26 @@ def convert(
     teacher: PreTrainedModel | str | Path,
     plan: Plan | dict[str, Any],
     processor: Any | None = None,
+    blocks: BlockSubset | None = None,
 ) -> tuple[RaylinStudent, TransferReport]:
     """Convert ``teacher`` (a transformers model, a local folder or a Hub id) following ``plan``.
 
     Returns the student, in eval mode, and the transfer report. The processor (tokenizer or
     feature extractor) is attached to the student so ``save_pretrained`` writes it too; when the
-    teacher is given by path it is loaded from there.
+    teacher is given by path it is loaded from there. ``blocks``: the teacher holds only these
+    blocks (loaded with ``load_teacher(..., blocks=...)``), and so does the student; each block
+    converts exactly as in the whole student.
     """
     if isinstance(teacher, (str, Path)):
-        teacher, loaded_processor = load_teacher(teacher)
+        teacher, loaded_processor = load_teacher(teacher, blocks=blocks)
         processor = processor if processor is not None else loaded_processor
     family = family_for(teacher)
     plan = Plan.from_mapping(plan)
-    plan.check_against(family, teacher.config)
+    teacher_config = teacher.config.to_dict() | (blocks.whole() if blocks else {})
+    plan.check_against(family, type(teacher.config).from_dict(teacher_config))
     config = RaylinStudentConfig(
-        teacher_config=teacher.config.to_dict(), teacher_class=type(teacher).__name__, plan=plan.to_dict()
+        teacher_config=teacher_config, teacher_class=type(teacher).__name__, plan=plan.to_dict(),
+        layer_ids=list(blocks.layer_ids) if blocks else None,
     )
     student = RaylinStudent(config)
     report = TransferReport(type(teacher).__name__, family.name, plan.to_dict())
@@ -170,15 +175,15 @@ def _init_from_attention(teacher: PreTrainedModel, student: RaylinStudent, famil
     """
     config = teacher.config
     heads, kv_heads = family.num_heads(config), family.num_kv_heads(config)
-    teacher_layers = family.layers(teacher)
-    student_layers = family.layers(student.model)
+    teacher_layers = family.layers(teacher)  # in the student's order: block j is teacher block student.layer_ids[j]
     layer_prefix = {id(module): name for name, module in student.named_modules()}
     seeded: dict[str, str] = {}
     for layer_idx in student.mixer_layers():
-        weights = family.attention_weights(family.attention(teacher_layers[layer_idx]), config)
+        teacher_block = teacher_layers[student.layer_ids.index(layer_idx)]
+        weights = family.attention_weights(family.attention(teacher_block), config)
         source = {"q": weights["q"], "k": _expand_kv_heads(weights["k"], kv_heads, heads),
                   "v": _expand_kv_heads(weights["v"], kv_heads, heads), "o": weights.get("o")}
-        mixer = family.attention(student_layers[layer_idx])
+        mixer = family.attention(student.block(layer_idx))
         mixers = [mixer.forward_mixer, mixer.backward_mixer] if isinstance(mixer, BidirectionalMixer) else [mixer]
         for sub in mixers:
             prefix = layer_prefix[id(sub)]

@@ -26,6 +26,20 @@ QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_
                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when the handler was made: a
+    handler made before stderr was redirected (a test's capture, ``contextlib.redirect_stderr``)
+    would otherwise write to the old stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+        pass
+
+
 def setup_logging(level: str | None = None) -> logging.Logger:
     """Attach raylin's console handler once per process, at ``level`` (quiet: warnings and errors
     only; normal: progress; verbose: debug), by default this process's RAYLIN_LOG_LEVEL, else
@@ -35,7 +49,7 @@ def setup_logging(level: str | None = None) -> logging.Logger:
         raise ValueError(f"{LEVEL_ENV}={level!r} is not a log level; use one of {sorted(LEVELS)}.")
     logger = logging.getLogger("raylin")
     if not any(handler.get_name() == _HANDLER_NAME for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ConsoleHandler()
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter("[raylin] %(message)s"))
         logger.addHandler(handler)

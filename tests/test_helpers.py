@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 
@@ -65,6 +67,14 @@ def test_the_console_handler_is_attached_once_and_does_not_propagate():
     assert setup_logging("verbose").level == logging.DEBUG
     assert setup_logging("quiet").level == logging.WARNING
     setup_logging()
+
+
+def test_the_console_follows_stderr_when_it_is_redirected_after_the_handler_was_made():
+    setup_logging()  # the handler exists already (made by an earlier test or command)
+    redirected = io.StringIO()
+    with contextlib.redirect_stderr(redirected):
+        logging.getLogger("raylin.console-test").info("one line")
+    assert redirected.getvalue() == "[raylin] one line\n"
 
 
 def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatch):

@@ -103,10 +103,11 @@ def model_options(config, path: str) -> dict[str, Any]:
     return options
 
 
-def load_task_model(config, path: str):
-    """The model at ``path`` with this run's task head, and its tokenizer / feature extractor."""
+def load_task_model(config, path: str, blocks=None):
+    """The model at ``path`` with this run's task head, and its tokenizer / feature extractor.
+    ``blocks``: only these teacher blocks (see ``load_teacher``)."""
     options = model_options(config, path)
-    model, processor = load_teacher(path, **options)
+    model, processor = load_teacher(path, blocks=blocks, **options)
     if task_kind(config.task.type).classifies and model.config.model_type == "whisper":
         processor = whisper_feature_extractor(path, config.data.max_seconds)
     return model, processor

@@ -12,6 +12,7 @@ converted; a decoder, where present, is left as it is).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,7 +40,12 @@ class FamilyAdapter:
         return config.d_model if self.name == "whisper" else config.hidden_size
 
     def num_layers(self, config: PretrainedConfig) -> int:
-        return config.encoder_layers if self.name == "whisper" else config.num_hidden_layers
+        return getattr(config, self.layer_count_key)
+
+    @property
+    def layer_count_key(self) -> str:
+        """The config field that holds the number of converted blocks."""
+        return "encoder_layers" if self.name == "whisper" else "num_hidden_layers"
 
     def num_heads(self, config: PretrainedConfig) -> int:
         return config.encoder_attention_heads if self.name == "whisper" else config.num_attention_heads
@@ -201,6 +207,54 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("wav2vec2", ("wav2vec2", "hubert"), False, ("encoder.layers",), "attention", _SPEECH_QKV, "speech"),
     FamilyAdapter("whisper", ("whisper",), False, ("encoder.layers", "layers"), "self_attn", _SPEECH_QKV, "speech"),
 )
+
+
+@dataclass(frozen=True)
+class BlockSubset:
+    """Some of a teacher's blocks, by their index in the teacher: what a block-local align task holds.
+
+    A model built or loaded with ``overrides()`` has ``len(layer_ids)`` blocks, block j standing for
+    teacher block ``layer_ids[j]``; ``checkpoint_key`` names a checkpoint's tensors in it.
+    Limit: per-layer config lists other than ``layer_types`` are not subset."""
+
+    family: FamilyAdapter
+    layer_ids: tuple[int, ...]
+    num_layers: int  # the whole teacher's
+    layer_types: tuple[str, ...] | None = None  # the whole teacher's, where its config has them
+
+    @classmethod
+    def of(cls, config: PretrainedConfig, layer_ids: list[int]) -> "BlockSubset":
+        family = family_for_config(config)
+        num_layers = family.num_layers(config)
+        if not layer_ids or sorted(set(layer_ids)) != sorted(layer_ids) or not all(0 <= i < num_layers for i in layer_ids):
+            raise ValueError(f"layer_ids {layer_ids} must be distinct block indices of a {num_layers}-block teacher.")
+        layer_types = getattr(config, "layer_types", None)
+        return cls(family, tuple(layer_ids), num_layers, tuple(layer_types) if layer_types else None)
+
+    def overrides(self) -> dict:
+        """Config fields of the model holding only these blocks."""
+        fields: dict = {self.family.layer_count_key: len(self.layer_ids)}
+        if self.layer_types:
+            fields["layer_types"] = [self.layer_types[i] for i in self.layer_ids]
+        return fields
+
+    def whole(self) -> dict:
+        """Config fields of the whole teacher (what ``overrides`` changed, restored)."""
+        fields: dict = {self.family.layer_count_key: self.num_layers}
+        if self.layer_types:
+            fields["layer_types"] = list(self.layer_types)
+        return fields
+
+    def checkpoint_key(self, key: str) -> str | None:
+        """A checkpoint tensor's name in the model holding these blocks, or None when it belongs to a
+        block this subset leaves out."""
+        match = re.search(rf"(^|\.){re.escape(self.family.layers_paths[0])}\.(\d+)\.", key)
+        if match is None:
+            return key
+        layer_idx = int(match.group(2))
+        if layer_idx not in self.layer_ids:
+            return None
+        return key[:match.start(2)] + str(self.layer_ids.index(layer_idx)) + key[match.end(2):]
 
 
 def family_for_config(config: PretrainedConfig) -> FamilyAdapter:

@@ -13,7 +13,8 @@ Keys:
                    conv_kernel (4), use_bias (false)
   init             "default" (fresh mixer weights) or "attention" (seed Mamba-family mixers from
                    the teacher's attention where shapes allow: Q->C, K->B, V->x, O->out_proj)
-  seed             seed for the new mixer weights (0), so a conversion is reproducible
+  seed             seed for the new mixer weights (0), so a conversion is reproducible (each block's
+                   mixer draws from a seed of its own, ``Plan.layer_seed``)
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ class Plan:
                 "to the longest input the student must accept."
             )
         return int(max_length)
+
+    def layer_seed(self, layer_idx: int) -> int:
+        """The seed of block ``layer_idx``'s new mixer weights: one per block, so a block starts the same
+        whichever other blocks are built with it."""
+        return self.seed * 1_000_003 + layer_idx
 
     def mixer_layers(self, family: FamilyAdapter, config: PretrainedConfig) -> list[int]:
         keep = set(self.keep_attention)

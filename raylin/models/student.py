@@ -16,6 +16,7 @@ attention, in hybrids, still keep a growing key/value cache).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from raylin.atomic import replace_folder
 from raylin.models.cache import StudentCache
-from raylin.models.families import FamilyAdapter, family_for_config
+from raylin.models.families import BlockSubset, FamilyAdapter, family_for_config
 from raylin.models.mixers import LinformerProjection
 from raylin.models.plan import Plan, build_mixer
 from raylin.models.teachers import load_processor
@@ -50,11 +51,15 @@ class RaylinStudentConfig(PretrainedConfig):
         teacher_config: dict[str, Any] | None = None,
         teacher_class: str | None = None,
         plan: dict[str, Any] | None = None,
+        layer_ids: list[int] | None = None,
         **kwargs,
     ):
         self.teacher_config = teacher_config or {}
         self.teacher_class = teacher_class
         self.plan = plan or {}
+        # The teacher blocks this student holds (None: all). A student of some blocks is what a
+        # block-local align task trains (raylin.train.source.block_local_student); it is never saved.
+        self.layer_ids = list(layer_ids) if layer_ids is not None else None
         super().__init__(**kwargs)
 
     def build_teacher_config(self) -> PretrainedConfig:
@@ -95,18 +100,31 @@ class RaylinStudent(PreTrainedModel):
         if self.family.name == "whisper":
             self.main_input_name = "input_features"
         model_class = _teacher_model_class(config.teacher_class)
+        # Block j of self.model is teacher block layer_ids[j]; a whole student holds them all.
+        self.layer_ids = config.layer_ids if config.layer_ids is not None else list(range(self.family.num_layers(teacher_config)))
+        built_config = teacher_config
+        if config.layer_ids is not None:
+            built_config = copy.deepcopy(teacher_config)
+            for key, value in BlockSubset.of(teacher_config, config.layer_ids).overrides().items():
+                setattr(built_config, key, value)
+        mixed = set(self.plan.mixer_layers(self.family, teacher_config))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.plan.seed)
-            self.model = model_class(teacher_config)
+            self.model = model_class(built_config)
             if self.plan.mixer == "linformer" and self.plan.linformer.get("share") == "layer":
                 max_length = self.plan.linformer_max_length(self.family, teacher_config)
                 self.linformer_shared = LinformerProjection(max_length, self.plan.linformer.get("k", 256))
             shared = getattr(self, "linformer_shared", None)
             layers = self.family.layers(self.model)
-            for layer_idx in self.plan.mixer_layers(self.family, teacher_config):
-                attention = self.family.attention(layers[layer_idx])
+            for position, layer_idx in enumerate(self.layer_ids):
+                if layer_idx not in mixed:
+                    continue
+                # Each block's new weights come from a seed of its own, so a block is the same in a
+                # student of some blocks as in the whole student.
+                torch.manual_seed(self.plan.layer_seed(layer_idx))
+                attention = self.family.attention(layers[position])
                 mixer = build_mixer(self.plan, self.family, teacher_config, layer_idx, attention, shared)
-                self.family.set_attention(layers[layer_idx], mixer)
+                self.family.set_attention(layers[position], mixer)
         self.processor = None  # tokenizer / feature extractor saved alongside, when known
 
     # ----- what the student is ------------------------------------------------------------------
@@ -118,8 +136,18 @@ class RaylinStudent(PreTrainedModel):
     def is_causal(self) -> bool:
         return self.family.causal
 
+    @property
+    def holds_every_block(self) -> bool:
+        return self.config.layer_ids is None
+
     def mixer_layers(self) -> list[int]:
-        return self.plan.mixer_layers(self.family, self.teacher_config)
+        """Teacher block indices whose attention this student replaced (of the blocks it holds)."""
+        keep = set(self.plan.keep_attention)
+        return [i for i in self.layer_ids if i not in keep]
+
+    def block(self, layer_idx: int) -> nn.Module:
+        """The student's block standing for teacher block ``layer_idx``."""
+        return self.family.layers(self.model)[self.layer_ids.index(layer_idx)]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -197,6 +225,9 @@ class RaylinStudent(PreTrainedModel):
         Everything is written into a temporary sibling folder that replaces ``save_directory`` in
         one rename, so an interrupted save never leaves a half-written student behind.
         """
+        if not self.holds_every_block:
+            raise ValueError(f"This student holds teacher blocks {self.layer_ids} only (a block-local align task's); "
+                             "save the aligned blocks' weights (raylin.train.align) or convert the whole teacher.")
         def write(staging: Path) -> None:
             self.config.save_pretrained(staging)
             safetensors.torch.save_file(_standalone_state(self), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})

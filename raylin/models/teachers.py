@@ -7,16 +7,19 @@ architecture fails fast.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 
 from raylin.data.assets import asset_path
-from raylin.models.families import family_for_config
+from raylin.models.families import BlockSubset, family_for_config
 
 ASSET_PREFIX = "asset:"
 
@@ -65,12 +68,15 @@ def load_teacher(
     name_or_path: str | os.PathLike,
     model_class: str | None = None,
     dtype: torch.dtype = torch.float32,
+    blocks: BlockSubset | list[int] | None = None,
     **model_kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a teacher and its tokenizer or feature extractor (None when the folder has neither).
 
     ``model_class`` names a transformers class (e.g. ``"BertForSequenceClassification"``); by
-    default the first class in config.json's ``architectures`` is used.
+    default the first class in config.json's ``architectures`` is used. ``blocks`` (teacher block
+    indices, or a BlockSubset): load only those blocks, block j being teacher block ``blocks[j]``;
+    the other blocks' tensors are never read, so memory follows the blocks loaded.
     """
     path = resolve_teacher_path(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -80,8 +86,49 @@ def load_teacher(
     if not (isinstance(model_cls, type) and hasattr(model_cls, "from_pretrained")):
         raise ValueError(f"{class_name!r} is not a transformers model class.")
     model_kwargs.setdefault("attn_implementation", "sdpa")
+    if blocks is not None:
+        return _load_blocks(path, model_cls, dtype, blocks, model_kwargs), load_processor(path, family.modality)
     model = model_cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **model_kwargs)
     return model.eval(), load_processor(path, family.modality)
+
+
+# from_pretrained's own options; the other keyword arguments of load_teacher are config fields.
+_LOADER_OPTIONS = ("attn_implementation", "ignore_mismatched_sizes")
+
+
+def _load_blocks(path: str, model_cls: type, dtype: torch.dtype, blocks: BlockSubset | list[int],
+                 model_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """``load_teacher`` with only some blocks: their tensors (and those outside the blocks) are read
+    from the safetensors files, renumbered, and handed to transformers' loader, which applies its
+    usual conversions; the other blocks are never read."""
+    loader = {key: model_kwargs.pop(key) for key in _LOADER_OPTIONS if key in model_kwargs}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, **model_kwargs)
+    blocks = blocks if isinstance(blocks, BlockSubset) else BlockSubset.of(config, list(blocks))
+    for key, value in blocks.overrides().items():
+        setattr(config, key, value)
+    state = {}
+    folder = Path(path) if Path(path).is_dir() else Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as checkpoint:
+            for key in checkpoint.keys():
+                renamed = blocks.checkpoint_key(key)
+                if renamed is not None:
+                    state[renamed] = checkpoint.get_tensor(key)
+    if hasattr(model_cls, "_model_mapping"):  # an Auto class: the concrete class its mapping gives this config
+        model_cls = model_cls._model_mapping[type(config)]
+    model = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **loader)
+    return model.eval()
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder} holds no safetensors weights (model.safetensors or an index of shards), which "
+                            "loading some blocks reads. Re-save the teacher with save_pretrained (safetensors is its "
+                            "default), or set align.holds: model.")
 
 
 def load_processor(path: str, modality: str) -> Any:

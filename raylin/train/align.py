@@ -23,9 +23,14 @@ to, plan, data, align settings, the loss normalization, seed), not the guidance 
 distillation settings, so runs that differ only there (Tune trials, a benchmark's guidance modes)
 align once. A finished stage is reused when its fingerprint matches.
 
-Limits: a task holds the whole student (only its blocks train); block inputs other than the
-hidden states (masks, rotary embeddings) are taken from the student's own first block call, which
-is what every block receives in the supported families. On a multi-node cluster ``align.dir``
+A task holds only the blocks it aligns (``align.holds: blocks``, raylin.train.source.block_local_student):
+they are built from those blocks' teacher weights alone, each exactly as in the whole student (a
+block's new weights have a seed of their own), so its memory follows blocks per task, not model
+size, and the aligned weights equal those of a task holding the whole student (``holds: model``).
+
+Limits: a task also holds what comes before and after the blocks (embeddings, final norm, task
+head): block inputs other than the hidden states (masks, rotary embeddings) are taken from the
+student's own first block call, which is what every block receives in the supported families. On a multi-node cluster ``align.dir``
 (like OUTPUT_DIR) must be storage every node reads. Runs that start the same alignment at the same
 time take turns through a lock file next to it (``flock``: local folders and NFS): one computes,
 the others wait and reuse it.
@@ -36,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -59,7 +65,7 @@ from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
 from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
 from raylin.train.optim import adamw
-from raylin.train.source import converted_student
+from raylin.train.source import block_local_student, converted_student
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,7 +85,7 @@ def block_call_arguments(student: torch.nn.Module, inputs: dict[str, torch.Tenso
         captured["args"], captured["kwargs"] = args[1:], kwargs
         raise _StopForward
 
-    first = family_for(student.model).layers(student.model)[0]
+    first = family_for(student.model).layers(student.model)[0]  # the first block held, in a block-local student
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -98,7 +104,7 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs:
 
 def _fingerprint(config: RunConfig) -> str:
     """What the aligned weights depend on; the guidance mode only through the model aligned to."""
-    align = {k: v for k, v in dataclasses.asdict(config.align).items() if k not in ("enabled", "dir")}
+    align = {k: v for k, v in dataclasses.asdict(config.align).items() if k not in ("enabled", "dir", "holds")}
     data = {"align": align, "plan": config.plan, "teacher": config.teacher, "aligned_to": config.conversion_source,
             "data": dataclasses.asdict(config.data), "seed": config.train.seed, "dtype": config.teacher_service.dtype,
             "normalization": config.loss.normalization}
@@ -133,9 +139,12 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations."""
     config = config_from_dict(config_dict)
     align = config.align
-    student, report, processor = converted_student(config)
+    if align.holds == "blocks":
+        student, report, processor = block_local_student(config, layer_ids)
+    else:
+        student, report, processor = converted_student(config)
     student.eval()  # no dropout: the target is a deterministic map
-    blocks = family_for(student.model).layers(student.model)
+    blocks = {i: student.block(i) for i in layer_ids}
     copied = {id(p) for p in freezable_copied_parameters(student, report)}
     trained = {i: [p for p in blocks[i].parameters() if align.parameters == "all" or id(p) not in copied] for i in layer_ids}
     for param in student.parameters():
@@ -188,10 +197,18 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         optimizer.step()
     with torch.no_grad():
         after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
-    prefixes = {i: f"{name}." for name, module in student.named_modules() for i in layer_ids if module is blocks[i]}
-    state = {k: v.detach().clone() for k, v in student.state_dict().items() if any(k.startswith(p) for p in prefixes.values())}
+    # Named as in the whole student: a block-local student's block j is teacher block layer_ids[j].
+    block_list = family_for(student.model).layers(student.model)
+    list_name = next(name for name, module in student.named_modules() if module is block_list)
+    state = {}
+    for i in layer_ids:
+        held = f"{list_name}.{student.layer_ids.index(i)}."
+        state |= {f"{list_name}.{i}.{k.removeprefix(held)}": v.detach().clone()
+                  for k, v in student.state_dict().items() if k.startswith(held)}
+    # The task runs in a process of its own (max_calls=1), so the process's peak is the task's.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"layers": {i: {"mse_before": before[i], "mse_after": after[i]} for i in layer_ids}, "state": state,
-            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1)}
 
 
 def run_align(config: RunConfig) -> dict:
@@ -218,8 +235,9 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]
     pool = teacher_pool(config, align_spec(config))
     # SPREAD: block tasks go to different nodes where there are several, each reading its own node's replica.
-    task = ray.remote(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2,
-                                            scheduling_strategy="SPREAD")
+    # max_calls=1: each task gets a fresh worker process, which hands its memory back when it ends.
+    task = ray.remote(max_calls=1)(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2,
+                                                         scheduling_strategy="SPREAD")
     try:
         results = ray.get([task.remote(config.to_dict(), group, pool) for group in groups])
         teacher_stats = pool.report()
@@ -230,7 +248,8 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     summary = {"fingerprint": fingerprint, "steps": config.align.steps, "workers": workers,
                "wall_s": round(time.perf_counter() - started, 1),
                "layers": {str(i): layers[i] for i in sorted(layers)},
-               "worker_pids": sorted({r["pid"] for r in results}), "teacher": teacher_stats}
+               "worker_pids": sorted({r["pid"] for r in results}), "holds": config.align.holds,
+               "task_peak_rss_mb": [r["peak_rss_mb"] for r in results], "teacher": teacher_stats}
 
     def write(staging: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
