@@ -23,6 +23,7 @@ from transformers import AutoConfig
 from raylin.data.audio import audio_source
 from raylin.data.broad import check as check_broad
 from raylin.data.eval_sets import check as check_eval_sets
+from raylin.data.shards import corpus_source
 from raylin.data.tasks import datasets_for
 from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
 from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
@@ -75,7 +76,8 @@ class DataConfig:
     held_out: str | None = None  # causal_lm austen: the novel held out (default persuasion)
     max_seconds: float = 2.0  # speech classification: clips are cropped to this length (ctc: never cropped)
     size: str = "full"  # spoken_digits: full | quick (a smoke-test sized synthesis)
-    source: dict[str, Any] = field(default_factory=dict)  # hub_audio: where the audio is (raylin.data.audio)
+    source: dict[str, Any] = field(default_factory=dict)  # hub_audio: the audio (raylin.data.audio); corpus: the text (raylin.data.shards)
+    shards_dir: str | None = None  # pile, corpus: where token shards are kept (default RAYLIN_CACHE/token_shards)
     eval_fraction: float = 0.1
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -403,11 +405,15 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     datasets = datasets_for(config.task.type)
     need(not task_ok or config.data.name in datasets,
          f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
-    if config.data.name == "hub_audio":
+    if config.data.name in ("hub_audio", "corpus"):
         try:
-            audio_source(config.data.source, config.task.type)
+            (audio_source(config.data.source, config.task.type) if config.data.name == "hub_audio"
+             else corpus_source(config.data.source))
         except ValueError as error:
             need(False, str(error))
+    else:
+        need(not config.data.source, f"data.source is read for data.name hub_audio or corpus only; data.name "
+             f"{config.data.name!r} has its own source: remove data.source (or set data.name corpus).")
     need(config.data.max_seconds > 0, f"data.max_seconds must be > 0, got {config.data.max_seconds}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")

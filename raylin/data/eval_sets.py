@@ -64,7 +64,8 @@ LM_BUILTINS = ("fortunes",)
 BUILTINS = {"sequence_classification": TEXT_BUILTINS, "causal_lm": LM_BUILTINS, "utterance_classification": SPEECH_BUILTINS,
             "ctc": SPEECH_BUILTINS}
 DEFAULTS = {"rotten_tomatoes": ("imdb",), "imdb": ("rotten_tomatoes",), "sst2": ("imdb", "rotten_tomatoes"),
-            "spoken_digits": ("flite", "festival"), "austen": ("fortunes",), "pile": ("fortunes",)}
+            "spoken_digits": ("flite", "festival"), "austen": ("fortunes",), "pile": ("fortunes",),
+            "corpus": ("fortunes",)}
 SOURCE_KEYS = ("path", "name", "split", "text_column", "label_column", "audio_column", "target_column")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".json")
 UNLABELED_AUDIO = "unlabeled_audio"  # a source read for its clips only (the broad-data stage)

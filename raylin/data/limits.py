@@ -6,8 +6,9 @@
 * ``max_eval_examples`` (and an evaluation set's ``max_examples``): an even spread over the held-out
   examples, first and last included, so every part of the set is scored.
 
-Unset (None) keeps everything. Limits: a streamed corpus (the Pile) reads only as many documents as
-the caps need; see raylin.data.tasks.
+Unset (None) keeps everything. Exception: a corpus read through token shards (``pile``, ``corpus``:
+raylin.data.shards) keeps its *first* windows in source order under both caps, so a stream is read
+only as far as the caps need.
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@ built from example indices, and the held-out metric.
 | task.type                | data.name                                  | batch                                   | metric     |
 |--------------------------|--------------------------------------------|-----------------------------------------|------------|
 | sequence_classification  | rotten_tomatoes, imdb (shipped); sst2, qnli, qqp (Hub) | input_ids, attention_mask, labels | accuracy |
-| causal_lm                | austen (shipped); pile (Hub, streamed)     | input_ids, attention_mask               | perplexity |
+| causal_lm                | austen (shipped); pile (Hub, streamed); corpus (local files or a Hub text set) | input_ids, attention_mask | perplexity |
 | utterance_classification | spoken_digits (synthesised); hub_audio (Hub or local, raylin.data.audio) | input_features (Whisper) or input_values + attention_mask, labels | accuracy |
 | ctc                      | spoken_digits (the digit words); hub_audio | input_values + attention_mask, labels (characters, -100 padded) | wer (and cer) |
 
 Language modelling reads a corpus as one token stream per document and cuts it into
 non-overlapping windows of ``data.max_length`` tokens; every window is one example. ``austen``
-trains on five novels and holds out ``data.held_out`` (default ``persuasion``). Speech clips are
+trains on five novels and holds out ``data.held_out`` (default ``persuasion``); it is small and is
+held in memory. ``pile`` and ``corpus`` (``data.source``: raylin.data.shards.CorpusSource) are
+tokenised once by Ray Data into token shards and read memory-mapped, so they may be far larger than
+memory; their caps keep the first windows in source order (raylin.data.shards). Speech clips are
 padded or cropped to ``data.max_seconds``; a Whisper encoder is shortened to match (its positions
 are fixed sinusoids, re-made for the first ``50 * max_seconds`` positions: the original table up to
 its fp16 storage rounding).
@@ -28,12 +31,10 @@ a resumed run build exactly the same batch for the same indices.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from transformers import AutoConfig, WhisperFeatureExtractor
@@ -45,6 +46,7 @@ from raylin.data.austen import NOVELS, load_austen
 from raylin.data.broad import AugmentedClips, broad_clips, broad_texts
 from raylin.data.eval_sets import load_lm_documents, load_speech_set, load_text_set, resolve
 from raylin.data.limits import eval_rows, subset_rows, train_rows
+from raylin.data.shards import PILE, TokenWindows, corpus_source, corpus_windows
 from raylin.data.speech import DIGITS, load_spoken_digits
 from raylin.data.text import DATASETS, load_splits, tokenize
 from raylin.data.transcripts import (
@@ -58,10 +60,11 @@ from raylin.data.transcripts import (
 )
 from raylin.distill.losses import causal_lm_loss
 from raylin.fingerprint import fingerprint
-from raylin.models.teachers import load_teacher, resolve_teacher_path
+from raylin.models.teachers import load_processor, load_teacher, resolve_teacher_path
 from raylin.tasks import task_kind
 
-LM_DATASETS = ("austen", "pile")
+SHARDED_CORPORA = ("pile", "corpus")  # read through token shards
+LM_DATASETS = ("austen",) + SHARDED_CORPORA
 SPEECH_DATASETS = ("spoken_digits", "hub_audio")
 WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's strided conv
 
@@ -192,18 +195,37 @@ def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor(token_ids[: count * length], dtype=torch.long).view(count, length)
 
 
+def prepare_task_data(config) -> None:
+    """What a run's data needs built once, on the driver, before any worker, align task or teacher
+    replica starts: the token shards of a sharded corpus (``pile``, ``corpus``), for the tokenizer of
+    every model the run reads with (source and target teacher)."""
+    data = config.data
+    if data.name not in SHARDED_CORPORA:
+        return
+    source = PILE if data.name == "pile" else corpus_source(data.source)
+    for path in dict.fromkeys(p for p in (config.teacher, config.target_teacher) if p):
+        tokenizer = load_processor(resolve_teacher_path(path), "text")
+        if tokenizer is None:
+            raise FileNotFoundError(f"{path} has no tokenizer files: a language model run tokenises its corpus with "
+                                    "the teacher's tokenizer; save it next to the weights (tokenizer.save_pretrained).")
+        corpus_windows(data, tokenizer, source, "train", data.max_train_examples)
+        corpus_windows(data, tokenizer, source, "eval", data.max_eval_examples)
+
+
 def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
     data = config.data
-    documents = _lm_documents(data)
-    windows = {split: token_windows(_token_ids(tokenizer, texts, cache=data.name == "austen"), data.max_length)
-               for split, texts in documents.items()}
-    order = torch.randperm(len(windows["eval"]), generator=torch.Generator().manual_seed(data.seed)).sort().values
-    windows["eval"] = windows["eval"][order]  # a fixed spread over the held-out text when capped
-    windows["train"] = windows["train"][train_rows(len(windows["train"]), data.max_train_examples, data.seed)]
-    windows["eval"] = windows["eval"][eval_rows(len(windows["eval"]), data.max_eval_examples)]
+    if data.name in SHARDED_CORPORA:  # read memory-mapped from token shards (raylin.data.shards)
+        source = PILE if data.name == "pile" else corpus_source(data.source)
+        windows = {"train": corpus_windows(data, tokenizer, source, "train", data.max_train_examples),
+                   "eval": corpus_windows(data, tokenizer, source, "eval", data.max_eval_examples)}
+    else:
+        windows = {split: token_windows(_token_ids(tokenizer, texts, cache=True), data.max_length)
+                   for split, texts in _lm_documents(data).items()}
+        windows["train"] = windows["train"][train_rows(len(windows["train"]), data.max_train_examples, data.seed)]
+        windows["eval"] = windows["eval"][eval_rows(len(windows["eval"]), data.max_eval_examples)]
     if broad:  # broad.source's documents, cut into windows like the corpus
         stream = token_windows(_token_ids(tokenizer, broad_texts(config, max_words=10**9), cache=True), data.max_length)
-        windows["train"] = torch.cat([windows["train"], stream[: config.broad.examples]])
+        windows["train"] = _Concatenated([windows["train"], stream[: config.broad.examples]])
     extra = {}
     for entry in resolve(config):  # tokenised once per tokenizer and corpus (the token cache)
         stream = token_windows(_token_ids(tokenizer, load_lm_documents(entry), cache=True), data.max_length)
@@ -212,7 +234,8 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
     windows |= extra
 
     def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        input_ids = windows[name][indices]
+        rows = windows[name]
+        input_ids = rows[indices] if isinstance(rows, (torch.Tensor, TokenWindows)) else torch.stack([rows[i] for i in indices])
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])} | {k: len(v) for k, v in extra.items()},
@@ -248,25 +271,7 @@ def _lm_documents(data) -> dict[str, list[str]]:
             raise ValueError(f"data.held_out {held_out!r} is not one of Jane Austen's novels here: {NOVELS}.")
         novels = load_austen()
         return {"train": [novels[n] for n in NOVELS if n != held_out], "eval": [novels[held_out]]}
-    if data.name == "pile":
-        return _pile_documents(data)
     raise ValueError(f"Unknown language modelling corpus {data.name!r}; choose one of {LM_DATASETS}.")
-
-
-def _pile_documents(data) -> dict[str, list[str]]:
-    """The first documents of the (uncopyrighted) Pile, streamed: ``max_train_examples`` windows need
-    about that many documents; validation documents form the held-out set."""
-    def take(split: str, count: int) -> list[str]:
-        try:
-            stream = datasets.load_dataset("monology/pile-uncopyrighted", split=split, streaming=True)
-            return [row["text"] for row in itertools.islice(stream, count)]
-        except (ConnectionError, OSError, ValueError) as error:
-            raise FileNotFoundError(
-                f"Could not stream the Pile ({split}) from the Hugging Face Hub: {error}. It needs network access; "
-                "offline, use data.name austen."
-            ) from error
-
-    return {"train": take("train", data.max_train_examples or 20_000), "eval": take("validation", data.max_eval_examples or 500)}
 
 
 def _speech(config, processor, broad: bool, copies: int) -> TaskData:

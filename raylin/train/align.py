@@ -54,7 +54,7 @@ from transformers import AutoConfig
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
 from raylin.convert import freezable_copied_parameters
-from raylin.data.tasks import load_task_data
+from raylin.data.tasks import load_task_data, prepare_task_data
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
@@ -233,6 +233,7 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
     workers = min(config.align.num_workers, num_layers)
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]
+    prepare_task_data(config)  # token shards, before the tasks and the replica read them
     pool = teacher_pool(config, align_spec(config))
     # SPREAD: block tasks go to different nodes where there are several, each reading its own node's replica.
     # max_calls=1: each task gets a fresh worker process, which hands its memory back when it ends.

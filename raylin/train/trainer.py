@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
+from raylin.data.tasks import prepare_task_data
 from raylin.errors import RayClusterUnreachable
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
 from raylin.models.teachers import resolve_teacher_path
@@ -123,6 +124,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     own_pool = served and teacher_pool is None
     check_resources(config, own_pool, use_gpu)  # before any replica starts: a refused run leaves none behind
     check_disk(config, finetune)
+    prepare_task_data(config)  # token shards, before workers and replicas read them
     pool = (make_pool(config) if own_pool else teacher_pool) if served else None
     resources = worker_resources(config, use_gpu)
     trainer = TorchTrainer(

@@ -55,6 +55,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig, apply_overrides, build_section, config_from_dict, dump_config
+from raylin.data.tasks import prepare_task_data
 from raylin.eval.plots import figure
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.run_files import read_train_log, reports_at
@@ -242,6 +243,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
     base_data["output_dir"] = str(out)
     limit = concurrency(base, section)  # before the teacher replica starts: may refuse the sweep
+    prepare_task_data(base)  # token shards once, before the replica and the trials read them
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
     slots = ray.remote(TrialSlots).options(num_cpus=0).remote(limit)
