@@ -9,7 +9,7 @@
     raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
     raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
     raylin bench cluster [--out DIR] [--nodes 1,2,3]   teacher traffic per node on simulated nodes
-    raylin bench scale [--out DIR] [--hidden 1024]   align-task peak memory, block-local vs whole student
+    raylin bench scale [--out DIR] [--part align|zero|all|billion]   align-task peak; ZeRO stage memory; a 1.1B conversion
 """
 
 from __future__ import annotations
@@ -77,11 +77,25 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _bench_scale(args: argparse.Namespace) -> int:
-    from raylin.eval.scale import run_scale_benchmark, summarize
+    from raylin.eval.scale import (
+        run_billion_benchmark,
+        run_scale_benchmark,
+        run_zero_benchmark,
+        summarize,
+        summarize_billion,
+        summarize_zero,
+    )
 
-    result = run_scale_benchmark(args.out, hidden=args.hidden, tasks=args.tasks, steps=args.steps)
-    print("\n".join(summarize(result)))
-    print(f"wrote {Path(args.out) / 'scale-align.json'} and {Path(args.out) / 'scale-align.png'}")
+    if args.part in ("align", "all"):
+        result = run_scale_benchmark(args.out, hidden=args.hidden, tasks=args.tasks, steps=args.steps or 2)
+        print("\n".join(summarize(result)))
+        print(f"wrote {Path(args.out) / 'scale-align.json'} and {Path(args.out) / 'scale-align.png'}")
+    if args.part in ("zero", "all"):
+        print("\n".join(summarize_zero(run_zero_benchmark(args.out, steps=args.steps or 2))))
+        print(f"wrote {Path(args.out) / 'scale-zero.json'} and {Path(args.out) / 'scale-zero.png'}")
+    if args.part == "billion":  # not in "all": it takes most of the machine for half an hour
+        print("\n".join(summarize_billion(run_billion_benchmark(args.out, steps=args.steps or 20))))
+        print(f"wrote {Path(args.out) / 'scale-billion.json'}")
     return 0
 
 
@@ -223,12 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--steps", type=int, default=10, help="distillation steps per run; the first 2 are not timed")
     cluster.set_defaults(func=_bench_cluster)
     scale = bench_kinds.add_parser(
-        "scale", help="peak memory of an align task holding its blocks against one holding the whole student, "
-                      "for a 22-block Llama of TinyLlama's proportions")
-    scale.add_argument("--out", default="benchmarks/results", help="output folder for scale-align.json / .png")
+        "scale", help="memory at scale: align tasks holding their blocks against the whole student, training "
+                      "workers at ZeRO 0/2/3, and a 1.1B-parameter conversion")
+    scale.add_argument("--out", default="benchmarks/results", help="output folder for the scale-*.json files and plots")
     scale.add_argument("--hidden", type=int, default=1024, help="teacher width (2048: TinyLlama-1.1B's shape)")
     scale.add_argument("--tasks", type=int, default=4, help="align tasks the 22 blocks are spread over")
-    scale.add_argument("--steps", type=int, default=2, help="align steps per task")
+    scale.add_argument("--steps", type=int, default=None,
+                       help="align steps per task and distillation steps per ZeRO run (default 2); billion: "
+                            "distillation steps (default 20)")
+    scale.add_argument("--part", choices=("align", "zero", "all", "billion"), default="all",
+                       help="align: block-local against whole-student align tasks; zero: per-worker memory at ZeRO "
+                            "0/2/3 with 1 and 2 workers, and DeepSpeed's estimates for 1B-70B students; all: both; "
+                            "billion: a 1.17B-parameter conversion (align + 20 ZeRO-3 steps), not in all")
     scale.set_defaults(func=_bench_scale)
     return parser
 

@@ -121,13 +121,24 @@ class LitConfig:
 @dataclass
 class FreezeConfig:
     copied: bool = False  # XATL: start with copied weights frozen
+    # Until when: "lit" (the loss-improvement threshold unfreezes them) or "end" (frozen for the whole
+    # run and left out of the optimizer: no gradients and no optimizer state for them, which is what
+    # fits a billion-parameter conversion into a small machine).
+    until: str = "lit"
     lit: LitConfig = field(default_factory=LitConfig)
+
+
+FREEZE_UNTIL = ("lit", "end")
 
 
 @dataclass
 class TrainConfig:
     num_workers: int = 2
     zero_stage: int = 2
+    # ZeRO-3: parameters a worker holds gathered at once beyond its partition (DeepSpeed's
+    # stage3_max_live_parameters and stage3_max_reuse_distance; 1e9 by DeepSpeed's default, which
+    # keeps a model below a billion parameters whole on every worker). Larger: less communication.
+    zero3_live_parameters: int = 50_000_000
     offload: bool = False
     precision: str = "auto"
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
@@ -434,9 +445,11 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
             config.guidance_schedule()
         except (ValueError, TypeError) as error:
             need(False, str(error))
+    need(config.freeze.until in FREEZE_UNTIL, f"freeze.until must be one of {FREEZE_UNTIL}, got {config.freeze.until!r}.")
     t = config.train
     need(t.num_workers >= 1, "train.num_workers must be >= 1.")
     need(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
+    need(t.zero3_live_parameters >= 1, f"train.zero3_live_parameters must be >= 1, got {t.zero3_live_parameters}.")
     need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}.")
     need(t.max_steps >= 1, "train.max_steps must be >= 1.")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1 (the global batch, split across workers), got {t.batch_size}.")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import raylin
-from raylin.cli import main
+from raylin.cli import build_parser, main
 
 
 @pytest.mark.assets
@@ -61,3 +61,11 @@ def test_bench_speed_writes_records_summary_and_plot(tmp_path):
     assert {r["seq_len"] for r in records} == {32, 64} and {r["input"] for r in records} == {"padded", "unpadded"}
     summary = json.loads((tmp_path / "speed_summary.json").read_text())
     assert "amdahl_limit" in summary["llama/unpadded/mamba2"]["model"]
+
+
+def test_bench_scale_takes_a_part_and_each_part_its_own_default_steps():
+    args = build_parser().parse_args(["bench", "scale", "--part", "billion"])
+    assert args.part == "billion" and args.steps is None  # billion runs 20 steps, align and zero 2
+    assert build_parser().parse_args(["bench", "scale"]).part == "all"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "scale", "--part", "everything"])

@@ -57,6 +57,8 @@ def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
         ({"guidance": {"mode": "waypoint", "waypoints": [{"step": 5}]}}, r"Missing required config key 'guidance.waypoints\[0\].path'"),
         ({"guidance": {"mode": "hybrid"}}, r"needs guidance.hybrid_cutoff"),
         ({"train": {"zero_stage": 4}}, r"train.zero_stage must be 0, 1, 2 or 3"),
+        ({"train": {"zero3_live_parameters": 0}}, r"train.zero3_live_parameters must be >= 1"),
+        ({"freeze": {"until": "never"}}, r"freeze.until must be one of \('lit', 'end'\)"),
         ({"train": {"batch_size": 7}}, r"train.batch_size=7 must be divisible by train.num_workers=2"),
         ({"train": {"max_stepz": 3}}, r"Unknown config key\(s\) \['train.max_stepz'\]"),
         ({"learning_rate": 3}, r"Unknown config key\(s\) \['learning_rate'\]"),

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import losses_of as _losses
+from conftest import run_config as _config
 
-from conftest import losses_of as _losses, run_config as _config
 from raylin.pipeline import run_conversion
 from raylin.train.checkpoint import STATE_FILE
+from raylin.train.memory import MEMORY_REPORT
 from raylin.train.run_files import TRAIN_LOG
 from raylin.train.trainer import fit
 
@@ -71,6 +73,16 @@ def test_zero3_on_two_workers_trains_with_falling_loss(teachers, ray_cluster, tm
 
         student = raylin.load_student(f"{folder}/student")  # gathered from ZeRO-3 shards
         assert all(p.numel() > 0 for p in student.parameters())
+    # Each worker holds half of the parameters (its ZeRO-3 partition, padded to the world size) and
+    # the optimizer state of that half only (raylin.train.memory).
+    memory = json.loads((out / MEMORY_REPORT).read_text())
+    whole_mb = sum(p.numel() * p.element_size() for p in student.parameters()) / 2**20
+    assert memory["workers"] == 2 and memory["zero_stage"] == 3 and len(memory["peak_rss_mb"]) == 2
+    for parameters, optimizer in zip(memory["parameters_mb"], memory["optimizer_mb"]):
+        assert whole_mb / 2 * 0.995 <= parameters <= whole_mb / 2 * 1.05  # the report rounds to 0.01 MiB
+        # Adam's two moments of that half; in fp32 training ZeRO-3's master copy is the partition itself
+        # (stage3.py: "we don't need another copy of the weights"), and gradients are freed after the step.
+        assert 2 * parameters * 0.99 <= optimizer <= 3 * parameters * 1.01
 
 
 def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teachers, ray_cluster, tmp_path, monkeypatch):
@@ -158,6 +170,27 @@ def test_frozen_copied_weights_stay_exact_until_lit_unfreezes_them(teachers, ray
     fit(_config(teachers, tmp_path / "unfrozen", guidance={"mode": "unguided"}, freeze=always))
     log = [json.loads(line) for line in (tmp_path / "unfrozen" / TRAIN_LOG).read_text().splitlines()]
     assert [r["step"] for r in log if r["copied_frozen"] == 0][0] == 6
+
+
+def test_copied_weights_frozen_to_the_end_hold_no_optimizer_state_under_sharded_zero3(teachers, ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen-z3"
+    result = fit(_config(teachers, out, guidance={"mode": "unguided"}, freeze={"copied": True, "until": "end"},
+                         **{"train.zero_stage": 3}))
+    with result.checkpoint.as_directory() as folder:
+        student = load_file(f"{folder}/student/model.safetensors")
+    source = load_file(f"{teachers['source']}/model.safetensors")
+    copied = [k for k in student if k.removeprefix("model.") in source and ".attention.self." not in k]
+    assert copied and all(torch.equal(student[k], source[k.removeprefix("model.")]) for k in copied)
+    log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert len(log) == 12 and all("copied_frozen" not in r for r in log)  # no LIT: frozen to the end
+    # The optimizer holds Adam's two moments of the new weights' half only.
+    new_mb = sum(t.numel() * 4 for k, t in student.items() if k not in copied and ".attention.self." not in k) / 2**20
+    trainable_mb = sum(t.numel() * 4 for k, t in student.items() if k not in copied) / 2**20
+    memory = json.loads((out / MEMORY_REPORT).read_text())
+    for optimizer in memory["optimizer_mb"]:
+        assert new_mb <= optimizer <= 3 * trainable_mb / 2 * 1.05 + 0.05
 
 
 @pytest.mark.assets

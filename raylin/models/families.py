@@ -245,16 +245,28 @@ class BlockSubset:
             fields["layer_types"] = list(self.layer_types)
         return fields
 
+    def _block_index(self, key: str) -> re.Match | None:
+        return re.search(rf"(^|\.){re.escape(self.family.layers_paths[0])}\.(\d+)\.", key)
+
     def checkpoint_key(self, key: str) -> str | None:
         """A checkpoint tensor's name in the model holding these blocks, or None when it belongs to a
         block this subset leaves out."""
-        match = re.search(rf"(^|\.){re.escape(self.family.layers_paths[0])}\.(\d+)\.", key)
+        match = self._block_index(key)
         if match is None:
             return key
         layer_idx = int(match.group(2))
         if layer_idx not in self.layer_ids:
             return None
         return key[:match.start(2)] + str(self.layer_ids.index(layer_idx)) + key[match.end(2):]
+
+    def whole_key(self, key: str) -> tuple[str, bool]:
+        """The inverse of ``checkpoint_key``: (a tensor's name in the whole model, whether it lies in
+        a block) for a name in the model holding these blocks (student names, with their ``model.``
+        prefix, too)."""
+        match = self._block_index(key)
+        if match is None:
+            return key, False
+        return key[:match.start(2)] + str(self.layer_ids[int(match.group(2))]) + key[match.end(2):], True
 
 
 def family_for_config(config: PretrainedConfig) -> FamilyAdapter:

@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
@@ -219,18 +219,24 @@ class RaylinStudent(PreTrainedModel):
         return (sequences, cache) if return_cache else sequences
 
     # ----- save / load --------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        write_weights: Callable[[Path], None] | None = None, **kwargs) -> None:
         """Write config.json, model.safetensors and the processor files, atomically.
 
         Everything is written into a temporary sibling folder that replaces ``save_directory`` in
         one rename, so an interrupted save never leaves a half-written student behind.
+        ``write_weights(path)`` writes model.safetensors instead of this module's own tensors (a
+        ZeRO-3 student streams its partitions there: raylin.train.checkpoint).
         """
         if not self.holds_every_block:
             raise ValueError(f"This student holds teacher blocks {self.layer_ids} only (a block-local align task's); "
                              "save the aligned blocks' weights (raylin.train.align) or convert the whole teacher.")
         def write(staging: Path) -> None:
             self.config.save_pretrained(staging)
-            safetensors.torch.save_file(_standalone_state(self), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            if write_weights is None:
+                safetensors.torch.save_file(_standalone_state(self), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            else:
+                write_weights(staging / WEIGHTS_NAME)
             if self.processor is not None:
                 self.processor.save_pretrained(staging)
 

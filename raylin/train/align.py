@@ -15,7 +15,7 @@ copied weights already match the teacher. Linformer's length projections learn a
 them where they started. Limit: with ``linformer.share: layer`` the one student-wide projection
 lives outside the blocks, so it is not aligned; it keeps its initialisation until distillation.
 
-Writes ALIGNED/model.safetensors (the aligned blocks' weights) and ALIGNED/align.json (per-layer
+Writes ALIGNED/model.safetensors (the weights alignment trained: the new mixer weights, or the whole blocks with ``parameters: all``) and ALIGNED/align.json (per-layer
 MSE before and after, on a held-out batch); the distill stage loads them onto the freshly converted
 student (``load_aligned``). ALIGNED is OUTPUT_DIR/aligned, or ``align.dir``/FINGERPRINT when runs
 share a store: the fingerprint covers everything the aligned weights depend on (the model aligned
@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -58,14 +57,15 @@ from raylin.data.tasks import load_task_data, prepare_task_data
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
-from raylin.models.families import family_for, family_for_config, state_mask
+from raylin.models.families import BlockSubset, family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
 from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
+from raylin.train.memory import peak_rss_mb
 from raylin.train.optim import adamw
-from raylin.train.source import block_local_student, converted_student
+from raylin.train.source import assign_tensors, block_local_student, converted_student
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
@@ -197,16 +197,13 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         optimizer.step()
     with torch.no_grad():
         after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
-    # Named as in the whole student: a block-local student's block j is teacher block layer_ids[j].
-    block_list = family_for(student.model).layers(student.model)
-    list_name = next(name for name, module in student.named_modules() if module is block_list)
-    state = {}
-    for i in layer_ids:
-        held = f"{list_name}.{student.layer_ids.index(i)}."
-        state |= {f"{list_name}.{i}.{k.removeprefix(held)}": v.detach().clone()
-                  for k, v in student.state_dict().items() if k.startswith(held)}
+    # The weights that learned (the rest of each block is the conversion's, which the distill stage
+    # rebuilds), named as in the whole student (a block-local student's block j is teacher block layer_ids[j]).
+    held = BlockSubset.of(student.config.build_teacher_config(), student.layer_ids)
+    learned = {id(p) for p in params}
+    state = {held.whole_key(name)[0]: p.detach().clone() for name, p in student.named_parameters() if id(p) in learned}
     # The task runs in a process of its own (max_calls=1), so the process's peak is the task's.
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"layers": {i: {"mse_before": before[i], "mse_after": after[i]} for i in layer_ids}, "state": state,
             "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1)}
 
@@ -270,4 +267,4 @@ def load_aligned(student: torch.nn.Module, config: RunConfig) -> None:
     unknown = sorted(set(state) - set(student.state_dict()))
     if unknown:
         raise ValueError(f"{file} does not match this student (unknown weights {unknown[:3]}...); delete it to re-align.")
-    student.load_state_dict(state, strict=False)
+    assign_tensors(student, state)  # also into a student ZeRO-3 built partitioned

@@ -12,8 +12,11 @@ importing DeepSpeed costs seconds and probes accelerators in any process that do
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -84,7 +87,6 @@ def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: b
 
     Each rank stages in one fixed folder of the run (OUTPUT_DIR/.checkpoint-staging/rank<R>), emptied
     before every save: a worker killed mid-write leaves at most that folder, not a temp dir per crash."""
-    import deepspeed
 
     folder = output_dir / STAGING_DIR / f"rank{rank}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -97,11 +99,7 @@ def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: b
         if teacher_state:
             torch.save(teacher_state, folder / f"teacher_rank{rank}.pt")
         if final:
-            # The HF-format student: ZeRO-3 shards are gathered on every rank, rank 0 writes.
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
-                if rank == 0:
-                    engine.module.save_pretrained(folder / STUDENT_DIR)
+            write_student(engine, folder / STUDENT_DIR, rank)
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
         yield ray.train.Checkpoint.from_directory(str(folder))
@@ -112,13 +110,92 @@ def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: b
 def save_plain_model(engine, processor, folder: Path, rank: int) -> None:
     """Write the wrapped transformers model as an ordinary checkpoint (teacher fine-tuning's
     snapshots and final teacher), replacing ``folder`` atomically."""
-    import deepspeed
+    state = consolidated_state(engine)
+    if rank == 0:
+        inner = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
 
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        def write(staging: Path) -> None:
+            engine.module.model.save_pretrained(staging, state_dict=inner)
+            processor.save_pretrained(staging)
+
+        replace_folder(folder, write)
+
+
+def consolidated_state(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 for writing it, or None to write the module's own
+    (below ZeRO-3, and on the other ranks). Under ZeRO-3 the parameters are gathered one at a time
+    and rank 0 keeps a copy of each, so only rank 0 ever holds the whole model, once; tied
+    parameters stay one tensor. All ranks call this: under ZeRO-3 it is a collective."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    deepspeed = importlib.import_module("deepspeed")  # in workers only: see the module doc
+    rank0 = torch.distributed.get_rank() == 0
+    params = dict(engine.module.named_parameters(remove_duplicate=False))
+    state: dict[str, torch.Tensor] = {}
+    first_name: dict[int, str] = {}  # ds_id -> the first name of a (possibly tied) parameter
+    for name, tensor in engine.module.state_dict().items():
+        param = params.get(name)
+        if param is None:  # a buffer: never partitioned
+            state[name] = tensor.detach().clone()
+        elif param.ds_id in first_name:
+            state[name] = state.get(first_name[param.ds_id])
+        else:
+            first_name[param.ds_id] = name
+            with deepspeed.zero.GatheredParameters([param]):
+                if rank0:
+                    state[name] = param.detach().clone()
+    return state if rank0 else None
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_student(engine, folder: Path, rank: int) -> None:
+    """The student's transformers folder, written by rank 0. Under ZeRO-3 its model.safetensors is
+    streamed one gathered parameter at a time (the header first: every shape is known from the
+    partitions), so no rank ever holds the whole model; tied parameters are stored once, as
+    ``save_pretrained`` stores them. All ranks call this: under ZeRO-3 it is a collective."""
+    student = engine.module
+    if engine.zero_optimization_stage() != 3:
         if rank == 0:
-            def write(staging: Path) -> None:
-                engine.module.model.save_pretrained(staging)
-                processor.save_pretrained(staging)
+            student.save_pretrained(folder)
+        return
+    deepspeed = importlib.import_module("deepspeed")  # in workers only: see the module doc
+    params = dict(student.named_parameters(remove_duplicate=False))
+    entries, seen = [], set()
+    for name, tensor in student.state_dict().items():
+        param = params.get(name)
+        if param is not None and param.ds_id in seen:
+            continue  # a tied weight: loading restores it from the one stored name
+        if param is not None:
+            seen.add(param.ds_id)
+        entries.append((name, param if param is not None else tensor))
 
-            replace_folder(folder, write)
+    def stream(sink) -> None:
+        for _, tensor in entries:
+            partitioned = hasattr(tensor, "ds_id")
+            with deepspeed.zero.GatheredParameters([tensor], enabled=partitioned):
+                if sink is not None:
+                    sink.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    if rank != 0:
+        stream(None)  # the gathers rank 0's writing takes part in
+        return
+
+    def write_weights(path: Path) -> None:
+        header, offset = {}, 0
+        for name, tensor in entries:
+            shape = list(tensor.ds_shape) if hasattr(tensor, "ds_id") else list(tensor.shape)
+            size = math.prod(shape) * tensor.element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with open(path, "wb") as sink:
+            sink.write(struct.pack("<Q", len(encoded)) + encoded)
+            stream(sink)
+
+    student.save_pretrained(folder, write_weights=write_weights)

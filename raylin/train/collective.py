@@ -21,3 +21,12 @@ def sum_across_workers(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def gather_across_workers(value: torch.Tensor) -> torch.Tensor:
+    """Every worker's ``value`` (same shape on each), stacked in rank order."""
+    if world_size() == 1:
+        return value.detach().clone().unsqueeze(0)
+    parts = [torch.empty_like(value) for _ in range(world_size())]
+    dist.all_gather(parts, value.detach().contiguous())
+    return torch.stack(parts)

@@ -43,6 +43,13 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: torch.device) 
     micro_batch = train.batch_size // world_size
     precision = resolve_precision(train.precision, device)
     zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        # How many gathered parameters a worker keeps at once, and how soon a gathered parameter
+        # due again is still released: DeepSpeed's 1e9 keeps any smaller model whole on every
+        # worker once a step runs, which would undo the partition's memory saving.
+        live = train.zero3_live_parameters
+        zero |= {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+                 "stage3_prefetch_bucket_size": min(live // 2, 50_000_000), "reduce_bucket_size": min(live, 50_000_000)}
     if train.offload:
         if train.zero_stage == 0:
             raise ValueError("train.offload needs train.zero_stage >= 1.")
@@ -63,3 +70,4 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: torch.device) 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+

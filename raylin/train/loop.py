@@ -38,6 +38,7 @@ from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
 from raylin.train.deepspeed import deepspeed_config
 from raylin.train.evaluation import evaluate
+from raylin.train.memory import write_memory_report
 from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR, append_train_log, checkpoints_at, evaluates_at
 from raylin.train.setup import build_optimizer, build_run
 
@@ -92,13 +93,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fault = requested_fault()
 
     # Setup: the student, its optimizer in a DeepSpeed engine, the teachers and the batches.
-    run = build_run(config, device)
+    ds_config = deepspeed_config(config.train, world, device)
+    run = build_run(config, device, ds_config)
     teachers = open_teachers(config, device, rank, world, pool=loop_config.get("teacher_pool"))
     feed = BatchFeed(config, run.data, run.schedule, teachers, device, rank, world)
     optimizer, scheduler, lit = build_optimizer(run.student, run.report, config)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=run.student, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config.train, world, device),
+        model=run.student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
     )
     resumed = restore(engine, teachers, lit, config, rank)
     if resumed.step and rank == 0:
@@ -152,3 +153,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # is registered once every worker has reported its part.
             with staged as checkpoint:
                 ray.train.report(metrics, checkpoint=checkpoint)
+    write_memory_report(engine, config, output_dir, rank)

@@ -14,7 +14,7 @@ from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.guidance import GuidanceSchedule
 from raylin.train.align import load_aligned
 from raylin.train.optim import adamw
-from raylin.train.source import converted_student
+from raylin.train.source import converted_student, sharded_student
 
 
 @dataclass
@@ -26,10 +26,14 @@ class RunParts:
     data: TaskData
 
 
-def build_run(config: RunConfig, device: torch.device) -> RunParts:
+def build_run(config: RunConfig, device: torch.device, deepspeed_config: dict) -> RunParts:
     """Student (converted, then aligned when the align stage ran), data and task pieces for one
-    worker. The same on every rank."""
-    student, report, processor = converted_student(config)
+    worker. The same on every rank. Under ZeRO-3 the student is built already partitioned
+    (raylin.train.source.sharded_student): no worker holds the whole model."""
+    if config.train.zero_stage == 3:
+        student, report, processor = sharded_student(config, deepspeed_config)
+    else:
+        student, report, processor = converted_student(config)
     if config.align.enabled:
         load_aligned(student, config)
     data = load_task_data(config, processor)
@@ -45,12 +49,17 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 def build_optimizer(student: torch.nn.Module, report, config: RunConfig):
     """(AdamW, LambdaLR, LIT or None). Two parameter groups: the copied weights (XATL-frozen until
     LIT unfreezes them, their rate scaled by LIT's multiplier) and the rest; empty groups are left
-    out (DeepSpeed drops them: teacher fine-tuning, for one, copies everything)."""
+    out (DeepSpeed drops them: teacher fine-tuning, for one, copies everything). With
+    ``freeze.until: end`` the copied weights stay out of the optimizer and never get gradients."""
     copied = freezable_copied_parameters(student, report)
     copied_ids = {id(p) for p in copied}
     others = [p for p in student.parameters() if id(p) not in copied_ids]
     lit = None
-    if config.freeze.copied:
+    if config.freeze.copied and config.freeze.until == "end":  # frozen for good: no gradients, no optimizer state
+        for param in copied:
+            param.requires_grad_(False)
+        copied = []
+    elif config.freeze.copied:
         lit = LossImprovementThreshold(**vars(config.freeze.lit))
         for param in copied:  # zero gradients while frozen, so Adam's moments stay fresh
             param.register_hook(lambda grad: grad if not lit.frozen else torch.zeros_like(grad))
