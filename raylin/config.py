@@ -163,6 +163,10 @@ class TrainConfig:
 class TeacherServiceConfig:
     mode: str = "served"  # served: Ray actors (raylin.teacher.pool) | inprocess: inside each training worker
     dtype: str = "bfloat16"  # dtype of served activations: bfloat16 | float16 | float32
+    # dtype fixed teachers (target, waypoints, the align stage's) load and compute in: float32, or
+    # bfloat16 / float16 to halve a replica's memory where the hardware multiplies them (GPUs,
+    # AMX CPUs). The trajectory teacher trains and stays float32.
+    weights_dtype: str = "float32"
     cpus: float = 1.0  # per replica (fractions allowed)
     gpus: float = 0.0  # per replica (fractions share a GPU)
     prefetch: bool = True  # ask for step s+1's activations while the student computes step s
@@ -468,6 +472,8 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     ts = config.teacher_service
     need(ts.mode in TEACHER_MODES, f"teacher_service.mode must be one of {TEACHER_MODES}, got {ts.mode!r}.")
     need(ts.dtype in SERVED_DTYPES, f"teacher_service.dtype must be one of {SERVED_DTYPES}, got {ts.dtype!r}.")
+    need(ts.weights_dtype in SERVED_DTYPES,
+         f"teacher_service.weights_dtype must be one of {SERVED_DTYPES}, got {ts.weights_dtype!r}.")
     need(ts.cpus >= 0 and ts.gpus >= 0, "teacher_service.cpus and teacher_service.gpus must be >= 0.")
     need(ts.cache_max_gb > 0, f"teacher_service.cache_max_gb must be > 0, got {ts.cache_max_gb}.")
     a = config.align

@@ -65,6 +65,7 @@ def test_local_paths_become_absolute(base, tmp_path, monkeypatch):
         ({"task": {"type": "qa"}}, r"task.type 'qa' is unknown"),
         ({"teacher_service": {"mode": "remote"}}, r"teacher_service.mode must be one of \('served', 'inprocess'\)"),
         ({"teacher_service": {"dtype": "int8"}}, r"teacher_service.dtype must be one of"),
+        ({"teacher_service": {"weights_dtype": "int8"}}, r"teacher_service.weights_dtype must be one of"),
         ({"align": {"parameters": "some"}}, r"align.parameters must be 'new' or 'all'"),
         ({"align": {"projection_lr": 0}}, r"align.lr and align.projection_lr must be positive"),
         ({"plan": {"mixer": "linformer", "keep_attention": [9]}}, r"keep_attention lists layer\(s\) \[9\]"),

@@ -299,3 +299,26 @@ def test_ctc_conversion_runs_on_ray_with_a_served_cached_teacher(ctc_teacher, ra
     student = raylin.load_student(tmp_path / "run" / "student")
     inputs = family_for(student.model).example_inputs(student.teacher_config, [16_000, 9_000])
     assert len(greedy_decode(student(**inputs).logits, state_mask(student, inputs))) == 2
+
+
+def test_a_fixed_teacher_loads_and_computes_in_its_weights_dtype(ctc_teacher, tmp_path):
+    from raylin.teacher import TeacherRequest, teacher_spec
+    from raylin.teacher.bank import TeacherBank, teacher_loader
+
+    outputs, namespaces = {}, {}
+    for weights in ("float32", "bfloat16"):
+        config = config_from_dict({
+            "teacher": ctc_teacher, "target_teacher": ctc_teacher, "output_dir": str(tmp_path / weights),
+            "plan": {"mixer": "bimamba2"}, "task": {"type": "ctc"}, "guidance": {"mode": "target"},
+            "data": {"name": "spoken_digits"}, "loss": {"alpha_out": 1.0},
+            "teacher_service": {"weights_dtype": weights, "dtype": "float32"}})
+        spec = teacher_spec(config)
+        bank = TeacherBank(spec, teacher_loader(spec), torch.device("cpu"))
+        model = bank.model("target")
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, weights)}  # loaded so, not cast after
+        inputs = family_for(model).example_inputs(model.config, [400, 330])  # float32 audio, cast to the weights
+        outputs[weights] = bank.compute(TeacherRequest(0, "target", {k: v.numpy() for k, v in inputs.items()}))
+        namespaces[weights] = bank._namespace("target")
+    full, half = outputs["float32"], outputs["bfloat16"]
+    torch.testing.assert_close(half.logits, full.logits, rtol=0.1, atol=0.1)
+    assert namespaces["float32"] != namespaces["bfloat16"]  # cached activations of one never serve the other

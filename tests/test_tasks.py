@@ -76,7 +76,7 @@ def test_lm_token_ids_are_cached_per_tokenizer_and_text(tmp_path, monkeypatch):
     assert _token_ids(tokenizer, texts, cache=False) == fresh and not (tmp_path / "tokens").exists()
     assert _token_ids(tokenizer, texts, cache=True) == fresh
     entries = list((tmp_path / "tokens").iterdir())
-    assert len(entries) == 1 and torch.load(entries[0]).tolist() == fresh
+    assert len(entries) == 1 and torch.load(entries[0], weights_only=True).tolist() == fresh
     entries[0].write_bytes(b"")  # the second call must read the entry, not tokenise again
     with pytest.raises(Exception):
         _token_ids(tokenizer, texts, cache=True)

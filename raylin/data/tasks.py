@@ -255,7 +255,7 @@ def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
                            "separator": separator}, 24)
         path = cache_dir() / "tokens" / f"{key}.pt"
         if path.is_file():
-            return torch.load(path).tolist()
+            return torch.load(path, weights_only=True).tolist()
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator

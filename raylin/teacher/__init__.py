@@ -53,6 +53,7 @@ def teacher_spec(config) -> TeacherSpec:
         layers=None if loss.layers is None else tuple(loss.layers),
         logits=loss.alpha_out > 0,
         dtype=service.dtype,
+        weights_dtype=service.weights_dtype,
         cache_dir=str(Path(service.cache_dir).expanduser()) if service.cache else None,
         cache_max_bytes=int(service.cache_max_gb * 2**30),
         data_key=data_key,

@@ -51,6 +51,7 @@ class TeacherSpec:
     logits: bool = False  # serve logits (output KD is on)
     states: str = "hidden_states"  # "hidden_states" (transformers' output) or "layer_io" (each block's input + last output)
     dtype: str = "bfloat16"
+    weights_dtype: str = "float32"  # fixed teachers' weights (the trajectory teacher stays float32)
     cache_dir: str | None = None  # activation cache folder for fixed teachers (None: off)
     cache_max_bytes: int = 0
     data_key: str = ""  # identity of the data set and tokenisation (cache key)
@@ -58,8 +59,9 @@ class TeacherSpec:
     fault_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in COMPACT_DTYPES:
-            raise ValueError(f"teacher_service.dtype must be one of {sorted(COMPACT_DTYPES)}, got {self.dtype!r}.")
+        for key in ("dtype", "weights_dtype"):
+            if getattr(self, key) not in COMPACT_DTYPES:
+                raise ValueError(f"teacher_service.{key} must be one of {sorted(COMPACT_DTYPES)}, got {getattr(self, key)!r}.")
         if self.states not in STATES:
             raise ValueError(f"states must be one of {STATES}, got {self.states!r}.")
 
@@ -82,9 +84,15 @@ class TeacherOutput:
 
 
 def teacher_loader(spec: TeacherSpec) -> Callable[[str], torch.nn.Module]:
-    """``path -> model`` loading a teacher checkpoint with the task head the spec names."""
+    """``path -> model`` loading a teacher checkpoint with the task head the spec names, directly in
+    ``spec.weights_dtype`` (the trajectory teacher, which trains, in float32)."""
     options = dict(spec.load_options)
-    return lambda path: load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels, **options)[0]
+
+    def load(path: str) -> torch.nn.Module:
+        dtype = torch.float32 if path == spec.source else COMPACT_DTYPES[spec.weights_dtype]
+        return load_teacher(path, model_class=spec.model_class, num_labels=spec.num_labels, dtype=dtype, **options)[0]
+
+    return load
 
 
 # ----- compact wire format: numpy arrays (zero-copy through Ray's object store) ---------------------
@@ -187,6 +195,8 @@ class TeacherBank:
         self.forwards += 1
         self.examples_forwarded += next(iter(inputs.values())).shape[0]
         spec, dtype = self.spec, COMPACT_DTYPES[self.spec.dtype]
+        weights = next(model.parameters()).dtype  # audio and features in the weights' dtype
+        inputs = {k: v.to(weights) if v.is_floating_point() else v for k, v in inputs.items()}
         if spec.states == "layer_io":
             with family_for(model).capture_layer_io(model) as record:
                 out = model(**inputs)
@@ -270,7 +280,7 @@ class TeacherBank:
         if path not in self._namespaces:
             spec = self.spec
             self._namespaces[path] = cache_namespace(path, spec.data_key, spec.layers if spec.hidden else (),
-                                                     spec.logits, spec.dtype, spec.states)
+                                                     spec.logits, spec.dtype, spec.states, spec.weights_dtype)
         return self._namespaces[path]
 
     # ----- the trajectory teacher ------------------------------------------------------------------

@@ -45,9 +45,12 @@ def teacher_fingerprint(name_or_path: str) -> str:
     return fingerprint(parts)
 
 
-def cache_namespace(teacher: str, data_key: str, layers: tuple[int, ...] | None, logits: bool, dtype: str, states: str) -> str:
+def cache_namespace(teacher: str, data_key: str, layers: tuple[int, ...] | None, logits: bool, dtype: str, states: str,
+                    weights_dtype: str = "float32") -> str:
     identity = {"teacher": teacher_fingerprint(teacher), "data": data_key, "layers": layers, "logits": logits,
                 "dtype": dtype, "states": states}
+    if weights_dtype != "float32":  # a teacher computing in 16 bits gives other activations (float32 keys unchanged)
+        identity["weights_dtype"] = weights_dtype
     return fingerprint(identity, 20)
 
 

@@ -73,7 +73,7 @@ def restore(engine, teachers, lit, config: RunConfig, rank: int) -> TrainerState
             lit.load_state_dict(state.lit)
         teacher_state = Path(folder) / f"teacher_rank{rank}.pt"
         if teacher_state.exists():
-            teachers.load_state_dict(torch.load(teacher_state, weights_only=False))
+            teachers.load_state_dict(torch.load(teacher_state, weights_only=True))
     barrier()  # a served trajectory teacher is restored (by rank 0) before anyone asks it
     return state
 
