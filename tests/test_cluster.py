@@ -55,12 +55,18 @@ def wav2vec2_large(tmp_path_factory) -> str:
     return _architecture(tmp_path_factory, "facebook/wav2vec2-large-lv60")
 
 
-def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None, wav2vec2_large: str | None = None):
+@pytest.fixture(scope="module")
+def tinyllama(tmp_path_factory) -> str:
+    return _architecture(tmp_path_factory, "TinyLlama/TinyLlama_v1.1")
+
+
+def load_run_config(path: Path, roberta_base: str, pythia_1b: str | None = None, wav2vec2_large: str | None = None,
+                    tinyllama: str | None = None):
     """The config as `raylin convert` would validate it, with teachers that exist offline."""
     data = yaml.safe_load(path.read_text())
     data.pop("tune", None)
     offline = {"roberta-base": roberta_base, "EleutherAI/pythia-1b": pythia_1b,
-               "facebook/wav2vec2-large-lv60": wav2vec2_large}
+               "facebook/wav2vec2-large-lv60": wav2vec2_large, "TinyLlama/TinyLlama_v1.1": tinyllama}
     teacher = offline.get(data["teacher"]) or data["teacher"]
     return config_from_dict(data, [f"teacher={teacher}", f"target_teacher={teacher}"])
 
@@ -178,8 +184,8 @@ def workers_per_node(config, node: dict[str, float]) -> int:
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "jobs" / "configs")))
-def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b, wav2vec2_large):
-    config = load_run_config(path, roberta_base, pythia_1b, wav2vec2_large)
+def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b, wav2vec2_large, tinyllama):
+    config = load_run_config(path, roberta_base, pythia_1b, wav2vec2_large, tinyllama)
     header = path.read_text().split("\nteacher:")[0]
     assert "Expected resources:" in header, f"{path.name} must state its expected resources in its header"
     if not config.train.use_gpu:

@@ -25,8 +25,8 @@ ASSET_PREFIX = "asset:"
 
 
 def paper_teacher_architecture(hub_id: str) -> transformers.PretrainedConfig | None:
-    """The architecture (config only, no weights) of a Hub teacher the paper configs in
-    jobs/configs/paper name, known offline; None for any other id. It lets those configs be
+    """The architecture (config only, no weights) of a Hub teacher the run configs in
+    jobs/configs name, known offline; None for any other id. It lets those configs be
     validated, fitted to clusters and costed (``raylin bench cluster``) where the Hub is unreachable.
     The values are the checkpoints' own config.json fields."""
     if hub_id == "roberta-base":
@@ -42,6 +42,11 @@ def paper_teacher_architecture(hub_id: str) -> transformers.PretrainedConfig | N
             hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
             feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
             architectures=["Wav2Vec2ForPreTraining"])
+    if hub_id == "TinyLlama/TinyLlama_v1.1":
+        return transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+            num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
     return None
 
 
