@@ -331,7 +331,8 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
                                               f"output_dir={Path(scratch) / 'run'}", f"train.max_steps={steps}",
                                               f"train.checkpoint_every={steps}", f"train.eval_every={steps}",
                                               f"align.num_workers={tasks}"])
-        teacher_params, _ = student_sizes(teacher_config, {"mixer": "mamba2", "keep_attention": list(range(LAYERS))})
+        with torch.device("meta"):
+            teacher_params = sum(p.numel() for p in transformers.LlamaForCausalLM(teacher_config).parameters())
         student_params, _ = student_sizes(teacher_config, config.plan)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:

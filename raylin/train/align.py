@@ -57,7 +57,7 @@ from raylin.data.tasks import load_task_data, prepare_task_data
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
-from raylin.models.families import BlockSubset, family_for, family_for_config, state_mask
+from raylin.models.families import family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
@@ -65,7 +65,7 @@ from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
 from raylin.train.memory import peak_rss_mb
 from raylin.train.optim import adamw
-from raylin.train.source import assign_tensors, block_local_student, converted_student
+from raylin.train.source import assign_tensors, block_local_student, converted_student, held_blocks
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
@@ -199,7 +199,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
     # The weights that learned (the rest of each block is the conversion's, which the distill stage
     # rebuilds), named as in the whole student (a block-local student's block j is teacher block layer_ids[j]).
-    held = BlockSubset.of(student.config.build_teacher_config(), student.layer_ids)
+    held = held_blocks(student)
     learned = {id(p) for p in params}
     state = {held.whole_key(name)[0]: p.detach().clone() for name, p in student.named_parameters() if id(p) in learned}
     # The task runs in a process of its own (max_calls=1), so the process's peak is the task's.

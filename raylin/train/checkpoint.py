@@ -130,21 +130,27 @@ def consolidated_state(engine) -> dict[str, torch.Tensor] | None:
         return None
     deepspeed = importlib.import_module("deepspeed")  # in workers only: see the module doc
     rank0 = torch.distributed.get_rank() == 0
-    params = dict(engine.module.named_parameters(remove_duplicate=False))
     state: dict[str, torch.Tensor] = {}
-    first_name: dict[int, str] = {}  # ds_id -> the first name of a (possibly tied) parameter
-    for name, tensor in engine.module.state_dict().items():
+    for name, tensor in _zero3_tensors(engine.module):
+        with deepspeed.zero.GatheredParameters([tensor], enabled=hasattr(tensor, "ds_id")):
+            if rank0:
+                state[name] = tensor.detach().clone()
+    return state if rank0 else None
+
+
+def _zero3_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter or buffer) for every entry of a ZeRO-3 module's state dict, a tied
+    parameter under its first name only (loading restores the others)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    entries, seen = [], set()
+    for name, tensor in module.state_dict().items():
         param = params.get(name)
         if param is None:  # a buffer: never partitioned
-            state[name] = tensor.detach().clone()
-        elif param.ds_id in first_name:
-            state[name] = state.get(first_name[param.ds_id])
-        else:
-            first_name[param.ds_id] = name
-            with deepspeed.zero.GatheredParameters([param]):
-                if rank0:
-                    state[name] = param.detach().clone()
-    return state if rank0 else None
+            entries.append((name, tensor))
+        elif param.ds_id not in seen:
+            seen.add(param.ds_id)
+            entries.append((name, param))
+    return entries
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -163,15 +169,7 @@ def write_student(engine, folder: Path, rank: int) -> None:
             student.save_pretrained(folder)
         return
     deepspeed = importlib.import_module("deepspeed")  # in workers only: see the module doc
-    params = dict(student.named_parameters(remove_duplicate=False))
-    entries, seen = [], set()
-    for name, tensor in student.state_dict().items():
-        param = params.get(name)
-        if param is not None and param.ds_id in seen:
-            continue  # a tied weight: loading restores it from the one stored name
-        if param is not None:
-            seen.add(param.ds_id)
-        entries.append((name, param if param is not None else tensor))
+    entries = _zero3_tensors(student)
 
     def stream(sink) -> None:
         for _, tensor in entries:

@@ -70,4 +70,3 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: torch.device) 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-

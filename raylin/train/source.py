@@ -57,11 +57,17 @@ def block_local_student(config: RunConfig, layer_ids: list[int]):
     return student, report, processor
 
 
+def held_blocks(student: RaylinStudent) -> BlockSubset:
+    """The teacher blocks a (possibly block-local) student holds: its block j is teacher block
+    ``student.layer_ids[j]``; ``whole_key`` names its tensors as in the whole student."""
+    return BlockSubset.of(student.config.build_teacher_config(), student.layer_ids)
+
+
 def named_as_whole(student: RaylinStudent, blocks_only: bool = False) -> dict[str, torch.Tensor]:
     """A block-local student's tensors (its state dict) under their names in the whole student:
     its block j is teacher block ``student.layer_ids[j]``. ``blocks_only``: leave out what lies
     outside the blocks (embeddings, final norm, head)."""
-    subset = BlockSubset.of(student.config.build_teacher_config(), student.layer_ids)
+    subset = held_blocks(student)
     named = {}
     for key, tensor in student.state_dict().items():
         whole, in_block = subset.whole_key(key)
@@ -81,17 +87,16 @@ def assign_tensors(student: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     unknown = sorted(set(state) - set(params) - set(buffers))
     if unknown:
         raise ValueError(f"tensors {unknown[:3]} are not in this student.")
+    partitioned = any(hasattr(p, "ds_id") for p in params.values())
+    deepspeed = importlib.import_module("deepspeed") if partitioned else None  # in workers only: see raylin.train.checkpoint
     for name, tensor in state.items():
         if name in buffers:
             buffers[name].copy_(tensor)
-            continue
-        param = params[name]
-        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
-            deepspeed = importlib.import_module("deepspeed")  # in workers only: see raylin.train.checkpoint
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                param.copy_(tensor)
+        elif partitioned:
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                params[name].copy_(tensor)
         else:
-            param.copy_(tensor)
+            params[name].copy_(tensor)
     return set(state)
 
 
@@ -144,7 +149,7 @@ def sharded_student(config: RunConfig, deepspeed_config: dict):
 
 def _whole_records(student: RaylinStudent, report: TransferReport, blocks_only: bool) -> list[TensorRecord]:
     """A block-local conversion's report records under the whole student's (or teacher's) names."""
-    subset = BlockSubset.of(student.config.build_teacher_config(), student.layer_ids)
+    subset = held_blocks(student)
     records = []
     for record in report.records:
         name, in_block = subset.whole_key(record.name)
