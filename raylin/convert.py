@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from raylin.models.families import BlockSubset, FamilyAdapter, family_for
-from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, MambaMixer
+from raylin.models.mixers import BidirectionalMixer
 from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent, RaylinStudentConfig
 from raylin.models.teachers import load_teacher
@@ -166,12 +166,12 @@ def _expand_kv_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.T
 
 @torch.no_grad()
 def _init_from_attention(teacher: PreTrainedModel, student: RaylinStudent, family: FamilyAdapter) -> dict[str, str]:
-    """Seed Mamba-family mixers from the teacher's attention where shapes allow.
+    """Seed every mixer from its block's teacher attention where shapes allow.
 
-    Mamba2 ``in_proj`` rows are [z | x | B | C | dt]: V -> x, K -> B, Q -> C; O -> ``out_proj``.
-    Mamba ``in_proj`` rows are [x | z]: V -> x; O -> ``out_proj`` (its B and C come from
-    ``x_proj`` and are shared across channels, so Q and K have nowhere to go).
-    Returns {student tensor name: which teacher weights seeded which rows}.
+    Each mixer knows where Q, K, V and O go (``seed_from_attention``): Mamba2 V -> x, K -> B,
+    Q -> C; Mamba V -> x; Gated DeltaNet Q, K, V per head; O -> ``out_proj`` for all three; a
+    Linformer keeps the teacher's projections by name already. Grouped K/V heads are repeated
+    to one per query head first. Returns {student tensor name: which teacher weights seeded it}.
     """
     config = teacher.config
     heads, kv_heads = family.num_heads(config), family.num_kv_heads(config)
@@ -187,25 +187,8 @@ def _init_from_attention(teacher: PreTrainedModel, student: RaylinStudent, famil
         mixers = [mixer.forward_mixer, mixer.backward_mixer] if isinstance(mixer, BidirectionalMixer) else [mixer]
         for sub in mixers:
             prefix = layer_prefix[id(sub)]
-            if isinstance(sub, Mamba2Mixer):
-                inner, groups_state = sub.intermediate_size, sub.n_groups * sub.ssm_state_size
-                row_slices = {"v": slice(inner, 2 * inner), "k": slice(2 * inner, 2 * inner + groups_state),
-                              "q": slice(2 * inner + groups_state, 2 * inner + 2 * groups_state)}
-            elif isinstance(sub, MambaMixer):
-                row_slices = {"v": slice(0, sub.intermediate_size)}
-            else:
-                continue
-            notes = []
-            for key, rows in row_slices.items():
-                target = sub.in_proj.weight[rows]
-                if target.shape == source[key].shape:
-                    target.copy_(source[key])
-                    notes.append(f"rows {rows.start}:{rows.stop} <- {key.upper()}")
-            if notes:
-                seeded[f"{prefix}.in_proj.weight"] = f"layer {layer_idx} attention: " + ", ".join(notes)
-            if source["o"] is not None and sub.out_proj.weight.shape == source["o"].shape:
-                sub.out_proj.weight.copy_(source["o"])
-                seeded[f"{prefix}.out_proj.weight"] = f"layer {layer_idx} attention: O"
+            for name, note in sub.seed_from_attention(source):
+                seeded[f"{prefix}.{name}"] = f"layer {layer_idx} attention: {note}"
     return seeded
 
 

@@ -33,7 +33,7 @@ from raylin.models.teachers import load_teacher
         ("bert", {"mixer": "mamba2", "mamba2": {"head_dim": 5}}, r"not a multiple of head_dim=5"),
         ("bert", {"mixer": "mamba", "init": "magic"}, r"Unknown plan.init 'magic'"),
         ("llama", {"mixer": "linformer"}, r"looks at future tokens, but the llama teacher is causal"),
-        ("gpt_neox", {"mixer": "bimamba2"}, r"use 'mamba' or 'mamba2'"),
+        ("gpt_neox", {"mixer": "bimamba2"}, r"use one of \('mamba', 'mamba2', 'gated_deltanet'\)"),
         ("wav2vec2", {"mixer": "linformer"}, r"set plan.linformer.max_length"),
     ],
 )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import make_teacher
 from transformers.models.mamba.modeling_mamba import mamba_selective_scan
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
 import raylin
 from raylin.models.mixers import reverse_within_length
@@ -102,6 +103,43 @@ def test_mamba2_chunked_scan_equals_sequential_loop_forward_and_backward():
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     for g_fast, g_ref in zip(_grads(fast, inputs), _grads(reference, inputs), strict=True):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_delta_rule_chunked_equals_recurrent_across_chunks_and_from_a_state():
+    # The chunked form the Gated DeltaNet mixer trains with (chunks of 64) against the per-token
+    # recurrence it decodes with: 150 tokens span three chunks, and both start from the same state.
+    torch.manual_seed(0)
+    batch, length, heads, width = 2, 150, 3, 8
+    query, key, value = (torch.randn(batch, length, heads, width) for _ in range(3))
+    decay = -F.softplus(torch.randn(batch, length, heads))  # log decays, <= 0
+    beta = torch.rand(batch, length, heads)
+    state = torch.randn(batch, heads, width, width) * 0.1
+    chunked, chunked_state = torch_chunk_gated_delta_rule(query, key, value, decay, beta, initial_state=state,
+                                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
+    recurrent, recurrent_state = torch_recurrent_gated_delta_rule(query, key, value, decay, beta, initial_state=state,
+                                                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(chunked, recurrent, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked_state, recurrent_state, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_deltanet_attention_init_copies_q_k_v_per_head_and_o():
+    teacher = make_teacher("llama")  # grouped-query attention: K/V heads are repeated per query head
+    student, report = raylin.convert(teacher, {"mixer": "gated_deltanet", "init": "attention"})
+    cfg, mixer = teacher.config, student.model.model.layers[0].self_attn
+    attention = teacher.model.layers[0].self_attn
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    repeat = cfg.num_attention_heads // cfg.num_key_value_heads
+    per_head = lambda w, n: w.view(n, head_dim, -1).repeat_interleave(cfg.num_attention_heads // n, 0)
+    rows = mixer.in_proj_qkvz.weight.view(cfg.num_attention_heads, 4, head_dim, -1)
+    assert repeat > 1
+    assert torch.equal(rows[:, 0], per_head(attention.q_proj.weight, cfg.num_attention_heads))
+    assert torch.equal(rows[:, 1], per_head(attention.k_proj.weight, cfg.num_key_value_heads))
+    assert torch.equal(rows[:, 2], per_head(attention.v_proj.weight, cfg.num_key_value_heads))
+    assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
+    assert len(report.names("seeded")) == 2 * cfg.num_hidden_layers
+    # Other head shapes than the teacher's leave the projections fresh rather than half-copied.
+    _, report = raylin.convert(teacher, {"mixer": "gated_deltanet", "init": "attention", "gated_deltanet": {"head_dim": 4}})
+    assert not any("in_proj_qkvz" in name for name in report.names("seeded"))
 
 
 def test_mamba2_mixer_runs_a_short_sequence_as_one_chunk_with_the_same_output_and_gradients():

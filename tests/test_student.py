@@ -16,11 +16,13 @@ CAUSAL_PLANS = {
     "mamba": {"mixer": "mamba"},
     "mamba2": {"mixer": "mamba2", "mamba2": {"chunk_size": 4}},
     "hybrid": {"mixer": "mamba2", "keep_attention": [1], "mamba2": {"chunk_size": 4}},
+    "gated_deltanet_hybrid": {"mixer": "gated_deltanet", "keep_attention": [1], "init": "attention"},
 }
 BIDIRECTIONAL_PLANS = {
     "linformer": {"mixer": "linformer", "linformer": {"k": 8, "max_length": 4096}},
     "bimamba": {"mixer": "bimamba"},
     "bimamba2": {"mixer": "bimamba2", "mamba2": {"chunk_size": 4}},
+    "bigated_deltanet": {"mixer": "bigated_deltanet"},
 }
 
 
@@ -149,6 +151,20 @@ def test_save_load_round_trip_is_bit_exact(family_name, tmp_path):
     auto = transformers.AutoModel.from_pretrained(tmp_path / "student")
     assert isinstance(auto, raylin.RaylinStudent)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), auto.state_dict().values()))
+
+
+@pytest.mark.parametrize("family_name", ["llama", "bert"])
+def test_gated_deltanet_students_round_trip_bit_exact(family_name, tmp_path):
+    teacher = make_teacher(family_name)
+    plan = CAUSAL_PLANS["gated_deltanet_hybrid"] if family_name == "llama" else BIDIRECTIONAL_PLANS["bigated_deltanet"]
+    student, _ = raylin.convert(teacher, plan)
+    student.save_pretrained(tmp_path / "student")
+    loaded = raylin.load_student(tmp_path / "student")
+    for (name, a), (_, b) in zip(student.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    inputs = family_for(teacher).example_inputs(teacher.config, [9, 6])
+    with torch.no_grad():
+        assert torch.equal(student(**inputs).logits, loaded(**inputs).logits)
 
 
 def test_linformer_layer_share_round_trips(tmp_path):

@@ -54,10 +54,12 @@ STUDENT_PLANS = {
         "linformer": {"mixer": "linformer", "linformer": {"k": 256, "share": "kv"}},
         "bimamba": {"mixer": "bimamba"},
         "bimamba2": {"mixer": "bimamba2"},
+        "bigated_deltanet": {"mixer": "bigated_deltanet"},
     },
     "llama": {
         "mamba": {"mixer": "mamba"},
         "mamba2": {"mixer": "mamba2"},
+        "gated_deltanet": {"mixer": "gated_deltanet"},
     },
 }
 

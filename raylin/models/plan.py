@@ -5,14 +5,16 @@ Plans are plain mappings (they live in YAML configs and in the student's config.
     {"mixer": "linformer", "keep_attention": [1, 11], "linformer": {"k": 256, "share": "kv"}}
 
 Keys:
-  mixer            linformer | mamba | mamba2 | bimamba | bimamba2
+  mixer            linformer | mamba | mamba2 | gated_deltanet | bimamba | bimamba2 | bigated_deltanet
   keep_attention   block indices (0-based) that keep the teacher's attention (hybrid students)
   linformer        k (256), share none|kv|layer ("kv"), max_length (teacher's maximum positions)
   mamba            expand (2), state_size (16), conv_kernel (4), dt_rank ("auto"), use_bias (false)
   mamba2           expand (1), head_dim (64, or gcd(inner, 64) for narrow models), state_size (64), n_groups (1), chunk_size (128),
                    conv_kernel (4), use_bias (false)
-  init             "default" (fresh mixer weights) or "attention" (seed Mamba-family mixers from
-                   the teacher's attention where shapes allow: Q->C, K->B, V->x, O->out_proj)
+  gated_deltanet   num_heads (the teacher's attention heads), head_dim (the teacher's), conv_kernel (4)
+  init             "default" (fresh mixer weights) or "attention" (seed the mixers from the teacher's
+                   attention where shapes allow: Mamba2 Q->C, K->B, V->x; Gated DeltaNet Q, K, V
+                   per head; O->out_proj)
   seed             seed for the new mixer weights (0), so a conversion is reproducible (each block's
                    mixer draws from a seed of its own, ``Plan.layer_seed``)
 """
@@ -21,30 +23,70 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from raylin.models.families import FamilyAdapter
 from raylin.models.mixers import (
     BidirectionalMixer,
+    GatedDeltaNetMixer,
     LinformerProjection,
     LinformerSelfAttention,
     Mamba2Mixer,
     MambaMixer,
+    gated_deltanet_config,
     mamba2_config,
     mamba_config,
 )
 from raylin.models.mixers.linformer import SHARE_MODES
 
-MIXERS = ("linformer", "mamba", "mamba2", "bimamba", "bimamba2")
-BIDIRECTIONAL_MIXERS = ("linformer", "bimamba", "bimamba2")
+
+def _mamba(family: FamilyAdapter, config: PretrainedConfig, options: dict, layer_idx: int) -> nn.Module:
+    return MambaMixer(mamba_config(family.hidden_size(config), family.num_layers(config), options), layer_idx)
+
+
+def _mamba2(family: FamilyAdapter, config: PretrainedConfig, options: dict, layer_idx: int) -> nn.Module:
+    return Mamba2Mixer(mamba2_config(family.hidden_size(config), family.num_layers(config), options), layer_idx)
+
+
+def _gated_deltanet(family: FamilyAdapter, config: PretrainedConfig, options: dict, layer_idx: int) -> nn.Module:
+    mixer_config = gated_deltanet_config(
+        family.hidden_size(config), family.num_layers(config), family.num_heads(config), family.head_dim(config),
+        options, rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)))
+    return GatedDeltaNetMixer(mixer_config, layer_idx)
+
+
+@dataclass(frozen=True)
+class MixerKind:
+    """What a plan's ``mixer`` name stands for: where its options live, whether it reads both
+    directions, and how one causal core is built (None: Linformer, built from the attention)."""
+
+    options: str
+    bidirectional: bool
+    core: Callable[[FamilyAdapter, PretrainedConfig, dict, int], nn.Module] | None
+
+
+MIXER_KINDS: dict[str, MixerKind] = {
+    "linformer": MixerKind("linformer", True, None),
+    "mamba": MixerKind("mamba", False, _mamba),
+    "mamba2": MixerKind("mamba2", False, _mamba2),
+    "gated_deltanet": MixerKind("gated_deltanet", False, _gated_deltanet),
+    "bimamba": MixerKind("mamba", True, _mamba),
+    "bimamba2": MixerKind("mamba2", True, _mamba2),
+    "bigated_deltanet": MixerKind("gated_deltanet", True, _gated_deltanet),
+}
+MIXERS = tuple(MIXER_KINDS)
+BIDIRECTIONAL_MIXERS = tuple(name for name, kind in MIXER_KINDS.items() if kind.bidirectional)
+CAUSAL_MIXERS = tuple(name for name, kind in MIXER_KINDS.items() if not kind.bidirectional)
 INIT_RULES = ("default", "attention")
 _OPTION_KEYS = {
     "linformer": {"k", "share", "max_length"},
     "mamba": {"expand", "state_size", "conv_kernel", "dt_rank", "use_bias"},
     "mamba2": {"expand", "head_dim", "state_size", "n_groups", "chunk_size", "conv_kernel", "use_bias"},
+    "gated_deltanet": {"num_heads", "head_dim", "conv_kernel"},
 }
 _PLAN_KEYS = {"mixer", "keep_attention", "init", "seed", *_OPTION_KEYS}
 
@@ -60,6 +102,7 @@ class Plan:
     linformer: dict[str, Any] = field(default_factory=dict)
     mamba: dict[str, Any] = field(default_factory=dict)
     mamba2: dict[str, Any] = field(default_factory=dict)
+    gated_deltanet: dict[str, Any] = field(default_factory=dict)
     init: str = "default"
     seed: int = 0
 
@@ -85,6 +128,7 @@ class Plan:
             "linformer": dict(self.linformer),
             "mamba": dict(self.mamba),
             "mamba2": dict(self.mamba2),
+            "gated_deltanet": dict(self.gated_deltanet),
             "init": self.init,
             "seed": self.seed,
         }
@@ -123,7 +167,7 @@ class Plan:
         if family.causal and self.mixer in BIDIRECTIONAL_MIXERS:
             raise PlanError(
                 f"plan.mixer {self.mixer!r} looks at future tokens, but the {family.name} teacher is causal; "
-                "use 'mamba' or 'mamba2' for causal language models."
+                f"use one of {CAUSAL_MIXERS} for causal language models."
             )
         if self.mixer == "linformer":
             max_length, k = self.linformer_max_length(family, config), self.linformer.get("k", 256)
@@ -132,10 +176,12 @@ class Plan:
                     f"Linformer k={k} is above the maximum sequence length {max_length} (or not a positive integer): "
                     f"the projections would be wider than any input. Use 1 <= plan.linformer.k <= {max_length}."
                 )
-        if self.mixer in ("mamba2", "bimamba2"):
-            try:
-                mamba2_config(family.hidden_size(config), num_layers, self.mamba2)
-            except ValueError as error:
+        kind = MIXER_KINDS[self.mixer]
+        if kind.core is not None:
+            try:  # building one mixer on the meta device checks its options against the teacher's shapes
+                with torch.device("meta"):
+                    kind.core(family, config, getattr(self, kind.options), 0)
+            except (ValueError, TypeError) as error:
                 raise PlanError(f"plan.{error}") from None
 
     def linformer_max_length(self, family: FamilyAdapter, config: PretrainedConfig) -> int:
@@ -166,8 +212,8 @@ def build_mixer(
     shared_projection: LinformerProjection | None,
 ) -> nn.Module:
     """The module that replaces ``attention`` (the freshly built teacher attention of one block)."""
-    hidden, num_layers = family.hidden_size(config), family.num_layers(config)
-    if plan.mixer == "linformer":
+    kind = MIXER_KINDS[plan.mixer]
+    if kind.core is None:
         dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
         return LinformerSelfAttention(
             attention,
@@ -180,10 +226,7 @@ def build_mixer(
             shared_projection=shared_projection,
             dropout=float(dropout or 0.0),
         )
-    if plan.mixer in ("mamba", "bimamba"):
-        mixer_config, mixer_class = mamba_config(hidden, num_layers, plan.mamba), MambaMixer
-    else:
-        mixer_config, mixer_class = mamba2_config(hidden, num_layers, plan.mamba2), Mamba2Mixer
-    if plan.mixer.startswith("bi"):
-        return BidirectionalMixer(mixer_class(mixer_config, layer_idx), mixer_class(mixer_config, layer_idx))
-    return mixer_class(mixer_config, layer_idx)
+    options = getattr(plan, kind.options)
+    if kind.bidirectional:
+        return BidirectionalMixer(kind.core(family, config, options, layer_idx), kind.core(family, config, options, layer_idx))
+    return kind.core(family, config, options, layer_idx)

@@ -62,3 +62,19 @@ def fast_path_applies(hidden_states: torch.Tensor) -> bool:
     """Whether raylin's CPU fast paths run: on CPU tensors, outside ``reference_paths()``. CUDA
     tensors keep transformers' dispatch to the mamba-ssm kernels."""
     return _FAST_PATHS["enabled"] and hidden_states.device.type == "cpu"
+
+
+def seed_rows(mixer: torch.nn.Module, rows: dict[str, slice], source: dict[str, torch.Tensor | None]) -> list[tuple[str, str]]:
+    """Copy ``source[key]`` into ``mixer.in_proj.weight[rows[key]]`` where shapes match, and O into
+    ``out_proj``; the (parameter name, note) of every parameter written."""
+    written = []
+    for key, row_slice in rows.items():
+        target = mixer.in_proj.weight[row_slice]
+        if source[key] is not None and target.shape == source[key].shape:
+            target.copy_(source[key])
+            written.append(f"rows {row_slice.start}:{row_slice.stop} <- {key.upper()}")
+    notes = [("in_proj.weight", ", ".join(written))] if written else []
+    if source.get("o") is not None and mixer.out_proj.weight.shape == source["o"].shape:
+        mixer.out_proj.weight.copy_(source["o"])
+        notes.append(("out_proj.weight", "O"))
+    return notes

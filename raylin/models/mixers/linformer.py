@@ -128,5 +128,10 @@ class LinformerSelfAttention(nn.Module):
             output = getattr(self, self.names.output)(output)
         return output, None
 
+    def seed_from_attention(self, source: dict[str, torch.Tensor | None]) -> list[tuple[str, str]]:
+        """Nothing to seed: a Linformer keeps the teacher's Q, K, V and O under their own names,
+        which the conversion copies like any shared weight."""
+        return []
+
 
 __all__ = ["LinformerSelfAttention", "LinformerProjection", "ProjectionNames", "SHARE_MODES"]

@@ -18,7 +18,7 @@ from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from raylin.models.cache import student_cache_from
-from raylin.models.mixers.common import fast_path_applies, token_validity
+from raylin.models.mixers.common import fast_path_applies, seed_rows, token_validity
 from raylin.models.mixers.scan import causal_depthwise_conv, chunked_selective_scan
 
 # Tokens per step of the CPU scan: the scan holds batch x SCAN_CHUNK x inner x state values.
@@ -62,6 +62,15 @@ class MambaMixer(HFMambaMixer):
             ]
             return torch.cat(steps, dim=1), None
         return super().forward(hidden_states, cache_params=cache, attention_mask=valid), None
+
+    @torch.no_grad()
+    def seed_from_attention(self, source: dict[str, torch.Tensor | None]) -> list[tuple[str, str]]:
+        """Copy the teacher's V into ``in_proj``'s x rows and O into ``out_proj`` where shapes allow.
+
+        ``in_proj`` rows are [x | z]; B and C come from ``x_proj`` and are shared across channels,
+        so Q and K have nowhere to go. Returns (parameter name, note) for every parameter written.
+        """
+        return seed_rows(self, {"v": slice(0, self.intermediate_size)}, source)
 
     def _cpu_forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """transformers' ``slow_forward`` without a cache, channels last, with the chunked scan."""

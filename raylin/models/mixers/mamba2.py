@@ -18,7 +18,7 @@ from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
 
 from raylin.models.cache import student_cache_from
-from raylin.models.mixers.common import fast_path_applies, token_validity
+from raylin.models.mixers.common import fast_path_applies, seed_rows, token_validity
 from raylin.models.mixers.scan import causal_depthwise_conv, ssd_scan
 
 
@@ -143,3 +143,16 @@ class Mamba2Mixer(HFMamba2Mixer):
         finally:
             self.chunk_size = configured
         return output, None
+
+    @torch.no_grad()
+    def seed_from_attention(self, source: dict[str, torch.Tensor | None]) -> list[tuple[str, str]]:
+        """Copy the teacher's attention into this mixer where shapes allow (as MambaInLlama does).
+
+        ``in_proj`` rows are [z | x | B | C | dt]: V -> x, K -> B, Q -> C; O -> ``out_proj``.
+        ``source`` holds Q, K, V with one K/V head per query head. Returns (parameter name, note).
+        """
+        inner, groups_state = self.intermediate_size, self.n_groups * self.ssm_state_size
+        rows = {"v": slice(inner, 2 * inner), "k": slice(2 * inner, 2 * inner + groups_state),
+                "q": slice(2 * inner + groups_state, 2 * inner + 2 * groups_state)}
+        return seed_rows(self, rows, source)
+
