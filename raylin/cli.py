@@ -4,6 +4,7 @@
     raylin convert CONFIG.yaml [--set key=value ...]   transfer -> distill -> evaluate -> export
     raylin tune CONFIG.yaml [--resume]                 Ray Tune sweep over the config's tune: section
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
+    raylin export STUDENT_DIR --to DIR [--overwrite]   a Llama Mamba2 hybrid as a stock transformers (Bamba) checkpoint
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR] [--shipped]   latency / memory at long lengths (or of the shipped models)
     raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
@@ -144,6 +145,20 @@ def _eval(args: argparse.Namespace) -> int:
     return _run_config(args, lambda config: run_eval(config, args.student, args.length))
 
 
+def _export(args: argparse.Namespace) -> int:
+    from raylin.export import ExportError, export_student
+
+    try:
+        report = export_student(args.student, args.to, overwrite=args.overwrite)
+    except (ExportError, FileNotFoundError) as error:
+        print(f"raylin export: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to}: {report.architecture}, attention kept in {report.attention_layers or 'no'} layers, "
+          f"max |logit diff| {report.max_abs_logit_diff:.1e} vs the student; load it with "
+          "transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from raylin.config import ConfigError
     from raylin.tune.search import SweepInterrupted, run_sweep
@@ -192,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--student", default=None, help="student folder (default OUTPUT_DIR/student)")
     evaluate.add_argument("--length", type=int, default=None, help="tokens for the timing (default: the longest the model takes)")
     evaluate.set_defaults(func=_eval)
+
+    export = commands.add_parser("export", help="write a causal Mamba2 hybrid student as a stock transformers checkpoint")
+    export.add_argument("student", help="a student folder (OUTPUT_DIR/student of a convert run)")
+    export.add_argument("--to", required=True, help="folder to write the checkpoint into")
+    export.add_argument("--overwrite", action="store_true", help="replace --to if it already holds files")
+    export.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="fine-tune, convert and distil the shipped all-MiniLM-L6 on a local Ray")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
