@@ -18,6 +18,9 @@ A run config plus a ``tune:`` section::
 
 Dimensions: ``choice``, ``grid``, ``uniform``, ``loguniform``, ``randint`` (Ray Tune's). Every
 choice is validated against the base config before Ray starts, so a bad value fails at once.
+``tune.layout`` searches which attention layers a hybrid keeps (raylin/tune/layout.py): the
+layouts, measured from the teacher before the first trial, become a grid over
+``plan.keep_attention``.
 
 Each trial launches its own TorchTrainer (the Ray Train V2 pattern: the trial function is the
 trainer's driver; TuneReportCallback forwards the workers' reports to Tune, so ASHA can stop weak
@@ -52,14 +55,18 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from transformers import AutoConfig
 
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig, apply_overrides, build_section, config_from_dict, dump_config
 from raylin.data.tasks import prepare_task_data
 from raylin.eval.plots import figure
+from raylin.models.families import family_for_config
+from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.run_files import read_train_log, reports_at
 from raylin.train.trainer import ensure_ray, fit
+from raylin.tune.layout import SEARCHED_KEY, LayoutSearch, check_layout_search, resolve_layouts, write_layout_results
 
 DIMENSIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -79,6 +86,7 @@ class TuneSection:
     reduction_factor: int = 2
     max_concurrent_trials: int | None = None
     seed: int = 0
+    layout: LayoutSearch | None = None  # search the kept attention layers (raylin/tune/layout.py)
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, TuneSection, RunConfig]:
@@ -97,6 +105,9 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
     if base.guidance.waypoints:
         data["guidance"] = {**data.get("guidance", {}), "waypoints": [dataclasses.asdict(w) for w in base.guidance.waypoints]}
     validate_section(section, data)
+    if section.layout is not None:
+        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(base.target_teacher or base.teacher))
+        check_layout_search(section.layout, section.space, family_for_config(teacher_config).num_layers(teacher_config))
     return data, section, base
 
 
@@ -105,7 +116,8 @@ def validate_section(section: TuneSection, base: dict) -> None:
         if not condition:
             raise ConfigError(message)
 
-    need(bool(section.space), "tune.space is empty: name at least one config field to search.")
+    need(bool(section.space) or section.layout is not None,
+         "tune.space is empty: name at least one config field to search (or a tune.layout).")
     need(section.mode in ("min", "max"), f"tune.mode must be 'min' or 'max', got {section.mode!r}.")
     need(section.scheduler in SCHEDULERS, f"tune.scheduler must be one of {SCHEDULERS}, got {section.scheduler!r}.")
     need(section.num_samples >= 1 and section.grace_period >= 1 and section.reduction_factor >= 2,
@@ -244,6 +256,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     base_data["output_dir"] = str(out)
     limit = concurrency(base, section)  # before the teacher replica starts: may refuse the sweep
     prepare_task_data(base)  # token shards once, before the replica and the trials read them
+    if section.layout is not None:  # measured once, reused on --resume: the same layouts every time
+        layouts = resolve_layouts(base, section.layout, section.seed, out / TUNE_DIR)
+        section.space = {**section.space, SEARCHED_KEY: {"grid": [layout["layers"] for layout in layouts]}}
+        validate_section(section, base_data)
     pool = shared_pool(base) if base.teacher_service.mode == "served" and base.target_teacher else None
     pools = {"fixed": pool} if pool else {}
     slots = ray.remote(TrialSlots).options(num_cpus=0).remote(limit)
@@ -347,6 +363,9 @@ def write_results(results, section: TuneSection, base: dict, folder: Path) -> di
     frame.to_json(folder / "tune_dataframe.json")
     summary = {"best_trial": best["trial"], section.metric: best[section.metric], "params": {p: best[p] for p in params},
                "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}
+    if section.layout is not None:
+        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(base["target_teacher"] or base["teacher"]))
+        summary["layouts"] = write_layout_results(rows, metric, section.mode, folder, teacher_config)
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=1))
     return summary
 
