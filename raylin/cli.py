@@ -8,7 +8,7 @@
     raylin demo [--quick]                               fine-tune, convert and distil all-MiniLM-L6 on Ray
     raylin bench speed [--out DIR] [--shipped]   latency / memory at long lengths (or of the shipped models)
     raylin bench distill [--out DIR] [--steps N]   distil step tokens/s vs a plain loop; bf16 vs fp32 held-out
-    raylin bench quality [--quick | --long] [--only text,lm,speech,speed]   teacher vs students on text, LM and speech
+    raylin bench quality [--quick | --long] [--only text,lm,speech,hybrids,speed]   teacher vs students on text, LM and speech
     raylin bench cluster [--out DIR] [--nodes 1,2,3]   teacher traffic per node on simulated nodes
     raylin bench scale [--out DIR] [--part align|zero|all|billion]   align-task peak; ZeRO stage memory; a 1.1B conversion
 """
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "docs/results-long.md")
     quality.add_argument("--out", default=None,
                          help="run folders and quality.json (default outputs/bench-quality[-quick|-long])")
-    quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,speed (default all)")
+    quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,hybrids,speed (default all)")
     quality.add_argument("--docs", default=None, help="where the results page and its plots go (default docs/, or OUT with --quick)")
     quality.set_defaults(func=_bench_quality)
     cluster = bench_kinds.add_parser(

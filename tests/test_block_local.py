@@ -47,6 +47,20 @@ def test_a_student_of_some_blocks_equals_the_whole_students_blocks_in_every_fami
     assert sum(p.numel() for p in part.parameters()) == sum(p.numel() for p in whole.parameters()) - block_params
 
 
+@pytest.mark.parametrize(("family_name", "mixer"), [("llama", "gated_deltanet"), ("bert", "bigated_deltanet")])
+def test_gated_deltanet_blocks_build_alone_as_in_the_whole_student(family_name, mixer, tmp_path):
+    # What the align stage's tasks build: a Gated DeltaNet block of some blocks equals the whole student's.
+    whole_teacher = _saved_teacher(family_name, tmp_path)
+    plan = {"mixer": mixer, "init": "attention", "keep_attention": [1]}
+    whole, _ = convert(whole_teacher, plan)
+    blocks = BlockSubset.of(whole_teacher.config, [2])
+    teacher, _ = load_teacher(tmp_path, model_class=type(whole_teacher).__name__, blocks=blocks)
+    part, report = convert(teacher, plan, blocks=blocks)
+    expected, got = whole.block(2).state_dict(), part.block(2).state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
+    assert any("in_proj_qkvz" in name for name in report.names("seeded"))
+
+
 def test_a_student_of_some_blocks_refuses_to_be_saved_as_a_student(tmp_path):
     whole_teacher = _saved_teacher("llama", tmp_path / "teacher")
     blocks = BlockSubset.of(whole_teacher.config, [1])

@@ -99,6 +99,27 @@ def test_a_gap_of_exactly_one_point_meets_the_text_target():
     assert not within(_row("text", "imdb", "linformer", "target", 441 / 600, 434 / 600, 1.0))
 
 
+def test_results_page_sets_the_gated_deltanet_and_mamba2_hybrids_side_by_side(tmp_path):
+    from raylin.eval.quality import write_results_page
+
+    def hybrid(name, mixer, ppl, fortunes, states):
+        row = _row("hybrids", "austen", name, "target", 70.0, ppl, 200.0, "perplexity")
+        return row | {"plan": {"mixer": mixer, "keep_attention": [9, 19]}, "align": {"steps": 40, "wall_s": 100.0},
+                      "retention": {"fortunes": {"metric": "perplexity", "teacher": 100.0, "student": fortunes,
+                                                 "retention": 100.0 / fortunes}},
+                      "decoding_state": {str(L): b for L, b in states.items()}}
+
+    machine = {"date": "2026-12-06", "cpus": 2, "torch": "2.13.0", "cuda": False, "commit": "abc"}
+    result = {"budget": "hour", "machine": machine, "machines": {"hybrids": machine}, "note": "**A note.**",
+              "hybrids": [hybrid("hybrid", "mamba2", 190.0, 1200.0, {256: 2 * 2**20, 4096: 4 * 2**20}),
+                          hybrid("gdn_hybrid", "gated_deltanet", 180.0, 1000.0, {256: 3 * 2**20, 4096: 5 * 2**20})]}
+    page = write_results_page(result, tmp_path).read_text()
+    assert "**A note.**" in page and "## Gated DeltaNet vs Mamba2 hybrids" in page
+    assert ("| SmolLM2-135M -> Gated DeltaNet hybrid | [9, 19] | 180.00 (70.00) | +157.1 % | 1000.00 (100.00) | 0.100 | "
+            "3.00 MiB | 5.00 MiB | 0.5 KiB | 300 |") in page
+    assert "| SmolLM2-135M -> Mamba2 hybrid | [9, 19] | 190.00 (70.00)" in page
+
+
 @pytest.mark.parametrize("budget", ["quick", "hour", "long"])
 def test_every_run_of_every_budget_is_a_valid_config(budget, tmp_path, monkeypatch):
     """Each suite's runs (teacher fine-tunings included) pass the config check, so a benchmark never

@@ -48,6 +48,7 @@ def deep_teacher(tmp_path_factory):
 def _sweep_file(teachers, tmp_path, layout, space=None):
     data = run_config(teachers, tmp_path / "sweep", **{"train.max_steps": 4, "train.checkpoint_every": 4}).to_dict()
     data["train"] |= {"eval_every": 2}
+    data["align"] = {"enabled": True, "steps": 2, "batch_size": 8}  # each trial aligns first, as `raylin convert` does
     data["tune"] = {"metric": "loss", "mode": "min", "scheduler": "fifo", "space": space or {}, "layout": layout}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -11,6 +11,9 @@ Suites (all on shipped assets, no downloads):
 * ``speech``: the Whisper tiny.en encoder fine-tuned on spoken digits synthesised by espeak-ng
   (the target teacher), converted to bimamba2, unguided vs target; accuracy on held-out espeak-ng
   accents and on the flite engine, which training never sees.
+* ``hybrids``: SmolLM2-135M -> Gated DeltaNet and -> Mamba2 hybrids at the same attention share
+  (blocks 9 and 19 kept), target guidance: perplexity, retention on fortunes and decoding state
+  side by side (the Mamba2 run is the ``lm`` suite's hybrid/target run, reused when it exists).
 * ``speed``: teacher vs student forward latency and memory at long lengths (raylin.eval.speed),
   and the decoding state a causal student keeps per generated token vs the teacher's KV cache.
 
@@ -65,8 +68,10 @@ from raylin.train.trainer import ensure_ray
 
 _log = logging.getLogger(__name__)
 
-SUITES = ("text", "lm", "speech", "speed")
-_TASKS = {"text": "sequence_classification", "lm": "causal_lm", "speech": "utterance_classification"}
+SUITES = ("text", "lm", "speech", "hybrids", "speed")
+HYBRIDS = ("hybrid", "gdn_hybrid")  # the lm plans the hybrids suite sets side by side
+_TASKS = {"text": "sequence_classification", "lm": "causal_lm", "speech": "utterance_classification",
+          "hybrids": "causal_lm"}
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
 # The targets: largest acceptable in-distribution gap per suite (and mixer), and smallest retention on
 # the evaluation sets training never sees. Accuracies are ratios of counts, so a gap of exactly one
@@ -202,6 +207,26 @@ def lm_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterato
         yield _row("lm", "austen", name, metrics, run_dir, "perplexity", "SmolLM2-135M")
 
 
+def hybrids_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
+    """The Gated DeltaNet and Mamba2 hybrids at one attention share, target guidance, as the lm
+    suite runs them (same folders: either suite reuses the other's runs), each with its decoding
+    state after 256, 1,024 and 4,096 tokens of context."""
+    size = SIZES[budget]["lm"]
+    base = _sized(merge_sections(merge_sections(_COMMON, LM), {"data": {"max_length": size["max_length"]}}), size["steps"], size)
+    log("hybrids / austen")
+    lengths = (16, 32) if budget == "quick" else (256, 1024, 4096)
+    states = {record["model"]: record for record in decoding_state(lengths, plans={name: LM_PLANS[name] for name in HYBRIDS},
+                                                                    log=log, key_by_length=True)}
+    for name in HYBRIDS:
+        run_dir = out / "lm" / f"{name}-target"
+        run = merge_sections(base, {"output_dir": str(run_dir), "plan": LM_PLANS[name], "guidance": {"mode": "target"}})
+        row = _row("hybrids", "austen", name, _run(_aligned(run, size["align_steps"], out / "lm" / "aligned"), log),
+                   run_dir, "perplexity", "SmolLM2-135M")
+        row["plan"] = LM_PLANS[name]
+        row["decoding_state"] = states[f"{name} student"]["by_length"]
+        yield row
+
+
 def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
     size = SIZES[budget]["speech"]
     steps = size["steps"]
@@ -225,12 +250,13 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
 
 
 @torch.no_grad()
-def decoding_state(lengths: tuple[int, ...], log=_log.info) -> list[dict]:
+def decoding_state(lengths: tuple[int, ...], plans: dict[str, dict] | None = None, log=_log.info,
+                   key_by_length: bool = False) -> list[dict]:
     """Bytes of decoding state after a prompt of each length: SmolLM2's KV cache vs the students'
-    (a Mamba2 student and the two-attention-layer hybrid, freshly converted: state size does not
-    depend on the weights)."""
+    (each of ``plans``, default every lm plan, freshly converted: state size does not depend on the
+    weights). ``key_by_length``: one record per model with its ``by_length`` {tokens: bytes}."""
     teacher, _ = load_teacher("asset:smollm2-135m", model_class="AutoModelForCausalLM")
-    students = {name: convert(teacher, plan)[0] for name, plan in LM_PLANS.items()}
+    students = {name: convert(teacher, plan)[0] for name, plan in (plans or LM_PLANS).items()}
     records = []
     for length in lengths:
         ids = torch.randint(100, 40_000, (1, length))
@@ -244,6 +270,9 @@ def decoding_state(lengths: tuple[int, ...], log=_log.info) -> list[dict]:
             records.append({"model": f"{name} student", "length": length, "state_bytes": state.state_bytes()})
         log(f"  decoding state at {length} tokens: " + ", ".join(
             f"{r['model']} {r['state_bytes'] / 2**20:.1f} MiB" for r in records if r["length"] == length))
+    if key_by_length:
+        models = dict.fromkeys(r["model"] for r in records)
+        return [{"model": m, "by_length": {r["length"]: r["state_bytes"] for r in records if r["model"] == m}} for m in models]
     return records
 
 
@@ -273,8 +302,13 @@ def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if result.get("budget") != budget:
         result = {}
-    result |= {"budget": budget, "machine": _machine()}
-    if any(s in suites for s in ("text", "lm", "speech")):
+    result["budget"] = budget
+    result.setdefault("machines", {})
+    for suite in suites:  # each suite's machine and commit: parts of a page may come from different runs
+        result["machines"][suite] = _machine()
+    if any(s in suites for s in ("text", "lm", "speech")) or "machine" not in result:
+        result["machine"] = _machine()
+    if any(s in suites for s in ("text", "lm", "speech", "hybrids")):
         ensure_ray()
     for suite in suites:
         started = time.perf_counter()
@@ -283,7 +317,8 @@ def run_quality_benchmark(out: str | Path | None = None, budget: str = "hour",
         else:  # rows are saved as each run finishes: an interrupted suite keeps what it measured
             result[suite] = []
             teachers = result.setdefault("teacher_wall_s", {})
-            for row in {"text": text_suite, "lm": lm_suite, "speech": speech_suite}[suite](out, budget, log, teachers):
+            suite_runs = {"text": text_suite, "lm": lm_suite, "speech": speech_suite, "hybrids": hybrids_suite}
+            for row in suite_runs[suite](out, budget, log, teachers):
                 result[suite].append(row)
                 write_text_atomic(result_file, json.dumps(result, indent=1))
         result.setdefault("wall_s", {})[suite] = round(time.perf_counter() - started, 1)
@@ -369,6 +404,8 @@ def write_results_page(result: dict, docs: Path) -> Path:
              f"CUDA {'yes' if result['machine']['cuda'] else 'no'}"
              + (f", raylin commit {result['machine']['commit']}" if result["machine"].get("commit") else "")
              + f". {_time_line(result)}", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
     for suite, title in (("text", "Text classification"), ("lm", "Language modelling (perplexity, lower is better)"),
                          ("speech", "Speech: spoken digits")):
         rows = result.get(suite)
@@ -389,6 +426,7 @@ def write_results_page(result: dict, docs: Path) -> Path:
             name = f"curves-{suite}.png"
             plot_curves(rows, figures / name)
             lines += [f"![{suite} training curves]({figures.name}/{name})", ""]
+    lines += _hybrid_lines(result)
     speed = result.get("speed")
     if speed:
         shutil.copy(speed["plot"], figures / "speed.png")
@@ -415,6 +453,36 @@ def write_results_page(result: dict, docs: Path) -> Path:
     page.write_text("\n".join(lines) + "\n")
     write_text_atomic(figures / "quality.json", json.dumps(result, indent=1))
     return page
+
+
+def _hybrid_lines(result: dict) -> list[str]:
+    """The hybrids suite's section: the Gated DeltaNet and Mamba2 hybrids side by side."""
+    rows = result.get("hybrids")
+    if not rows:
+        return []
+    machine = result.get("machines", {}).get("hybrids", result["machine"])
+    lengths = sorted({int(L) for row in rows for L in row["decoding_state"]})
+    lines = ["## Gated DeltaNet vs Mamba2 hybrids (SmolLM2-135M, attention kept in the same blocks)", "",
+             f"Target guidance, the language-modelling budget above (align {rows[0]['align']['steps'] if rows[0].get('align') else 0} "
+             f"steps, {rows[0]['steps']} steps of 8 x {SIZES[result['budget']]['lm']['max_length']} tokens); measured "
+             f"{machine['date']}, {machine['cpus']} CPU cores, raylin commit {machine.get('commit')}. Decoding state: fp32, "
+             "after a prompt of each length (the two kept attention layers' keys and values grow; the mixers' state does not).", "",
+             "| student | kept attention | Persuasion ppl (teacher) | gap | fortunes ppl (teacher) | retention | "
+             + " | ".join(f"state at {L:,}" for L in lengths) + " | per token | wall s |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---:|---:|"]
+    for row in rows:
+        fortunes = row["retention"].get("fortunes", {})
+        state = {int(L): b for L, b in row["decoding_state"].items()}
+        per_token = (state[lengths[-1]] - state[lengths[0]]) / max(lengths[-1] - lengths[0], 1)
+        mixer = row["plan"]["mixer"].replace("gated_deltanet", "Gated DeltaNet").replace("mamba2", "Mamba2")
+        align = row.get("align", {}).get("wall_s") or 0
+        lines.append(f"| SmolLM2-135M -> {mixer} hybrid | {row['plan'].get('keep_attention')} | {row['student_value']:.2f} "
+                     f"({row['teacher_value']:.2f}) | {100 * row['gap'] / row['teacher_value']:+.1f} % | "
+                     f"{fortunes.get('student', float('nan')):.2f} ({fortunes.get('teacher', float('nan')):.2f}) | "
+                     f"{fortunes.get('retention', float('nan')):.3f} | "
+                     + " | ".join(f"{state[L] / 2**20:.2f} MiB" for L in lengths)
+                     + f" | {per_token / 1024:.1f} KiB | {row['wall_s'] + align:.0f} |")
+    return lines + ["", "Wall time includes the run's alignment when the run computed it.", ""]
 
 
 def _time_line(result: dict) -> str:

@@ -64,6 +64,7 @@ from raylin.eval.plots import figure
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
 from raylin.teacher import teacher_pool, teacher_spec
+from raylin.train.align import run_align
 from raylin.train.run_files import read_train_log, reports_at
 from raylin.train.trainer import ensure_ray, fit
 from raylin.tune.layout import SEARCHED_KEY, LayoutSearch, check_layout_search, resolve_layouts, write_layout_results
@@ -211,6 +212,8 @@ def run_trial(params: dict, base: dict, pools: dict, slots) -> None:
     pool = shared if fixed_teacher and shared is not None and shared.spec.target == config.target_teacher else None
     ray.get(slots.acquire.remote(context.get_trial_id(), ray.get_runtime_context().current_actor))
     try:
+        if config.align.enabled:  # as `raylin convert` does; trials aligning alike share it through align.dir
+            run_align(config)
         result = fit(config, teacher_pool=pool, callbacks=[TuneReportCallback()])
     finally:
         ray.get(slots.release.remote(context.get_trial_id()))
