@@ -150,7 +150,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         report = export_student(args.student, args.to, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError) as error:
+    except ExportError as error:
         print(f"raylin export: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.to}: {report.architecture}, attention kept in {report.attention_layers or 'no'} layers, "

@@ -205,7 +205,10 @@ def export_student(student_dir: str | Path, out_dir: str | Path, overwrite: bool
         raise ExportError(f"--to {out_dir} is the student's own folder; choose another folder.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already holds files; pass --overwrite to replace it, or choose another folder.")
-    student = load_student(student_dir)
+    try:
+        student = load_student(student_dir)
+    except (FileNotFoundError, ValueError) as error:  # not a student folder: say so, without a traceback
+        raise ExportError(str(error)) from error
     model = to_bamba(student)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, student.teacher_config.vocab_size, (2, probe_length), generator=generator)

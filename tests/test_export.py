@@ -125,6 +125,8 @@ def test_export_refuses_an_inexact_norm_epsilon_and_a_folder_in_use(tmp_path, ca
     assert main(["export", str(tmp_path / "student"), "--to", str(tmp_path / "busy")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    assert main(["export", str(tmp_path / "busy"), "--to", str(tmp_path / "elsewhere")]) == 2  # not a student folder
+    assert "config.json is missing" in capsys.readouterr().err
 
 
 @pytest.mark.assets
