@@ -25,7 +25,8 @@ A sweep's ``tune.layout`` section turns ``plan.keep_attention`` into a searched 
 
 The importance scores and the layouts are written to OUTPUT_DIR/tune/layouts.json before the
 first trial and reused when the sweep resumes (the same fingerprint: teacher, plan, data, probe
-settings), so a resumed sweep searches the same layouts. After the sweep, layouts.md and
+and search settings), so a resumed sweep searches the same layouts; the importance alone is also
+remembered in RAYLIN_CACHE/layer_importance/, so a sweep of other budgets measures it once. After the sweep, layouts.md and
 layouts.png set each layout's metric against its share of attention, searched layouts against
 evenly spaced ones, with the key/value bytes each kept layer adds per decoded token.
 
@@ -49,15 +50,18 @@ import torch.nn.functional as F
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig
 from raylin.convert import convert
+from raylin.data.assets import cache_dir
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
 from raylin.tasks import task_kind
+from raylin.teacher.cache import teacher_fingerprint
 
 _log = logging.getLogger(__name__)
 
 LAYOUTS_FILE = "layouts.json"
+IMPORTANCE_DIR = "layer_importance"  # under RAYLIN_CACHE
 SEARCHED_KEY = "plan.keep_attention"
 ORIGINS = ("evenly spaced", "most important", "searched")
 
@@ -170,17 +174,27 @@ def candidate_layouts(scores: list[float], search: LayoutSearch, seed: int) -> l
 
 def resolve_layouts(config: RunConfig, search: LayoutSearch, seed: int, folder: Path) -> list[dict]:
     """The layouts this sweep searches: read from ``folder``/layouts.json when its fingerprint matches
-    (a resumed sweep), else measured and written there."""
-    identity = {"teacher": config.target_teacher or config.teacher, "plan": config.plan,
+    (a resumed sweep), else drawn from the layers' importance and written there.
+
+    The importance is remembered in RAYLIN_CACHE/layer_importance/, keyed by the teacher's files,
+    the plan, the task, the data and the probe, so sweeps of other budgets on the same teacher
+    (or a sweep restarted with more samples) measure it once."""
+    identity = {"teacher": teacher_fingerprint(config.target_teacher or config.teacher), "plan": config.plan,
                 "task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data),
-                "batch": config.train.batch_size, "search": dataclasses.asdict(search), "seed": seed}
-    key = fingerprint(identity)
+                "batch": config.train.batch_size, "probe_batches": search.probe_batches}
+    key = fingerprint(identity | {"search": dataclasses.asdict(search), "seed": seed})
     path = folder / LAYOUTS_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == key:
             return saved["layouts"]
-    scores = layer_importance(config, search.probe_batches)
+    remembered = cache_dir() / IMPORTANCE_DIR / f"{fingerprint(identity, 20)}.json"
+    if remembered.is_file():
+        scores = json.loads(remembered.read_text())["importance"]
+    else:
+        scores = layer_importance(config, search.probe_batches)
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(remembered, json.dumps({"identity": identity, "importance": scores}, indent=1))
     layouts = candidate_layouts(scores, search, seed)
     write_text_atomic(path, json.dumps({"fingerprint": key, "importance": scores, "layouts": layouts}, indent=1))
     _log.info("layout search: %d layouts (%s)", len(layouts), "; ".join(f"{l['origin']} {l['layers']}" for l in layouts))
@@ -223,15 +237,32 @@ def write_layout_results(rows: list[dict], metric: str, mode: str, folder: Path,
                             f"evenly spaced {even[0]['layers']} {even[0][metric]:.3f}: "
                             f"{'better' if better(best[metric], even[0][metric]) else 'not better'}.")
     write_text_atomic(folder / "layouts.md", "\n".join(lines + [""] + verdicts) + "\n")
-    with figure(folder / "layouts.png", size=(6, 4), dpi=120) as axes:
-        ax = axes[0][0]
-        for name, marker in zip(ORIGINS, ("s", "^", "o"), strict=True):
-            points = [(r["share"], r[metric]) for r in results if r["origin"] == name]
-            if points:
-                ax.scatter(*zip(*points), marker=marker, label=name)
-        ax.set_xlabel("share of attention layers kept")
-        ax.set_ylabel(metric)
-        ax.set_title("Searched layouts vs evenly spaced ones")
-        ax.legend(fontsize=8)
+    _plot_layouts(results, metric, folder / "layouts.png")
     write_text_atomic(folder / LAYOUTS_FILE, json.dumps({**saved, "results": results}, indent=1))
     return results
+
+
+def _plot_layouts(results: list[dict], metric: str, path: Path) -> None:
+    """The metric against the share of attention kept (and the KV bytes per token it costs), one
+    marker per origin, each point named by its layers; hollow: stopped early by the scheduler."""
+    with figure(path, size=(7, 4.2), dpi=120) as axes:
+        ax = axes[0][0]
+        for name, marker in zip(ORIGINS, ("s", "^", "o"), strict=True):
+            for stopped in (False, True):
+                points = [r for r in results if r["origin"] == name and r["stopped_early"] == stopped]
+                if points:
+                    ax.scatter([r["share"] for r in points], [r[metric] for r in points], marker=marker, s=60,
+                               label=name + (" (stopped early)" if stopped else ""),
+                               facecolors="none" if stopped else None, edgecolors=f"C{ORIGINS.index(name)}",
+                               color=f"C{ORIGINS.index(name)}")
+        for r in results:
+            ax.annotate(str(r["layers"]), (r["share"], r[metric]), textcoords="offset points", xytext=(6, -3), fontsize=7)
+        shares = [r["share"] for r in results]
+        ax.set_xlim(0, max(shares) * 1.6)
+        ax.set_xlabel("share of attention layers kept")
+        ax.set_ylabel(metric)
+        kv = {r["share"]: r["kv_bytes_per_token"] for r in results}
+        ax.set_title("Searched layouts vs evenly spaced ones; KV bytes per token: "
+                     + ", ".join(f"{share:.3f} -> {kv[share]:,}" for share in sorted(kv)), fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
