@@ -172,6 +172,18 @@ def candidate_layouts(scores: list[float], search: LayoutSearch, seed: int) -> l
     return layouts
 
 
+def importance_identity(config: RunConfig, search: LayoutSearch) -> dict:
+    """What the layers' importance depends on: the teacher's files, the plan, task, data and probe."""
+    return {"teacher": teacher_fingerprint(config.target_teacher or config.teacher), "plan": config.plan,
+            "task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data),
+            "batch": config.train.batch_size, "probe_batches": search.probe_batches}
+
+
+def importance_file(identity: dict) -> Path:
+    """Where the importance measured for ``identity`` is remembered (RAYLIN_CACHE/layer_importance/)."""
+    return cache_dir() / IMPORTANCE_DIR / f"{fingerprint(identity, 20)}.json"
+
+
 def resolve_layouts(config: RunConfig, search: LayoutSearch, seed: int, folder: Path) -> list[dict]:
     """The layouts this sweep searches: read from ``folder``/layouts.json when its fingerprint matches
     (a resumed sweep), else drawn from the layers' importance and written there.
@@ -179,16 +191,14 @@ def resolve_layouts(config: RunConfig, search: LayoutSearch, seed: int, folder: 
     The importance is remembered in RAYLIN_CACHE/layer_importance/, keyed by the teacher's files,
     the plan, the task, the data and the probe, so sweeps of other budgets on the same teacher
     (or a sweep restarted with more samples) measure it once."""
-    identity = {"teacher": teacher_fingerprint(config.target_teacher or config.teacher), "plan": config.plan,
-                "task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data),
-                "batch": config.train.batch_size, "probe_batches": search.probe_batches}
+    identity = importance_identity(config, search)
     key = fingerprint(identity | {"search": dataclasses.asdict(search), "seed": seed})
     path = folder / LAYOUTS_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == key:
             return saved["layouts"]
-    remembered = cache_dir() / IMPORTANCE_DIR / f"{fingerprint(identity, 20)}.json"
+    remembered = importance_file(identity)
     if remembered.is_file():
         scores = json.loads(remembered.read_text())["importance"]
     else:
