@@ -169,14 +169,16 @@ def to_bamba(student: RaylinStudent) -> BambaForCausalLM:
         model = BambaForCausalLM(config)
     state = {bamba_name(name): tensor for name, tensor in student.state_dict().items()}
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        state.pop("lm_head.weight", None)  # tied: the embedding is the head
+    placed = model.load_state_dict(state, strict=False, assign=True)
+    if placed.unexpected_keys:
+        raise ExportError(f"Student tensors with no place in the Bamba model: {placed.unexpected_keys[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-    if missing:
-        raise ExportError(f"Bamba tensors with no student weight: {missing[:5]}")
     model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were built on the meta device
+    unplaced = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unplaced:
+        raise ExportError(f"Bamba tensors with no student weight: {unplaced[:5]}")
     return model.eval()
 
 
