@@ -54,7 +54,7 @@ def test_bench_speed_writes_records_summary_and_plot(tmp_path):
     keys = {"model", "scope", "seq_len", "latency_s", "peak_mem_mb"}
     assert all(keys <= set(r) and r["latency_s"] > 0 and r["peak_mem_mb"] >= 0 for r in records)
     models = {(r["model"], r["scope"]) for r in records}
-    for name in ("teacher", "linformer", "bimamba", "bimamba2", "mamba", "mamba2"):
+    for name in ("teacher", "linformer", "bimamba", "bimamba2", "bigated_deltanet", "mamba", "mamba2", "gated_deltanet"):
         assert (name, "mixer") in models and (name, "model") in models
     assert ("teacher-eager", "mixer") in models
     assert ("bert-no-attention", "model") in models and ("llama-no-attention", "model") in models

@@ -98,6 +98,7 @@ def test_importance_is_the_divergence_of_converting_one_block_and_is_reused(deep
     assert resolve_layouts(config, search, 0, tmp_path) == layouts
 
 
+@pytest.mark.slow  # about 3 minutes (three trials, each aligning first): `make test-all`
 def test_layout_sweep_searches_the_kept_layers_and_plots_them_against_evenly_spaced(deep_teacher, tmp_path):
     config = _sweep_file(deep_teacher, tmp_path, {"keep": [1], "samples": 1, "probe_batches": 1})
     done = subprocess.run([sys.executable, "-m", "raylin.cli", "tune", str(config)], capture_output=True, text=True,
