@@ -195,10 +195,15 @@ def text_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Itera
                 yield _row("text", data_name, mixer, _run(run, log), run_dir, "accuracy", "all-MiniLM-L6")
 
 
+def _lm_base(size: dict) -> dict:
+    """The language-model runs' shared config at a budget's ``size`` (the lm and hybrids suites)."""
+    return _sized(merge_sections(merge_sections(_COMMON, LM), {"data": {"max_length": size["max_length"]}}), size["steps"], size)
+
+
 def lm_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Iterator[dict]:
     """The LM students (their target teacher is SmolLM2 itself: nothing to fine-tune)."""
     size = SIZES[budget]["lm"]
-    base = _sized(merge_sections(merge_sections(_COMMON, LM), {"data": {"max_length": size["max_length"]}}), size["steps"], size)
+    base = _lm_base(size)
     log("lm / austen")
     for name, mode in GRIDS[budget]["lm"]:
         run_dir = out / "lm" / f"{name}-{mode}"
@@ -212,7 +217,7 @@ def hybrids_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> It
     suite runs them (same folders: either suite reuses the other's runs), each with its decoding
     state after 256, 1,024 and 4,096 tokens of context."""
     size = SIZES[budget]["lm"]
-    base = _sized(merge_sections(merge_sections(_COMMON, LM), {"data": {"max_length": size["max_length"]}}), size["steps"], size)
+    base = _lm_base(size)
     log("hybrids / austen")
     lengths = (16, 32) if budget == "quick" else (256, 1024, 4096)
     states = {record["model"]: record for record in decoding_state(lengths, plans={name: LM_PLANS[name] for name in HYBRIDS},
