@@ -11,6 +11,7 @@
     raylin bench quality [--quick | --long] [--only text,lm,speech,hybrids,speed]   teacher vs students on text, LM and speech
     raylin bench cluster [--out DIR] [--nodes 1,2,3]   teacher traffic per node on simulated nodes
     raylin bench scale [--out DIR] [--part align|zero|all|billion]   align-task peak; ZeRO stage memory; a 1.1B conversion
+    raylin bench faults [--out DIR] [--trials N] [--kinds a,b]   fault soak: survived / identical runs per fault kind
 """
 
 from __future__ import annotations
@@ -109,6 +110,20 @@ def _bench_cluster(args: argparse.Namespace) -> int:
     result = run_cluster_benchmark(args.out, nodes=nodes, steps=args.steps)
     print(json.dumps(summarize(result), indent=1))
     print(f"wrote {Path(args.out) / 'cluster.json'} and {Path(args.out) / 'cluster.png'}")
+    return 0
+
+
+def _bench_faults(args: argparse.Namespace) -> int:
+    from raylin.eval.faults import FAULT_KINDS, run_fault_benchmark, summary_lines
+
+    kinds = [k for k in args.kinds.split(",") if k] if args.kinds else list(FAULT_KINDS)
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown or args.trials < 1:
+        raise SystemExit(f"raylin bench faults: --kinds takes {','.join(FAULT_KINDS)} (got {','.join(unknown) or args.kinds}) "
+                         "and --trials must be >= 1.")
+    result = run_fault_benchmark(args.out, trials=args.trials, kinds=kinds, first_seed=args.first_seed)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {Path(args.out) / 'faults.json'}")
     return 0
 
 
@@ -271,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "0/2/3 with 1 and 2 workers, and DeepSpeed's estimates for 1B-70B students; all: both; "
                             "billion: a 1.17B-parameter conversion (align + 20 ZeRO-3 steps), not in all")
     scale.set_defaults(func=_bench_scale)
+    faults = bench_kinds.add_parser(
+        "faults", help="fault soak: N short conversions per fault kind (worker, teacher replica or node lost, crash "
+                       "while checkpointing, NaN loss) at seeded random steps, each compared with the uninterrupted run")
+    faults.add_argument("--out", default="benchmarks/results", help="output folder for faults.json")
+    faults.add_argument("--trials", type=int, default=10, help="runs per fault kind (default 10)")
+    faults.add_argument("--kinds", default="", help="comma-separated fault kinds (default all: worker-kill, "
+                        "teacher-kill, checkpoint-crash, nan, node-lost)")
+    faults.add_argument("--first-seed", type=int, default=0, help="the first trial's seed (trials use seeds from it on)")
+    faults.set_defaults(func=_bench_faults)
     return parser
 
 

@@ -149,6 +149,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints (older ones are deleted)
     eval_every: int | None = None
     max_failures: int = 2
     seed: int = 0
@@ -466,6 +467,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(0 < t.gpus_per_worker <= 1, f"train.gpus_per_worker must be in (0, 1], got {t.gpus_per_worker}.")
     need(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the run resumes from the latest).")
     need(t.eval_every is None or t.eval_every >= 0, f"train.eval_every must be >= 0 (0 or null: at the end only), got {t.eval_every}.")
     if need(bool(config.output_dir), "output_dir must be set."):
         _check_writable(Path(config.output_dir), "output_dir", need)

@@ -78,26 +78,13 @@ def smollm2():
 # ----- tiny text teachers and a local Ray cluster for training tests --------------------------------
 
 
-def _tiny_teacher(folder, tokenizer, seed):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic across worker counts
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     require_asset("all-minilm-l6")
-    from raylin.data.assets import asset_path
+    from raylin.eval.faults import tiny_text_teacher
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(asset_path("all-minilm-l6"))
     root = tmp_path_factory.mktemp("teachers")
-    return {name: _tiny_teacher(root / name, tokenizer, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}
+    return {name: tiny_text_teacher(root / name, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}
 
 
 @pytest.fixture(scope="module")

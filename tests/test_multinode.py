@@ -12,7 +12,6 @@ stopped by its own processes (``Cluster.shutdown``), never by ``ray stop``.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 
 from conftest import losses_of, run_config
 from raylin.eval.cluster import local_cluster
+from raylin.eval.faults import remove_node_when_stalled, served_nodes
 from raylin.train.trainer import TEACHER_STATS, fit
 
 pytestmark = pytest.mark.multinode
@@ -122,31 +122,6 @@ def test_tune_trials_on_different_nodes_share_one_replica_per_node_and_the_cache
     assert stats["examples_forwarded"] == stats["cache_misses"] <= 2 * 48
 
 
-def _served_nodes() -> set[str]:
-    """The node ids of the nodes holding a fixed-teacher replica (its name ends in one)."""
-    return {actor["name"].rsplit("-", 1)[-1] for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["name"].startswith("raylin-teacher-") and not actor["name"].endswith("-global")}
-
-
-def _remove_a_node_when_stalled(cluster, out, step: int, removed: list, choose) -> threading.Thread:
-    """A watcher that, once the run stalls before ``step`` (fault ``stall:STEP``), removes the node
-    whose id ``choose()`` names, without a graceful shutdown: a lost machine. (Nodes can be removed
-    from any thread, added only from the main one.)"""
-
-    def watch() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (out / f".fault-stall-{step}").exists():
-            time.sleep(0.2)
-        chosen = choose()
-        node = next(n for n in cluster.list_all_nodes() if n.node_id == chosen)
-        removed.append(node.node_id)
-        cluster.remove_node(node, allow_graceful=False)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.slow
 def test_a_lost_worker_node_resumes_from_shared_storage_and_ends_as_the_uninterrupted_run(
         teachers, cluster, tmp_path, monkeypatch):
@@ -159,7 +134,7 @@ def test_a_lost_worker_node_resumes_from_shared_storage_and_ends_as_the_uninterr
     cluster.wait_for_nodes()
     removed: list[str] = []
     monkeypatch.setenv("RAYLIN_TEST_FAULT", "stall:8")  # holds still after step 8, past the step-6 checkpoint
-    watcher = _remove_a_node_when_stalled(cluster, tmp_path / "lost", 8, removed, lambda: min(_served_nodes()))
+    watcher = remove_node_when_stalled(cluster, tmp_path / "lost", 8, removed, lambda: min(served_nodes()))
     result = fit(run_config(teachers, tmp_path / "lost", **shared, name="lost"))
     watcher.join(timeout=60)
     assert result.error is None and removed
@@ -196,7 +171,7 @@ def test_a_lost_teacher_node_restarts_the_trajectory_replica_elsewhere_and_the_r
 
     removed: list[str] = []
     monkeypatch.setenv("RAYLIN_TEST_FAULT", "stall:8")
-    watcher = _remove_a_node_when_stalled(cluster, tmp_path / "lost", 8, removed, teacher_node)
+    watcher = remove_node_when_stalled(cluster, tmp_path / "lost", 8, removed, teacher_node)
     result = fit(run_config(teachers, tmp_path / "lost", **shared, name="lost"))
     watcher.join(timeout=60)
     assert result.error is None and removed

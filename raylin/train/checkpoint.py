@@ -35,7 +35,7 @@ from raylin.train.run_files import STUDENT_DIR
 STATE_FILE = "trainer_state.json"
 STAGING_DIR = ".checkpoint-staging"
 # Fields that may change between a run and its resumption; everything else must match.
-RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_every")
+RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_every", "keep_checkpoints")
 
 
 def config_fingerprint(config: RunConfig) -> str:

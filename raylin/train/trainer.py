@@ -136,7 +136,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
             name=config.run_name,
             storage_path=storage_path(config),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
             callbacks=callbacks or [],
         ),
@@ -224,7 +224,7 @@ def checkpoint_disk_need(config: RunConfig, finetune: bool = False) -> tuple[int
                 parameters += math.prod(shape)
     saves = _checkpoint_saves(config)
     size = parameters * CHECKPOINT_BYTES_PER_PARAMETER
-    need = (min(saves, 3) + 1) * size + (saves * parameters * 4 if finetune else 0)
+    need = (min(saves, config.train.keep_checkpoints + 1) + 1) * size + (saves * parameters * 4 if finetune else 0)
     return parameters, need
 
 
@@ -249,7 +249,7 @@ def check_disk(config: RunConfig, finetune: bool = False) -> None:
             f"Not enough free disk for this run's checkpoints: {existing} has {free / 1e9:.1f} GB free and the run "
             f"needs about {need / 1e9:.1f} GB ({_checkpoint_saves(config)} checkpoint(s) of about "
             f"{parameters * CHECKPOINT_BYTES_PER_PARAMETER / 1e9:.1f} GB for {parameters / 1e6:.0f}M parameters: weights "
-            "and Adam state, at most 3 on disk at once plus one being staged). Free space there, point output_dir or "
+            "and Adam state, at most train.keep_checkpoints + 1 on disk at once plus one being staged). Free space there, point output_dir or "
             "train.storage_path at a larger disk, or set train.checkpoint_every >= train.max_steps (one checkpoint)."
         )
 
