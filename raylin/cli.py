@@ -1,7 +1,7 @@
 """The ``raylin`` command line.
 
-    raylin finetune CONFIG.yaml [--set key=value ...]  fine-tune the teacher: target teacher + waypoints
-    raylin convert CONFIG.yaml [--set key=value ...]   transfer -> distill -> evaluate -> export
+    raylin finetune CONFIG.yaml [--set key=value ...] [--overwrite]  fine-tune the teacher: target teacher + waypoints
+    raylin convert CONFIG.yaml [--set key=value ...] [--overwrite]   transfer -> distill -> evaluate -> export
     raylin tune CONFIG.yaml [--resume]                 Ray Tune sweep over the config's tune: section
     raylin eval CONFIG.yaml [--student DIR]            score teacher and student, time both: OUTPUT_DIR/eval.json
     raylin export STUDENT_DIR --to DIR [--overwrite]   a Llama Mamba2 hybrid as a stock transformers (Bamba) checkpoint
@@ -20,13 +20,16 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from raylin.errors import RayClusterUnreachable
 from raylin.log import LEVEL_ENV, setup_logging
 
-# Each command imports what it runs inside its handler: `raylin --help` answers before torch,
-# transformers and Ray load, and a run loads Ray only after its config is checked.
+INTERNAL_ERROR_FRAMES = 3  # of an unexpected error's traceback, below --verbose
+
+# Each command imports what it runs inside its handler: `raylin --help` answers before Ray and the
+# benchmarks load, and a run loads Ray only after its config is checked.
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -144,14 +147,15 @@ def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -
 def _convert(args: argparse.Namespace) -> int:
     from raylin.pipeline import run_conversion
 
-    return _run_config(args, run_conversion)
+    return _run_config(args, lambda config: run_conversion(config, overwrite=args.overwrite))
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from raylin.pipeline import run_finetune
 
     # The fine-tuned teacher is what this run makes: ignore target_teacher and guidance.
-    return _run_config(args, run_finetune, ["guidance={mode: unguided}", "target_teacher=null"])
+    return _run_config(args, lambda config: run_finetune(config, overwrite=args.overwrite),
+                       ["guidance={mode: unguided}", "target_teacher=null"])
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -203,11 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("config", help="YAML run config (see docs/config.md)")
     convert.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field by its dotted name, e.g. --set train.max_steps=50")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="delete a run of another config in output_dir instead of refusing to start")
     convert.set_defaults(func=_convert)
 
     finetune = commands.add_parser("finetune", help="fine-tune the teacher on the task (target teacher + waypoints)")
     finetune.add_argument("config", help="YAML run config; its teacher, task, data and train sections are used")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    finetune.add_argument("--overwrite", action="store_true",
+                          help="delete a run of another config in output_dir instead of refusing to start")
     finetune.set_defaults(func=_finetune)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over config fields (the config's tune: section)")
@@ -326,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     except RayClusterUnreachable as error:  # bad input: the cluster the environment names is gone
         print(f"raylin: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # not bad input: a bug, or a failure of the run itself
+        if os.environ.get(LEVEL_ENV) == "verbose":
+            raise
+        # Where it was raised, and the message; the full trace (often deep in Ray or DeepSpeed) with --verbose.
+        print("".join(traceback.format_exception(error, limit=-INTERNAL_ERROR_FRAMES)).rstrip(), file=sys.stderr)
+        print(f"raylin: {args.command} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+              "raylin: run it again with --verbose for the full trace; if this looks like a bug in raylin, report it "
+              "with that trace.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

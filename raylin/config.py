@@ -31,6 +31,7 @@ from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
 from raylin.models.teachers import resolve_teacher_path
 from raylin.tasks import TASKS
+from raylin.tracking import check_tracking
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEACHER_MODES = ("served", "inprocess")
@@ -199,6 +200,18 @@ class AlignConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (raylin.tracking): rank 0 logs the train log's records, the driver the results."""
+
+    backend: str = "none"  # none | mlflow | wandb | tensorboard
+    experiment: str = "raylin"  # MLflow experiment / W&B project
+    # MLflow: tracking URI (default: a file store at OUTPUT_DIR/mlruns); TensorBoard: the log folder
+    # (default OUTPUT_DIR/tensorboard); W&B: unused (WANDB_MODE, WANDB_BASE_URL in the environment).
+    uri: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class BroadConfig:
     """The broad-data stage (raylin.data.broad): unlabeled data broader than the task's, for alignment."""
 
@@ -237,6 +250,7 @@ class RunConfig:
     broad: BroadConfig = field(default_factory=BroadConfig)
     # Out-of-distribution sets scored for teacher and student (retention); None: the data set's defaults.
     eval_sets: list[EvalSetConfig] | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str | None = None  # run name (resume key); default: the output folder's name
 
     # ----- derived views --------------------------------------------------------------------
@@ -467,6 +481,8 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(0 < t.gpus_per_worker <= 1, f"train.gpus_per_worker must be in (0, 1], got {t.gpus_per_worker}.")
     need(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
+    for problem in check_tracking(config.tracking):
+        need(False, problem)
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the run resumes from the latest).")
     need(t.eval_every is None or t.eval_every >= 0, f"train.eval_every must be >= 0 (0 or null: at the end only), got {t.eval_every}.")
     if need(bool(config.output_dir), "output_dir must be set."):

@@ -1,7 +1,8 @@
 """raylin's console: every module logs to ``logging.getLogger(__name__)`` (under "raylin"), and
 ``setup_logging`` gives that tree one handler, in the driver and in every Ray worker process.
 
-Lines read ``[raylin] message`` on stderr. The handler does not propagate to the root logger, so
+Lines read ``[raylin] message`` on stderr. Long stages show their progress from the driver
+(raylin.progress); the Ray workers' own output reaches the console only under ``--verbose``. The handler does not propagate to the root logger, so
 libraries that configure the root (Ray Train's worker logging among them) do not print raylin's
 lines a second time. Limits: Ray forwards a worker's stderr to the driver's console with its
 ``(RayTrainWorker pid=...)`` prefix; that prefix is Ray's.
@@ -12,6 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+import huggingface_hub
+import transformers
 
 _HANDLER_NAME = "raylin-console"
 # The console level, set by `raylin --verbose / --quiet` in the driver and carried to every Ray
@@ -58,4 +62,11 @@ def setup_logging(level: str | None = None) -> logging.Logger:
     if level != "verbose":
         for name, value in QUIET_LIBRARIES.items():
             os.environ.setdefault(name, value)
+        # This process imported transformers before it could read the environment (``import raylin``
+        # does): quiet its copy directly. Processes started from here read the environment.
+        if os.environ["TRANSFORMERS_VERBOSITY"] == QUIET_LIBRARIES["TRANSFORMERS_VERBOSITY"]:
+            transformers.utils.logging.set_verbosity_error()
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == QUIET_LIBRARIES["HF_HUB_DISABLE_PROGRESS_BARS"]:
+            transformers.utils.logging.disable_progress_bar()
+            huggingface_hub.utils.disable_progress_bars()
     return logger

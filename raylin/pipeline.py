@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoConfig
 
 from raylin.atomic import replace_folder, write_text_atomic
@@ -43,10 +45,14 @@ from raylin.models.student import load_student
 from raylin.models.teachers import resolve_teacher_path
 from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
+from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
+from raylin.train.checkpoint import RESUMABLE_CHANGES
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR, STUDENT_DIR
-from raylin.train.trainer import check_disk, ensure_ray, fit, publish_outputs, published_outputs
+from raylin.train.trainer import check_disk, ensure_ray, fit, publish_outputs, published_outputs, storage_path
+
+log = logging.getLogger(__name__)
 
 
 def check_eval_sets(config: RunConfig) -> None:
@@ -56,6 +62,62 @@ def check_eval_sets(config: RunConfig) -> None:
         preload_eval_sets(config)
     except ValueError as error:
         raise ConfigError(f"eval_sets: {error}") from None
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(recorded: dict, config: RunConfig) -> list[str]:
+    """The dotted keys whose value in ``config`` differs from a run's recorded config (its
+    config.yaml), leaving out what a run may change when it resumes (train.max_steps, ...). Keys only
+    one side has (a field added to raylin since) are not compared."""
+    before, now = _flat(recorded), _flat(config.to_dict())
+    resumable = {f"train.{key}" for key in RESUMABLE_CHANGES}
+    return sorted(k for k in before.keys() & now.keys()
+                  if k not in resumable and not k.startswith("tracking.") and before[k] != now[k])
+
+
+def check_output_dir(config: RunConfig, overwrite: bool = False) -> None:
+    """Before any work starts: ``output_dir`` can be made, and holds no run of another config.
+
+    A folder whose config.yaml records a different config (a finished run, or one with checkpoints
+    to resume) is refused with the keys that differ, unless ``overwrite``: then that run is removed
+    (the folder, and its checkpoints under a local train.storage_path) and this one starts afresh.
+    The same config, or one that differs only in what may change on resume, goes on as before
+    (reused when finished, resumed from its checkpoint otherwise). Raises ConfigError."""
+    out = Path(config.output_dir)
+    recorded = out / "config.yaml"
+    if recorded.is_file():
+        try:
+            before = yaml.safe_load(recorded.read_text())
+        except yaml.YAMLError:
+            before = None
+        changed = changed_keys(before, config) if isinstance(before, dict) else ["(unreadable config.yaml)"]
+        if changed:
+            finished = (out / "metrics.json").is_file()
+            if not overwrite:
+                shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+                raise ConfigError(
+                    f"output_dir {out} holds {'a finished run' if finished else 'a run'} of a different config "
+                    f"(it differs in {shown}). Choose another output_dir (--set output_dir=...), or pass --overwrite "
+                    f"to delete that run and start this one.")
+            log.warning("--overwrite: deleting the %s run in %s (its config differs in %s)",
+                        "finished" if finished else "unfinished", out, ", ".join(changed))
+            shutil.rmtree(out)
+            storage = storage_path(config)
+            if config.train.storage_path is not None and "://" not in storage:
+                shutil.rmtree(Path(storage) / config.run_name, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} cannot be created ({error.strerror}); choose a folder this user can write.") from None
 
 
 def finished_run(config: RunConfig) -> dict | None:
@@ -83,12 +145,16 @@ def finetune_config(config: RunConfig) -> RunConfig:
     )
 
 
-def run_finetune(config: RunConfig) -> dict:
-    """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/."""
+def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
+    """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/.
+    ``overwrite``: replace a run of another config in OUTPUT_DIR (check_output_dir)."""
     config = finetune_config(config)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        check_output_dir(config)  # refusals first, before Ray; deleting waits until Ray is up
+    ensure_ray()
+    check_output_dir(config, overwrite)
     write_text_atomic(out / "config.yaml", dump_config(config))
     result = fit(config, finetune=True)
     if result.error is not None:
@@ -105,6 +171,7 @@ def run_finetune(config: RunConfig) -> dict:
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
+    log_results(config, metrics)
     publish_outputs(config, [FINETUNED_DIR, SNAPSHOT_DIR, "metrics.json", "config.yaml"])
     return metrics
 
@@ -138,12 +205,16 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
     return scores
 
 
-def run_conversion(config: RunConfig) -> dict:
+def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
+    """Convert, align (when enabled), distil and evaluate; writes OUTPUT_DIR/student/, metrics.json and
+    report.md. ``overwrite``: replace a run of another config in OUTPUT_DIR (check_output_dir)."""
     started = time.perf_counter()
     check_eval_sets(config)
-    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        check_output_dir(config)  # refusals first, before Ray; deleting waits until Ray is up
+    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
+    check_output_dir(config, overwrite)
     write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:
@@ -176,6 +247,7 @@ def run_conversion(config: RunConfig) -> dict:
                             "wall_s": aligned.get("wall_s"), "dir": str(aligned_dir(config))}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     write_text_atomic(out / "report.md", render_report(config, metrics))
+    log_results(config, metrics)
     publish_outputs(config, [STUDENT_DIR, "metrics.json", "report.md", "config.yaml", "teacher_service.json"])
     return metrics
 
@@ -206,7 +278,8 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     Limits: batch 1 for the timing."""
     folder = Path(student_dir) if student_dir else Path(config.output_dir) / STUDENT_DIR
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"No student folder at {folder}: run `raylin convert` first or pass --student.")
+        raise ConfigError(f"No student folder at {folder} (no config.json there): run `raylin convert` first, "
+                          "or pass --student with the folder a conversion wrote (OUTPUT_DIR/student).")
     check_eval_sets(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(folder).to(device)

@@ -91,7 +91,8 @@ def teachers(tmp_path_factory):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a private cluster even when another (a `ray start`, a benchmark's Cluster) runs here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

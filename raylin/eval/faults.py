@@ -304,7 +304,7 @@ def run_fault_benchmark(out: str | Path, trials: int = 10, kinds: list[str] | No
         teachers = (tiny_text_teacher(folder / "source", 0), tiny_text_teacher(folder / "target", 1))
         single = [k for k in kinds if not FAULT_KINDS[k].nodes]
         if single:
-            ray.init(num_cpus=NODE_CPUS, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=NODE_CPUS, include_dashboard=False, log_to_driver=False)
             try:
                 for name in single:
                     kind = FAULT_KINDS[name]

@@ -108,7 +108,7 @@ def run_scale_benchmark(out: str | Path, hidden: int = 1024, tasks: int = 4, ste
         block_params = sum(p.numel() for p in model.model.layers[0].parameters())
         total_params = sum(p.numel() for p in model.parameters())
         del model
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             baseline = ray.get(_baseline_rss_mb.remote())
             runs, weights = {}, {}
@@ -247,7 +247,7 @@ def run_zero_benchmark(out: str | Path, steps: int = 2) -> dict:
     teacher_config = transformers.AutoConfig.from_pretrained(asset_path(TOKENIZER))
     params, largest = student_sizes(teacher_config, {"mixer": "mamba2"})
     runs = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="raylin-zero-") as scratch:
             for workers in (1, 2):
@@ -334,7 +334,7 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
         with torch.device("meta"):
             teacher_params = sum(p.numel() for p in transformers.LlamaForCausalLM(teacher_config).parameters())
         student_params, _ = student_sizes(teacher_config, config.plan)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             with MachineMemoryPeak() as machine:
                 metrics = run_conversion(config)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
 from raylin.models.teachers import resolve_teacher_path
+from raylin.progress import append_record, follow
 from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
 from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
@@ -70,6 +72,7 @@ from raylin.train.source import assign_tensors, block_local_student, converted_s
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
 SUMMARY_FILE = "align.json"
+ALIGN_PROGRESS_DIR = ".align-progress"  # one JSON-lines file per align task: the driver shows the progress
 
 
 class _StopForward(Exception):
@@ -135,8 +138,9 @@ def align_spec(config: RunConfig):
                                layers=None, logits=False, states="layer_io")
 
 
-def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
-    """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations."""
+def align_layers(config_dict: dict, layer_ids: list[int], pool, progress_file: str | None = None) -> dict:
+    """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations;
+    appends each step's loss to ``progress_file`` (raylin.progress shows it on the driver)."""
     config = config_from_dict(config_dict)
     align = config.align
     if align.holds == "blocks":
@@ -185,6 +189,7 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
     with torch.no_grad():
         before = {i: v.item() for i, v in block_losses(*request(-1)).items()}
     pending = request(0)
+    tokens = 0
     for step in range(align.steps):
         current = pending
         if step + 1 < align.steps:
@@ -195,6 +200,9 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if progress_file:
+            tokens += int(current[0]["attention_mask"].sum()) if "attention_mask" in current[0] else 0
+            append_record(progress_file, {"step": step + 1, "loss": loss.item(), "tokens": tokens})
     with torch.no_grad():
         after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
     # The weights that learned (the rest of each block is the conversion's, which the distill stage
@@ -236,8 +244,13 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     # max_calls=1: each task gets a fresh worker process, which hands its memory back when it ends.
     task = ray.remote(max_calls=1)(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2,
                                                          scheduling_strategy="SPREAD")
+    progress = Path(config.output_dir) / ALIGN_PROGRESS_DIR
+    shutil.rmtree(progress, ignore_errors=True)  # an earlier attempt's
+    progress.mkdir(parents=True)
+    files = [progress / f"task{k}.jsonl" for k in range(workers)]
     try:
-        results = ray.get([task.remote(config.to_dict(), group, pool) for group in groups])
+        with follow("align", config.align.steps, files):
+            results = ray.get([task.remote(config.to_dict(), group, pool, str(file)) for group, file in zip(groups, files)])
         teacher_stats = pool.report()
     finally:
         pool.shutdown()

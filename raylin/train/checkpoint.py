@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_ever
 def config_fingerprint(config: RunConfig) -> str:
     """What a checkpoint may be resumed under: the whole config but the RESUMABLE_CHANGES."""
     data = config.to_dict()
+    data.pop("tracking", None)  # where metrics are sent does not change the run
     for key in RESUMABLE_CHANGES:
         data["train"].pop(key, None)
     return fingerprint(data)

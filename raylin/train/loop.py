@@ -33,6 +33,7 @@ from raylin.faults import STALL_S, die, fires, requested_fault
 from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
+from raylin.tracking import open_tracker
 from raylin.train.batch import Batch, BatchFeed, count_tokens
 from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
@@ -107,6 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokens_seen = resumed.tokens
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = open_tracker(config, output_dir) if rank == 0 else None  # tracking: (raylin.tracking)
 
     engine.train()
     for step in range(resumed.step, config.train.max_steps):
@@ -136,8 +138,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics |= {f"eval_{k}": v for k, v in scores.items()}
         if rank == 0:
             append_train_log(output_dir, metrics)
-            if (step + 1) % PROGRESS_EVERY == 0 or done:
-                log.info("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            if tracker is not None:
+                tracker.log(step + 1, metrics)
+            if (step + 1) % PROGRESS_EVERY == 0 or done:  # the driver shows progress (raylin.progress)
+                log.debug("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if checkpoint_now and finetune:
             save_plain_model(engine, run.processor, output_dir / SNAPSHOT_DIR / f"step_{step + 1}", rank)
             if done:
@@ -153,4 +157,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # is registered once every worker has reported its part.
             with staged as checkpoint:
                 ray.train.report(metrics, checkpoint=checkpoint)
+    if tracker is not None:
+        tracker.close()
     write_memory_report(engine, config, output_dir, rank)

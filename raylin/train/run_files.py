@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from raylin.config import TrainConfig
+from raylin.progress import append_record
 
 TRAIN_LOG = "train_log.jsonl"
 STUDENT_DIR = "student"
@@ -41,8 +42,7 @@ def reports_at(step: int, train: TrainConfig) -> bool:
 
 def append_train_log(output_dir: str | Path, record: dict) -> None:
     """Append one step's record to the run's train log (rank 0 only calls this)."""
-    with open(Path(output_dir) / TRAIN_LOG, "a") as log:
-        log.write(json.dumps(record) + "\n")
+    append_record(Path(output_dir) / TRAIN_LOG, record)
 
 
 def read_train_log(output_dir: str | Path) -> list[dict]:

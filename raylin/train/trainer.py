@@ -10,6 +10,7 @@ multi-node cluster ``output_dir`` must be on storage every node can reach.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,8 +30,11 @@ from raylin.data.tasks import prepare_task_data
 from raylin.errors import RayClusterUnreachable
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
 from raylin.models.teachers import resolve_teacher_path
+from raylin.progress import follow
 from raylin.teacher import teacher_pool as make_pool
+from raylin.tracking import TRACKING_ENV
 from raylin.train.loop import train_loop_per_worker
+from raylin.train.run_files import TRAIN_LOG
 
 TEACHER_STATS = "teacher_service.json"  # the served teacher's counters (forwards, cache hits, bytes) and replicas' placement
 WORKER_ENV = {
@@ -48,7 +52,8 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raylin" / "torch_extensions")
     )
-    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT", LEVEL_ENV, *QUIET_LIBRARIES):
+    for name in ("HF_HUB_OFFLINE", "RAYLIN_CACHE", "HF_HOME", "RAYLIN_TEST_FAULT", LEVEL_ENV, *QUIET_LIBRARIES,
+                 *TRACKING_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -104,8 +109,12 @@ def ensure_ray() -> None:
         if job_config:
             job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
             env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
-        # The dashboard hosts the State API that Ray Train uses to clean up placement groups.
-        ray.init(runtime_env={"env_vars": env_vars}, dashboard_host="127.0.0.1")
+        # The dashboard hosts the State API that Ray Train uses to clean up placement groups. Below
+        # --verbose the workers' and Ray's own output stays in Ray's log files (RAY_TMPDIR/session_*/logs);
+        # raylin's driver shows the progress from the run's files and any failure from Ray Train's result.
+        verbose = os.environ.get(LEVEL_ENV) == "verbose"
+        ray.init(runtime_env={"env_vars": env_vars}, dashboard_host="127.0.0.1", log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
 
 
 def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks: list | None = None):
@@ -142,7 +151,8 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         ),
     )
     try:
-        return trainer.fit()
+        with follow("fine-tune" if finetune else "distil", config.train.max_steps, [Path(config.output_dir) / TRAIN_LOG]):
+            return trainer.fit()
     finally:
         if own_pool:
             write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(pool.report(), indent=1))

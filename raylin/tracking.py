@@ -1,0 +1,208 @@
+"""Experiment tracking: a run's metrics in MLflow, Weights & Biases or TensorBoard.
+
+``tracking: {backend: mlflow | wandb | tensorboard, experiment, uri, tags}`` in the config. Training
+rank 0 opens the tracker through Ray's integrations (``ray.air.integrations.mlflow.setup_mlflow``,
+``ray.air.integrations.wandb.setup_wandb``; TensorBoard through tensorboardX, which Ray Tune's own
+TensorBoard logger writes with) and logs every train-log record at its step: losses, learning
+rate, tokens, evaluation scores. The driver then adds the run's results (teacher and student
+scores, retention, as in metrics.json) to the same tracked run.
+
+The tracked run's id is kept in ``OUTPUT_DIR/tracking.json``: a worker group restarted from a
+checkpoint, a resumed run and the driver's results all land in one tracked run, and a re-run step
+is logged again at the same step (the trackers keep the last value, as the train log does).
+
+| backend     | needs                         | where                                               |
+|-------------|-------------------------------|-----------------------------------------------------|
+| mlflow      | ``pip install mlflow-skinny``  | ``uri`` (an MLflow server, or a file store: default ``file://OUTPUT_DIR/mlruns``) |
+| wandb       | ``pip install wandb``          | project ``experiment``; ``WANDB_MODE=offline`` works without a network |
+| tensorboard | tensorboardX (with Ray Tune)   | ``uri``: a folder (default ``OUTPUT_DIR/tensorboard``) |
+
+Limits: MLflow's file store is in maintenance mode in MLflow 3; raylin opts in to it
+(``MLFLOW_ALLOW_FILE_STORE``) only for ``file:`` URIs. Metric names are the train log's keys
+(``loss``, ``eval_accuracy``, ...); results are ``result.<section>.<name>`` (``result.student.accuracy``); params are the config's dotted keys.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+# Ray's integrations import their tracking library only where it is installed.
+from ray.air.integrations.mlflow import setup_mlflow
+from ray.air.integrations.wandb import setup_wandb
+
+from raylin.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+# Credentials and modes the trackers read from the environment: carried to the Ray workers.
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY")
+TRACKING_FILE = "tracking.json"  # the tracked run's id, for restarts, resumes and the driver's results
+
+
+class Tracker(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One tracking backend: the package it needs and how to open its run."""
+
+    package: str  # importable module
+    install: str  # what to pip install
+    open: Any  # (tracking config, run config, output_dir) -> Tracker
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _remembered(output_dir: Path) -> dict:
+    path = output_dir / TRACKING_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _remember(output_dir: Path, **ids: str) -> None:
+    write_text_atomic(output_dir / TRACKING_FILE, json.dumps(ids, indent=1))
+
+
+# ----- MLflow -----------------------------------------------------------------------------------
+
+def mlflow_uri(tracking, output_dir: Path) -> str:
+    uri = tracking.uri or (output_dir / "mlruns").resolve().as_uri()
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # see the module's limits
+    return uri
+
+
+class _MLflow:
+    def __init__(self, tracking, config, output_dir: Path):
+        uri = mlflow_uri(tracking, output_dir)
+        known = _remembered(output_dir).get("mlflow_run_id")
+        if known:
+            os.environ["MLFLOW_RUN_ID"] = known  # mlflow.start_run resumes the run this id names
+        params = {k: str(v)[:500] for k, v in _flat(config.to_dict()).items()}
+        self.mlflow = setup_mlflow(config=params, tracking_uri=uri, experiment_name=tracking.experiment,
+                                   run_name=config.run_name, create_experiment_if_not_exists=True,
+                                   tags=dict(tracking.tags), rank_zero_only=False)
+        run_id = self.mlflow.active_run().info.run_id
+        _remember(output_dir, mlflow_run_id=run_id, tracking_uri=uri)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.mlflow.log_metrics(_numbers(metrics), step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+# ----- Weights & Biases -------------------------------------------------------------------------
+
+class _Wandb:
+    def __init__(self, tracking, config, output_dir: Path):
+        remembered = _remembered(output_dir)
+        run_id = remembered.get("wandb_run_id") or f"{config.run_name}-{os.urandom(4).hex()}"
+        self.run = setup_wandb(config=config.to_dict(), project=tracking.experiment, name=config.run_name,
+                               id=run_id, resume="allow", tags=list(tracking.tags.values()) or None,
+                               dir=str(output_dir), rank_zero_only=False)
+        _remember(output_dir, wandb_run_id=run_id)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log(_numbers(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+# ----- TensorBoard ------------------------------------------------------------------------------
+
+def tensorboard_dir(tracking, output_dir: Path) -> Path:
+    return Path(tracking.uri).expanduser().resolve() if tracking.uri else output_dir / "tensorboard"
+
+
+class _TensorBoard:
+    def __init__(self, tracking, config, output_dir: Path):
+        self.writer = _summary_writer(str(tensorboard_dir(tracking, output_dir) / config.run_name))
+        _remember(output_dir, tensorboard_dir=str(tensorboard_dir(tracking, output_dir) / config.run_name))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in _numbers(metrics).items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _summary_writer(folder: str):
+    module = importlib.import_module("tensorboardX")
+    return module.SummaryWriter(logdir=folder)
+
+
+BACKENDS: dict[str, Backend] = {
+    "mlflow": Backend("mlflow", "mlflow-skinny", _MLflow),
+    "wandb": Backend("wandb", "wandb", _Wandb),
+    "tensorboard": Backend("tensorboardX", "tensorboardX", _TensorBoard),
+}
+TRACKING_BACKENDS = ("none", *BACKENDS)
+
+
+def check_tracking(tracking) -> list[str]:
+    """Problems with a ``tracking:`` section (unknown backend, library not installed), for the
+    config's checks before anything starts."""
+    if tracking.backend == "none":
+        return []
+    backend = BACKENDS.get(tracking.backend)
+    if backend is None:
+        return [f"tracking.backend {tracking.backend!r} is unknown; choose one of {TRACKING_BACKENDS}."]
+    if importlib.util.find_spec(backend.package) is None:
+        return [f"tracking.backend {tracking.backend!r} needs the {backend.package} package: pip install {backend.install} "
+                "(on every node), or set tracking.backend: none."]
+    return []
+
+
+def open_tracker(config, output_dir: Path) -> Tracker | None:
+    """Rank 0's tracker for this run (None without one); resumes the run's tracked run if it has one."""
+    backend = BACKENDS.get(config.tracking.backend)
+    return backend.open(config.tracking, config, Path(output_dir)) if backend else None
+
+
+def log_results(config, metrics: dict[str, Any]) -> None:
+    """Add a finished run's results (metrics.json) to its tracked run, from the driver."""
+    output_dir = Path(config.output_dir)
+    remembered = _remembered(output_dir)
+    results = {f"result.{k}": v for k, v in _flat({k: v for k, v in metrics.items() if k != "published"}).items()}
+    step = int(metrics.get("steps") or 0)
+    if config.tracking.backend == "mlflow" and "mlflow_run_id" in remembered:
+        client = importlib.import_module("mlflow").MlflowClient(mlflow_uri(config.tracking, output_dir))
+        run_id = remembered["mlflow_run_id"]
+        for key, value in _numbers(results).items():
+            client.log_metric(run_id, key, value, step=step)
+        client.log_artifact(run_id, str(output_dir / "metrics.json"))
+        client.set_terminated(run_id)
+    elif config.tracking.backend == "wandb" and "wandb_run_id" in remembered:
+        run = setup_wandb(project=config.tracking.experiment, id=remembered["wandb_run_id"], resume="allow",
+                          dir=str(output_dir), rank_zero_only=False)
+        run.summary.update(_numbers(results))
+        run.finish()
+    elif config.tracking.backend == "tensorboard" and "tensorboard_dir" in remembered:
+        writer = _summary_writer(remembered["tensorboard_dir"])
+        for key, value in _numbers(results).items():
+            writer.add_scalar(key, value, global_step=step)
+        writer.close()
