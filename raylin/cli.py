@@ -117,14 +117,15 @@ def _bench_cluster(args: argparse.Namespace) -> int:
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
-    from raylin.eval.faults import FAULT_KINDS, run_fault_benchmark, summary_lines
+    from raylin.eval.faults import run_fault_benchmark, summary_lines
 
-    kinds = [k for k in args.kinds.split(",") if k] if args.kinds else list(FAULT_KINDS)
-    unknown = [k for k in kinds if k not in FAULT_KINDS]
-    if unknown or args.trials < 1:
-        raise SystemExit(f"raylin bench faults: --kinds takes {','.join(FAULT_KINDS)} (got {','.join(unknown) or args.kinds}) "
-                         "and --trials must be >= 1.")
-    result = run_fault_benchmark(args.out, trials=args.trials, kinds=kinds, first_seed=args.first_seed)
+    if args.trials < 1:
+        raise SystemExit("raylin bench faults: --trials must be >= 1.")
+    try:
+        result = run_fault_benchmark(args.out, trials=args.trials, kinds=[k for k in args.kinds.split(",") if k] or None,
+                                     first_seed=args.first_seed)
+    except ValueError as error:  # an unknown fault kind
+        raise SystemExit(f"raylin bench faults: {error}") from None
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(args.out) / 'faults.json'}")
     return 0

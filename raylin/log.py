@@ -1,11 +1,12 @@
 """raylin's console: every module logs to ``logging.getLogger(__name__)`` (under "raylin"), and
 ``setup_logging`` gives that tree one handler, in the driver and in every Ray worker process.
 
-Lines read ``[raylin] message`` on stderr. Long stages show their progress from the driver
-(raylin.progress); the Ray workers' own output reaches the console only under ``--verbose``. The handler does not propagate to the root logger, so
+Lines read ``[raylin] message`` on stderr. The handler does not propagate to the root logger, so
 libraries that configure the root (Ray Train's worker logging among them) do not print raylin's
-lines a second time. Limits: Ray forwards a worker's stderr to the driver's console with its
-``(RayTrainWorker pid=...)`` prefix; that prefix is Ray's.
+lines a second time. Long stages show their progress from the driver (raylin.progress). The Ray
+workers' output, raylin's worker lines included, reaches the console only under ``--verbose``
+(raylin.train.trainer starts Ray with ``log_to_driver`` then), with Ray's ``(RayTrainWorker pid=...)``
+prefix.
 """
 
 from __future__ import annotations

@@ -84,36 +84,52 @@ def changed_keys(recorded: dict, config: RunConfig) -> list[str]:
                   if k not in resumable and not k.startswith("tracking.") and before[k] != now[k])
 
 
-def check_output_dir(config: RunConfig, overwrite: bool = False) -> None:
-    """Before any work starts: ``output_dir`` can be made, and holds no run of another config.
+def check_output_dir(config: RunConfig, overwrite: bool = False) -> bool:
+    """Before any work starts, touching nothing: ``output_dir`` can be made, and holds no run of
+    another config. Returns whether ``prepare_output_dir`` is to delete such a run (``overwrite``).
 
     A folder whose config.yaml records a different config (a finished run, or one with checkpoints
-    to resume) is refused with the keys that differ, unless ``overwrite``: then that run is removed
-    (the folder, and its checkpoints under a local train.storage_path) and this one starts afresh.
-    The same config, or one that differs only in what may change on resume, goes on as before
-    (reused when finished, resumed from its checkpoint otherwise). Raises ConfigError."""
+    to resume) is refused with the keys that differ, unless ``overwrite``. The same config, or one
+    that differs only in what may change on resume, goes on as before (reused when finished,
+    resumed from its checkpoint otherwise). Raises ConfigError."""
     out = Path(config.output_dir)
+    if not out.is_dir():  # try making it, and leave no trace: a refused run touches nothing
+        missing = [folder for folder in (out, *out.parents) if not folder.exists()]
+        _make_output_dir(out)
+        for folder in missing:
+            folder.rmdir()
     recorded = out / "config.yaml"
-    if recorded.is_file():
-        try:
-            before = yaml.safe_load(recorded.read_text())
-        except yaml.YAMLError:
-            before = None
-        changed = changed_keys(before, config) if isinstance(before, dict) else ["(unreadable config.yaml)"]
-        if changed:
-            finished = (out / "metrics.json").is_file()
-            if not overwrite:
-                shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-                raise ConfigError(
-                    f"output_dir {out} holds {'a finished run' if finished else 'a run'} of a different config "
-                    f"(it differs in {shown}). Choose another output_dir (--set output_dir=...), or pass --overwrite "
-                    f"to delete that run and start this one.")
-            log.warning("--overwrite: deleting the %s run in %s (its config differs in %s)",
-                        "finished" if finished else "unfinished", out, ", ".join(changed))
-            shutil.rmtree(out)
-            storage = storage_path(config)
-            if config.train.storage_path is not None and "://" not in storage:
-                shutil.rmtree(Path(storage) / config.run_name, ignore_errors=True)
+    if not recorded.is_file():
+        return False
+    try:
+        before = yaml.safe_load(recorded.read_text())
+    except yaml.YAMLError:
+        before = None
+    changed = changed_keys(before, config) if isinstance(before, dict) else ["(unreadable config.yaml)"]
+    if changed and not overwrite:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(
+            f"output_dir {out} holds {'a finished run' if (out / 'metrics.json').is_file() else 'a run'} of a different "
+            f"config (it differs in {shown}). Choose another output_dir (--set output_dir=...), or pass --overwrite "
+            f"to delete that run and start this one.")
+    if changed:
+        log.warning("--overwrite: deleting the run in %s (its config differs in %s)", out, ", ".join(changed))
+    return bool(changed)
+
+
+def prepare_output_dir(config: RunConfig, replace: bool) -> None:
+    """Make ``output_dir``, after deleting the run of another config it holds when ``replace`` (as
+    ``check_output_dir`` decided): that folder, and its checkpoints under a local train.storage_path."""
+    out = Path(config.output_dir)
+    if replace:
+        shutil.rmtree(out)
+        storage = storage_path(config)
+        if config.train.storage_path is not None and "://" not in storage:
+            shutil.rmtree(Path(storage) / config.run_name, ignore_errors=True)
+    _make_output_dir(out)
+
+
+def _make_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -151,10 +167,9 @@ def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
     config = finetune_config(config)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    if not overwrite:
-        check_output_dir(config)  # refusals first, before Ray; deleting waits until Ray is up
-    ensure_ray()
-    check_output_dir(config, overwrite)
+    replace = check_output_dir(config, overwrite)  # refusals first, before Ray
+    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
+    prepare_output_dir(config, replace)
     write_text_atomic(out / "config.yaml", dump_config(config))
     result = fit(config, finetune=True)
     if result.error is not None:
@@ -211,10 +226,9 @@ def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
     started = time.perf_counter()
     check_eval_sets(config)
     out = Path(config.output_dir)
-    if not overwrite:
-        check_output_dir(config)  # refusals first, before Ray; deleting waits until Ray is up
+    replace = check_output_dir(config, overwrite)  # refusals first, before Ray
     ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    check_output_dir(config, overwrite)
+    prepare_output_dir(config, replace)
     write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:

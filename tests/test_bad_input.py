@@ -15,7 +15,7 @@ from conftest import require_asset
 from raylin import pipeline
 from raylin.cli import main
 from raylin.config import ConfigError, config_from_dict, dump_config
-from raylin.pipeline import check_output_dir
+from raylin.pipeline import check_output_dir, prepare_output_dir
 
 GOOD = {
     "teacher": "asset:all-minilm-l6",
@@ -120,13 +120,15 @@ def test_overwrite_deletes_the_other_run_and_its_checkpoints_and_resumable_chang
     _finished_run(out, lr=1.0e-3, storage_path=str(storage))
     longer = config_from_dict({**GOOD, "output_dir": str(out),
                                "train": {**GOOD["train"], "lr": 1.0e-3, "storage_path": str(storage), "max_steps": 8}})
-    check_output_dir(longer)  # more steps: resumes the same run
+    assert check_output_dir(longer) is False  # more steps: resumes the same run
     assert (out / "metrics.json").is_file()
     changed = config_from_dict({**GOOD, "output_dir": str(out), "train": {**GOOD["train"], "lr": 5.0e-4, "storage_path": str(storage)}})
     (storage / changed.run_name / "checkpoint_x").mkdir(parents=True)
     with pytest.raises(ConfigError, match="differs in train.lr"):
         check_output_dir(changed)
-    check_output_dir(changed, overwrite=True)
+    assert check_output_dir(changed, overwrite=True) is True
+    assert (out / "metrics.json").is_file() and (storage / changed.run_name).exists()  # deleting waits for Ray
+    prepare_output_dir(changed, replace=True)
     assert out.is_dir() and not list(out.iterdir()) and not (storage / changed.run_name).exists()
 
 
@@ -143,6 +145,6 @@ def test_an_internal_error_prints_where_it_happened_and_points_to_verbose(tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" in err and "in broken" in err
     assert "raylin: convert failed: RuntimeError: something raylin did not expect" in err and "--verbose" in err
+    monkeypatch.setenv("RAYLIN_LOG_LEVEL", "normal")  # so that teardown restores what was there, not --verbose
     with pytest.raises(RuntimeError, match="did not expect"):
         main(["--verbose", "convert", str(path)])
-    monkeypatch.delenv("RAYLIN_LOG_LEVEL", raising=False)

@@ -37,7 +37,7 @@ def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capfd):
         assert len(lines) == len(set(lines)), "a console line was printed twice"
         for stage in ("fine-tune", "distil"):
             steps = [line for line in lines if line.startswith(f"[raylin] {stage}: step ")]
-            assert [line.split()[3] for line in steps] == ["1/4", "2/4", "3/4", "4/4"], steps
+            assert [line.split()[3].rstrip(",") for line in steps] == ["1/4", "2/4", "3/4", "4/4"], steps
             assert "tokens/s" in steps[-1] and "loss" in steps[-1]
         assert all(t["teacher_ms"] > 0 and t["student_ms"] > 0 for t in result["timings"].values())
         student = raylin.load_student(result["student_dir"])
@@ -77,3 +77,13 @@ def test_bench_scale_takes_a_part_and_each_part_its_own_default_steps():
     assert build_parser().parse_args(["bench", "scale"]).part == "all"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "scale", "--part", "everything"])
+
+
+def test_bench_faults_refuses_an_unknown_kind_before_starting_anything(tmp_path):
+    import ray
+
+    with pytest.raises(SystemExit, match=r"Unknown fault kind\(s\) \['bogus'\]; choose from \['checkpoint-crash'"):
+        main(["bench", "faults", "--out", str(tmp_path), "--kinds", "worker-kill,bogus", "--trials", "1"])
+    with pytest.raises(SystemExit, match="--trials must be >= 1"):
+        main(["bench", "faults", "--out", str(tmp_path), "--trials", "0"])
+    assert not ray.is_initialized() and not (tmp_path / "faults.json").exists()

@@ -13,7 +13,7 @@ import pytest
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.faults import fires
 from raylin.fingerprint import fingerprint
-from raylin.log import QUIET_LIBRARIES, setup_logging
+from raylin.log import LEVEL_ENV, QUIET_LIBRARIES, setup_logging
 from raylin.train.trainer import _worker_env
 
 
@@ -59,7 +59,8 @@ def test_a_fault_fires_once_per_output_folder(tmp_path):
     assert fires("nan:3", "nan", 3, tmp_path / "other-run")
 
 
-def test_the_console_handler_is_attached_once_and_does_not_propagate():
+def test_the_console_handler_is_attached_once_and_does_not_propagate(monkeypatch):
+    monkeypatch.delenv(LEVEL_ENV, raising=False)
     logger = setup_logging()
     setup_logging()
     assert [h.get_name() for h in logger.handlers].count("raylin-console") == 1
@@ -79,7 +80,6 @@ def test_the_console_follows_stderr_when_it_is_redirected_after_the_handler_was_
 
 def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatch):
     from raylin.cli import main
-    from raylin.log import LEVEL_ENV
 
     monkeypatch.setenv(LEVEL_ENV, "quiet")
     assert setup_logging().level == logging.WARNING  # a Ray worker started with the driver's level
