@@ -23,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from raylin.errors import RayClusterUnreachable
+from raylin.errors import ConfigError, RayClusterUnreachable
 from raylin.log import LEVEL_ENV, setup_logging
 
 INTERNAL_ERROR_FRAMES = 3  # of an unexpected error's traceback, below --verbose
@@ -117,15 +117,15 @@ def _bench_cluster(args: argparse.Namespace) -> int:
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
-    from raylin.eval.faults import run_fault_benchmark, summary_lines
+    from raylin.eval.faults import check_kinds, run_fault_benchmark, summary_lines
 
     if args.trials < 1:
         raise SystemExit("raylin bench faults: --trials must be >= 1.")
     try:
-        result = run_fault_benchmark(args.out, trials=args.trials, kinds=[k for k in args.kinds.split(",") if k] or None,
-                                     first_seed=args.first_seed)
-    except ValueError as error:  # an unknown fault kind
+        kinds = check_kinds([k for k in args.kinds.split(",") if k])
+    except ValueError as error:
         raise SystemExit(f"raylin bench faults: {error}") from None
+    result = run_fault_benchmark(args.out, trials=args.trials, kinds=kinds, first_seed=args.first_seed)
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(args.out) / 'faults.json'}")
     return 0
@@ -133,14 +133,10 @@ def _bench_faults(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -> int:
     """Validate CONFIG (+ --set, + ``extra``) before anything starts, run ``run(config)``, print its result."""
-    from raylin.config import ConfigError, load_config
+    from raylin.config import load_config
 
-    try:
-        config = load_config(args.config, args.set + (extra or []))
-        result = run(config)  # checks what needs reading (evaluation sets) before any work starts
-    except ConfigError as error:
-        print(f"raylin: invalid config: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.set + (extra or []))
+    result = run(config)  # checks what needs reading (evaluation sets) before any work starts
     print(json.dumps(result, indent=1))
     return 0
 
@@ -180,14 +176,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from raylin.config import ConfigError
     from raylin.tune.search import SweepInterrupted, run_sweep
 
     try:
         summary = run_sweep(args.config, args.set, resume=args.resume)
-    except ConfigError as error:
-        print(f"raylin: invalid config: {error}", file=sys.stderr)
-        return 2
     except SweepInterrupted as error:
         print(f"raylin: {error}", file=sys.stderr)
         return 130
@@ -332,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.func(args)
+    except ConfigError as error:  # bad input: a config, path, data source or output folder that cannot run
+        print(f"raylin: invalid config: {error}", file=sys.stderr)
+        return 2
     except RayClusterUnreachable as error:  # bad input: the cluster the environment names is gone
         print(f"raylin: {error}", file=sys.stderr)
         return 2

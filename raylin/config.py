@@ -27,6 +27,7 @@ from raylin.data.shards import corpus_source
 from raylin.data.tasks import datasets_for
 from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
 from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
+from raylin.errors import ConfigError
 from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
 from raylin.models.teachers import resolve_teacher_path
@@ -36,16 +37,6 @@ from raylin.tracking import check_tracking
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEACHER_MODES = ("served", "inprocess")
 SERVED_DTYPES = ("bfloat16", "float16", "float32")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run. ``problems``: every problem found, each naming the key and the fix;
-    the message lists them one per line."""
-
-    def __init__(self, problems: str | list[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__(self.problems[0] if len(self.problems) == 1 else
-                         f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class _Problems:
@@ -319,6 +310,15 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     _absolute_paths(config)
     validate(config, problems)
     return config
+
+
+def recorded_config(data: Any) -> RunConfig | None:
+    """The config a run recorded (its config.yaml, as ``dump_config`` wrote it), with today's defaults
+    for keys added to raylin since; None when it cannot be read as a config. Not validated: its
+    teachers and data may have moved since, and it is only compared with the config at hand."""
+    problems = _Problems()
+    config = _build(RunConfig, data, "", problems) if isinstance(data, dict) else None
+    return None if config is None or problems.found else config
 
 
 def _absolute_paths(config: RunConfig) -> None:

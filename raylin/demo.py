@@ -1,7 +1,7 @@
 """``raylin demo``: the whole method on the shipped all-MiniLM-L6, on a local Ray, in minutes.
 
 1. fine-tune all-MiniLM-L6 on Rotten Tomatoes (the target teacher; reused when a run with the same
-   config already finished in OUTPUT/teacher-run);
+   config already finished in OUTPUT/teacher-run, OUTPUT/teacher-run-quick for ``quick``);
 2. convert it into a Linformer student (XATL) and distil it under target guidance (CALD) on 2 Ray
    Train workers, the student in a DeepSpeed ZeRO-2 engine, the teacher served from a Ray actor;
 3. print teacher and student accuracy on the held-out split, and the student's forward speed-up:
@@ -53,12 +53,14 @@ QUICK = {"train": {"max_steps": 4, "checkpoint_every": 4, "warmup_steps": 1},
 def demo_configs(out: str | Path, quick: bool = False):
     """(teacher fine-tuning config, conversion config builder) for the demo under ``out``."""
     base = merge_sections(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
-    teacher_run = merge_sections(base, {"output_dir": str(Path(out) / "teacher-run"), "guidance": {"mode": "unguided"},
+    runs = "-quick" if quick else ""  # a quick run and a full one are different runs: their own folders
+    teacher_run = merge_sections(base, {"output_dir": str(Path(out) / f"teacher-run{runs}"), "guidance": {"mode": "unguided"},
                                 "train": {"lr": FINETUNE_LR}})
     finetune = finetune_config(config_from_dict(teacher_run))
 
     def conversion(target_teacher: str):
-        return config_from_dict(merge_sections(base, {"output_dir": str(Path(out) / "student-run"), "target_teacher": target_teacher}))
+        return config_from_dict(merge_sections(base, {"output_dir": str(Path(out) / f"student-run{runs}"),
+                                                      "target_teacher": target_teacher}))
 
     return finetune, conversion
 

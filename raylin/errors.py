@@ -7,3 +7,13 @@ from __future__ import annotations
 
 class RayClusterUnreachable(RuntimeError):
     """The Ray cluster this process would connect to answers nothing: it was stopped or it died."""
+
+
+class ConfigError(ValueError):
+    """A config (or a path, data source or output folder it names) that cannot run. ``problems``:
+    every problem found, each naming the key and the fix; the message lists them one per line."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self.problems[0] if len(self.problems) == 1 else
+                         f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))

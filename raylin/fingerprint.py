@@ -27,3 +27,16 @@ def fingerprint(identity: Any, length: int = 16) -> str:
     fingerprints in every process and run; tuples and lists fingerprint alike."""
     text = json.dumps(identity, sort_keys=True, default=_plain, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def dotted(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``data`` flattened to dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``), the form
+    ``--set`` overrides take: for naming what differs between two configs and for trackers' params.
+    An empty mapping stays a value, so ``{}`` and a missing key differ."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat |= dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -20,6 +20,7 @@ a finished run: OUTPUT_DIR/eval.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,14 +33,14 @@ import yaml
 from transformers import AutoConfig
 
 from raylin.atomic import replace_folder, write_text_atomic
-from raylin.config import ConfigError, RunConfig, dump_config
+from raylin.config import ConfigError, RunConfig, dump_config, recorded_config
 from raylin.data.assets import cache_dir
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.retention import retention_table, table_markdown
 from raylin.eval.speed import measure
-from raylin.fingerprint import fingerprint
+from raylin.fingerprint import dotted, fingerprint
 from raylin.models.families import family_for_config
 from raylin.models.student import load_student
 from raylin.models.teachers import resolve_teacher_path
@@ -47,10 +48,10 @@ from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
 from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
-from raylin.train.checkpoint import RESUMABLE_CHANGES
+from raylin.train.checkpoint import resume_identity
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR, STUDENT_DIR
-from raylin.train.trainer import check_disk, ensure_ray, fit, publish_outputs, published_outputs, storage_path
+from raylin.train.trainer import check_disk, delete_run_storage, ensure_ray, fit, publish_outputs, published_outputs
 
 log = logging.getLogger(__name__)
 
@@ -64,68 +65,66 @@ def check_eval_sets(config: RunConfig) -> None:
         raise ConfigError(f"eval_sets: {error}") from None
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def changed_keys(recorded: RunConfig, config: RunConfig) -> list[str]:
+    """The dotted keys where ``config`` is another run than the ``recorded`` one (what differs in
+    their ``resume_identity``: max_steps and the like, and tracking, may change on resume)."""
+    before, now = dotted(resume_identity(recorded)), dotted(resume_identity(config))
+    missing = object()
+    return sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
 
 
-def changed_keys(recorded: dict, config: RunConfig) -> list[str]:
-    """The dotted keys whose value in ``config`` differs from a run's recorded config (its
-    config.yaml), leaving out what a run may change when it resumes (train.max_steps, ...). Keys only
-    one side has (a field added to raylin since) are not compared."""
-    before, now = _flat(recorded), _flat(config.to_dict())
-    resumable = {f"train.{key}" for key in RESUMABLE_CHANGES}
-    return sorted(k for k in before.keys() & now.keys()
-                  if k not in resumable and not k.startswith("tracking.") and before[k] != now[k])
-
-
-def check_output_dir(config: RunConfig, overwrite: bool = False) -> bool:
+def check_output_dir(config: RunConfig, overwrite: bool = False) -> RunConfig | None:
     """Before any work starts, touching nothing: ``output_dir`` can be made, and holds no run of
-    another config. Returns whether ``prepare_output_dir`` is to delete such a run (``overwrite``).
+    another config. Returns the run that ``prepare_output_dir`` is to delete (``overwrite``), if any.
 
-    A folder whose config.yaml records a different config (a finished run, or one with checkpoints
-    to resume) is refused with the keys that differ, unless ``overwrite``. The same config, or one
-    that differs only in what may change on resume, goes on as before (reused when finished,
-    resumed from its checkpoint otherwise). Raises ConfigError."""
+    Without ``overwrite``, a folder whose config.yaml records another run (a finished one, or one
+    with checkpoints to resume) is refused with the keys that differ; the same run, or one that
+    differs only in what may change on resume, goes on (reused when finished, resumed from its
+    checkpoint otherwise). With ``overwrite``, the run there, whatever its config, is to be deleted
+    and this one started afresh; a folder that holds a git checkout, or the working directory or
+    home or one of their parents, is never deleted. Raises ConfigError."""
     out = Path(config.output_dir)
     if not out.is_dir():  # try making it, and leave no trace: a refused run touches nothing
         missing = [folder for folder in (out, *out.parents) if not folder.exists()]
-        _make_output_dir(out)
-        for folder in missing:
-            folder.rmdir()
-    recorded = out / "config.yaml"
-    if not recorded.is_file():
-        return False
+        try:
+            _make_output_dir(out)
+        finally:
+            for folder in missing:
+                with contextlib.suppress(OSError):  # gone, or another run has begun in a shared parent
+                    folder.rmdir()
+    recorded_file = out / "config.yaml"
+    if not recorded_file.is_file():
+        return None
     try:
-        before = yaml.safe_load(recorded.read_text())
+        recorded = recorded_config(yaml.safe_load(recorded_file.read_text()))
     except yaml.YAMLError:
-        before = None
-    changed = changed_keys(before, config) if isinstance(before, dict) else ["(unreadable config.yaml)"]
-    if changed and not overwrite:
-        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise ConfigError(
-            f"output_dir {out} holds {'a finished run' if (out / 'metrics.json').is_file() else 'a run'} of a different "
-            f"config (it differs in {shown}). Choose another output_dir (--set output_dir=...), or pass --overwrite "
-            f"to delete that run and start this one.")
-    if changed:
-        log.warning("--overwrite: deleting the run in %s (its config differs in %s)", out, ", ".join(changed))
-    return bool(changed)
+        recorded = None
+    changed = changed_keys(recorded, config) if recorded is not None else ["(unreadable config.yaml)"]
+    finished = (out / "metrics.json").is_file()
+    if not overwrite:
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise ConfigError(
+                f"output_dir {out} holds {'a finished run' if finished else 'a run'} of a different config (it "
+                f"differs in {shown}). Choose another output_dir (--set output_dir=...), or pass --overwrite to "
+                "delete that run and start this one.")
+        return None
+    protected = [Path.cwd().resolve(), Path.home().resolve()]
+    if (out / ".git").exists() or any(folder.is_relative_to(out) for folder in protected):
+        raise ConfigError(f"--overwrite would delete {out}, which holds a git checkout or the working or home folder; "
+                          "choose an output_dir of its own for the run.")
+    log.warning("--overwrite: deleting the %s run in %s%s", "finished" if finished else "unfinished", out,
+                f" (its config differs in {', '.join(changed)})" if changed else " (the same config)")
+    return recorded or config
 
 
-def prepare_output_dir(config: RunConfig, replace: bool) -> None:
-    """Make ``output_dir``, after deleting the run of another config it holds when ``replace`` (as
-    ``check_output_dir`` decided): that folder, and its checkpoints under a local train.storage_path."""
+def prepare_output_dir(config: RunConfig, replacing: RunConfig | None) -> None:
+    """Make ``output_dir``, after deleting the run ``check_output_dir`` returned (``replacing``): the
+    folder, and that run's checkpoints under its train.storage_path (local or remote)."""
     out = Path(config.output_dir)
-    if replace:
+    if replacing is not None:
+        delete_run_storage(replacing)
         shutil.rmtree(out)
-        storage = storage_path(config)
-        if config.train.storage_path is not None and "://" not in storage:
-            shutil.rmtree(Path(storage) / config.run_name, ignore_errors=True)
     _make_output_dir(out)
 
 
@@ -137,11 +136,18 @@ def _make_output_dir(out: Path) -> None:
 
 
 def finished_run(config: RunConfig) -> dict | None:
-    """The metrics of a run that already finished in ``config.output_dir`` with exactly this config
-    (as written to its config.yaml), else None: callers reuse it instead of training again."""
+    """The metrics of a run that already finished in ``config.output_dir`` as this config's run (the
+    same ``resume_identity`` and max_steps as its config.yaml records), else None: callers reuse it
+    instead of training again."""
     out = Path(config.output_dir)
-    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(config)
-    return json.loads((out / "metrics.json").read_text()) if same and (out / "metrics.json").is_file() else None
+    if not (out / "metrics.json").is_file() or not (out / "config.yaml").is_file():
+        return None
+    try:
+        recorded = recorded_config(yaml.safe_load((out / "config.yaml").read_text()))
+    except yaml.YAMLError:
+        return None
+    same = recorded is not None and not changed_keys(recorded, config) and recorded.train.max_steps == config.train.max_steps
+    return json.loads((out / "metrics.json").read_text()) if same else None
 
 
 def finetune_config(config: RunConfig) -> RunConfig:
@@ -167,9 +173,12 @@ def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
     config = finetune_config(config)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    replace = check_output_dir(config, overwrite)  # refusals first, before Ray
+    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
+    if replacing is None and (earlier := finished_run(config)) is not None:
+        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+        return earlier
     ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    prepare_output_dir(config, replace)
+    prepare_output_dir(config, replacing)
     write_text_atomic(out / "config.yaml", dump_config(config))
     result = fit(config, finetune=True)
     if result.error is not None:
@@ -186,8 +195,8 @@ def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    log_results(config, metrics)
     publish_outputs(config, [FINETUNED_DIR, SNAPSHOT_DIR, "metrics.json", "config.yaml"])
+    log_results(config, metrics)
     return metrics
 
 
@@ -226,9 +235,12 @@ def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
     started = time.perf_counter()
     check_eval_sets(config)
     out = Path(config.output_dir)
-    replace = check_output_dir(config, overwrite)  # refusals first, before Ray
+    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
+    if replacing is None and (earlier := finished_run(config)) is not None:
+        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+        return earlier
     ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    prepare_output_dir(config, replace)
+    prepare_output_dir(config, replacing)
     write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:
@@ -261,8 +273,8 @@ def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
                             "wall_s": aligned.get("wall_s"), "dir": str(aligned_dir(config))}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     write_text_atomic(out / "report.md", render_report(config, metrics))
-    log_results(config, metrics)
     publish_outputs(config, [STUDENT_DIR, "metrics.json", "report.md", "config.yaml", "teacher_service.json"])
+    log_results(config, metrics)
     return metrics
 
 

@@ -17,9 +17,16 @@ is logged again at the same step (the trackers keep the last value, as the train
 | wandb       | ``pip install wandb``          | project ``experiment``; ``WANDB_MODE=offline`` works without a network |
 | tensorboard | tensorboardX (with Ray Tune)   | ``uri``: a folder (default ``OUTPUT_DIR/tensorboard``) |
 
+Tracking is best effort: a tracker that cannot be opened or written to (a server down, a network
+gone) is a warning, and the run goes on without it; it never fails a training step or a finished
+run. A run that fails ends its tracked run as FAILED; a restarted or resumed attempt opens it again.
+
 Limits: MLflow's file store is in maintenance mode in MLflow 3; raylin opts in to it
 (``MLFLOW_ALLOW_FILE_STORE``) only for ``file:`` URIs. Metric names are the train log's keys
-(``loss``, ``eval_accuracy``, ...); results are ``result.<section>.<name>`` (``result.student.accuracy``); params are the config's dotted keys.
+(``loss``, ``eval_accuracy``, ...); results are ``result.<section>.<name>`` (``result.student.accuracy``);
+params are the config's dotted keys as the tracked run's first attempt had them (MLflow's params
+cannot change: a resume with a larger max_steps keeps the first value). A resume whose tracking
+URI or experiment changed starts a new tracked run there. W&B tags are ``key:value``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +46,7 @@ from ray.air.integrations.mlflow import setup_mlflow
 from ray.air.integrations.wandb import setup_wandb
 
 from raylin.atomic import write_text_atomic
+from raylin.fingerprint import dotted
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,7 @@ TRACKING_FILE = "tracking.json"  # the tracked run's id, for restarts, resumes a
 
 class Tracker(Protocol):
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,16 +72,6 @@ class Backend:
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _remembered(output_dir: Path) -> dict:
@@ -95,21 +95,27 @@ def mlflow_uri(tracking, output_dir: Path) -> str:
 class _MLflow:
     def __init__(self, tracking, config, output_dir: Path):
         uri = mlflow_uri(tracking, output_dir)
-        known = _remembered(output_dir).get("mlflow_run_id")
+        remembered = _remembered(output_dir)
+        # The run this output folder tracked before, when it is in the same store and experiment:
+        # mlflow.start_run resumes the run MLFLOW_RUN_ID names. Its params stand (they cannot change).
+        known = remembered.get("mlflow_run_id") if (remembered.get("tracking_uri"), remembered.get("experiment")) == (
+            uri, tracking.experiment) else None
         if known:
-            os.environ["MLFLOW_RUN_ID"] = known  # mlflow.start_run resumes the run this id names
-        params = {k: str(v)[:500] for k, v in _flat(config.to_dict()).items()}
+            os.environ["MLFLOW_RUN_ID"] = known
+        else:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        params = None if known else {k: str(v)[:500] for k, v in dotted(config.to_dict()).items()}
         self.mlflow = setup_mlflow(config=params, tracking_uri=uri, experiment_name=tracking.experiment,
                                    run_name=config.run_name, create_experiment_if_not_exists=True,
                                    tags=dict(tracking.tags), rank_zero_only=False)
         run_id = self.mlflow.active_run().info.run_id
-        _remember(output_dir, mlflow_run_id=run_id, tracking_uri=uri)
+        _remember(output_dir, mlflow_run_id=run_id, tracking_uri=uri, experiment=tracking.experiment)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.mlflow.log_metrics(_numbers(metrics), step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 # ----- Weights & Biases -------------------------------------------------------------------------
@@ -119,15 +125,15 @@ class _Wandb:
         remembered = _remembered(output_dir)
         run_id = remembered.get("wandb_run_id") or f"{config.run_name}-{os.urandom(4).hex()}"
         self.run = setup_wandb(config=config.to_dict(), project=tracking.experiment, name=config.run_name,
-                               id=run_id, resume="allow", tags=list(tracking.tags.values()) or None,
+                               id=run_id, resume="allow", tags=[f"{k}:{v}" for k, v in tracking.tags.items()] or None,
                                dir=str(output_dir), rank_zero_only=False)
         _remember(output_dir, wandb_run_id=run_id)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.run.log(_numbers(metrics), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 # ----- TensorBoard ------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ class _TensorBoard:
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -177,20 +183,77 @@ def check_tracking(tracking) -> list[str]:
     return []
 
 
+class _BestEffort:
+    """A tracker whose failures are warnings: after the first, this attempt logs no more."""
+
+    def __init__(self, backend: str, tracker: Tracker):
+        self.backend, self.tracker = backend, tracker
+
+    def _call(self, what: str, *args: Any) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, what)(*args)
+        except Exception as error:  # a tracker's failure never fails the run (module doc)
+            log.warning("tracking (%s): %s failed (%s: %s); this attempt goes on without tracking",
+                        self.backend, what, type(error).__name__, error)
+            self.tracker = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._call("log", step, metrics)
+
+    def close(self, failed: bool = False) -> None:
+        self._call("close", failed)
+        self.tracker = None
+
+
 def open_tracker(config, output_dir: Path) -> Tracker | None:
-    """Rank 0's tracker for this run (None without one); resumes the run's tracked run if it has one."""
+    """Rank 0's tracker for this run (None without one, or when it cannot be opened: a warning);
+    resumes the run's tracked run if it has one. Its calls never raise."""
     backend = BACKENDS.get(config.tracking.backend)
-    return backend.open(config.tracking, config, Path(output_dir)) if backend else None
+    if backend is None:
+        return None
+    try:
+        return _BestEffort(config.tracking.backend, backend.open(config.tracking, config, Path(output_dir)))
+    except Exception as error:  # a tracker's failure never fails the run (module doc)
+        log.warning("tracking (%s): could not open the tracked run (%s: %s); training goes on without tracking",
+                    config.tracking.backend, type(error).__name__, error)
+        return None
+
+
+@contextmanager
+def tracked_run(config, output_dir: Path) -> Iterator[Tracker | None]:
+    """``open_tracker``'s tracker for a training attempt, closed at its end: FAILED when the attempt
+    raises (a NaN stop, a failed step); a worker killed outright leaves it running until the
+    restarted attempt reopens it."""
+    tracker = open_tracker(config, output_dir)
+    try:
+        yield tracker
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is not None:
+        tracker.close()
 
 
 def log_results(config, metrics: dict[str, Any]) -> None:
-    """Add a finished run's results (metrics.json) to its tracked run, from the driver."""
+    """Add a finished run's results (metrics.json) to its tracked run, from the driver; a failure is
+    a warning (the run has finished and its results are in metrics.json)."""
+    try:
+        _log_results(config, metrics)
+    except Exception as error:  # a tracker's failure never fails the run (module doc)
+        log.warning("tracking (%s): could not add the results to the tracked run (%s: %s); they are in %s",
+                    config.tracking.backend, type(error).__name__, error, Path(config.output_dir) / "metrics.json")
+
+
+def _log_results(config, metrics: dict[str, Any]) -> None:
     output_dir = Path(config.output_dir)
     remembered = _remembered(output_dir)
-    results = {f"result.{k}": v for k, v in _flat({k: v for k, v in metrics.items() if k != "published"}).items()}
+    results = {f"result.{k}": v for k, v in dotted({k: v for k, v in metrics.items() if k != "published"}).items()}
     step = int(metrics.get("steps") or 0)
     if config.tracking.backend == "mlflow" and "mlflow_run_id" in remembered:
-        client = importlib.import_module("mlflow").MlflowClient(mlflow_uri(config.tracking, output_dir))
+        client = importlib.import_module("mlflow").MlflowClient(remembered.get("tracking_uri") or mlflow_uri(config.tracking, output_dir))
         run_id = remembered["mlflow_run_id"]
         for key, value in _numbers(results).items():
             client.log_metric(run_id, key, value, step=step)

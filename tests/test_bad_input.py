@@ -114,22 +114,58 @@ def test_a_folder_holding_another_configs_finished_run_is_refused_and_left_as_it
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_overwrite_deletes_the_other_run_and_its_checkpoints_and_resumable_changes_pass(tmp_path):
+def test_a_changed_section_the_recorded_config_lacks_is_a_different_config(tmp_path):
+    """Keys only one side has count: a plan gaining keep_attention, a data source gaining a path."""
+    require_asset("all-minilm-l6")
+    out = tmp_path / "out"
+    _finished_run(out)
+    hybrid = config_from_dict({**GOOD, "output_dir": str(out), "plan": {**GOOD["plan"], "keep_attention": [0]}})
+    with pytest.raises(ConfigError, match=r"differs in plan.keep_attention\)"):
+        check_output_dir(hybrid)
+
+
+def test_the_same_finished_run_is_reused_without_starting_ray(tmp_path, capsys):
+    require_asset("all-minilm-l6")
+    out = tmp_path / "out"
+    config = _finished_run(out, eval_every=2)  # resumable keys may differ; max_steps may not
+    same = config_from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "eval_every": 0}})
+    assert pipeline.run_conversion(same) == {"student": {"accuracy": 0.8}}
+    assert not ray.is_initialized()
+    longer = config_from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "max_steps": 8}})
+    assert pipeline.finished_run(longer) is None and check_output_dir(longer) is None  # resumes to step 8
+
+
+def test_overwrite_deletes_the_recorded_run_and_its_checkpoints_after_ray_starts(tmp_path):
     require_asset("all-minilm-l6")
     out, storage = tmp_path / "out", tmp_path / "storage"
-    _finished_run(out, lr=1.0e-3, storage_path=str(storage))
-    longer = config_from_dict({**GOOD, "output_dir": str(out),
-                               "train": {**GOOD["train"], "lr": 1.0e-3, "storage_path": str(storage), "max_steps": 8}})
-    assert check_output_dir(longer) is False  # more steps: resumes the same run
-    assert (out / "metrics.json").is_file()
-    changed = config_from_dict({**GOOD, "output_dir": str(out), "train": {**GOOD["train"], "lr": 5.0e-4, "storage_path": str(storage)}})
-    (storage / changed.run_name / "checkpoint_x").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="differs in train.lr"):
+    recorded = _finished_run(out, lr=1.0e-3, storage_path=str(storage))
+    (storage / recorded.run_name / "checkpoint_x").mkdir(parents=True)
+    changed = config_from_dict({**GOOD, "output_dir": str(out), "name": "renamed",
+                                "train": {**GOOD["train"], "lr": 5.0e-4, "storage_path": str(storage)}})
+    (storage / changed.run_name / "checkpoint_y").mkdir(parents=True)  # another output folder's run: kept
+    with pytest.raises(ConfigError, match="differs in name, train.lr"):
         check_output_dir(changed)
-    assert check_output_dir(changed, overwrite=True) is True
-    assert (out / "metrics.json").is_file() and (storage / changed.run_name).exists()  # deleting waits for Ray
-    prepare_output_dir(changed, replace=True)
-    assert out.is_dir() and not list(out.iterdir()) and not (storage / changed.run_name).exists()
+    replacing = check_output_dir(changed, overwrite=True)
+    assert replacing.run_name == recorded.run_name
+    assert (out / "metrics.json").is_file() and (storage / recorded.run_name).exists()  # deleting waits for Ray
+    prepare_output_dir(changed, replacing)
+    assert out.is_dir() and not list(out.iterdir()) and not (storage / recorded.run_name).exists()
+    assert (storage / changed.run_name / "checkpoint_y").is_dir()
+
+
+def test_overwrite_never_deletes_a_git_checkout_or_the_working_folder(tmp_path, monkeypatch):
+    require_asset("all-minilm-l6")
+    out = tmp_path / "project"
+    _finished_run(out, lr=1.0e-3)
+    (out / ".git").mkdir()
+    changed = config_from_dict({**GOOD, "output_dir": str(out)})
+    with pytest.raises(ConfigError, match="holds a git checkout or the working or home folder"):
+        check_output_dir(changed, overwrite=True)
+    (out / ".git").rmdir()
+    monkeypatch.chdir(out / "student")
+    with pytest.raises(ConfigError, match="holds a git checkout or the working or home folder"):
+        check_output_dir(changed, overwrite=True)
+    assert (out / "metrics.json").is_file()
 
 
 def test_an_internal_error_prints_where_it_happened_and_points_to_verbose(tmp_path, capsys, monkeypatch):

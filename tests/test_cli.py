@@ -42,14 +42,14 @@ def test_demo_quick_fine_tunes_converts_distils_and_reports(tmp_path, capfd):
         assert all(t["teacher_ms"] > 0 and t["student_ms"] > 0 for t in result["timings"].values())
         student = raylin.load_student(result["student_dir"])
         assert student.plan.mixer == "linformer"
-        served = json.loads((tmp_path / "student-run" / "teacher_service.json").read_text())
+        served = json.loads((tmp_path / "student-run-quick" / "teacher_service.json").read_text())
         assert served["teacher_loads"] == 1 and served["teacher_forwards"] > 0
 
         from raylin.demo import demo_configs
         from raylin.pipeline import finished_run
 
         finetune, _ = demo_configs(tmp_path, quick=True)  # a second demo reuses this fine-tuned teacher
-        assert finished_run(finetune)["target_teacher"] == str(tmp_path / "teacher-run" / "teacher")
+        assert finished_run(finetune)["target_teacher"] == str(tmp_path / "teacher-run-quick" / "teacher")
     finally:
         ray.shutdown()
 

@@ -18,7 +18,7 @@ checkpoint's student tensors equal the uninterrupted run's checkpoint of the sam
 
 The conversions are tiny (a two-layer BERT of width 32 with all-MiniLM-L6's tokenizer → Linformer,
 target guidance with a served teacher, 2 workers under ZeRO-2, 12 steps, checkpoints at 4, 8, 12)
-so a soak of 50 trials takes about 45 minutes on two cores (42 measured). Writes faults.json after every trial;
+so a soak of 50 trials takes about 45 minutes on two cores (42 measured at c6df340). Writes faults.json after every trial;
 starts and stops its own Ray (refuses to run inside a Ray session).
 """
 
@@ -50,7 +50,7 @@ from raylin.eval.cluster import local_cluster
 from raylin.faults import FAULT_ENV
 from raylin.train.checkpoint import STATE_FILE
 from raylin.train.run_files import STUDENT_DIR, read_train_log
-from raylin.train.trainer import fit
+from raylin.train.trainer import fit, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def soak_config(source: str, target: str, out: Path, kind: FaultKind, storage: P
 
 
 def checkpoints(config: RunConfig) -> dict[int, Path]:
-    """The run's kept checkpoints by step."""
-    root = Path(config.train.storage_path or Path(config.output_dir) / "ray")
+    """The run's kept checkpoints by step (a local storage_path)."""
+    root = Path(storage_path(config))
     found = {}
     for folder in root.glob(f"{config.run_name}/checkpoint_*"):
         state = folder / STATE_FILE
@@ -189,14 +189,19 @@ def served_nodes() -> set[str]:
 
 
 def remove_node_when_stalled(cluster: Cluster, out: Path, step: int, removed: list[str],
-                             choose: Callable[[], str], timeout_s: float = 600) -> threading.Thread:
+                             choose: Callable[[], str], timeout_s: float = 600,
+                             stop: threading.Event | None = None) -> threading.Thread:
     """A watcher that, once the run stalls before ``step`` (fault ``stall:STEP``), removes the node
-    whose id ``choose()`` names, without a graceful shutdown: a lost machine. (Nodes can be removed
-    from any thread, added only from the main one.)"""
+    whose id ``choose()`` names, without a graceful shutdown: a lost machine. It removes nothing
+    when ``stop`` is set or ``timeout_s`` passes first (the run ended before the stall). (Nodes can
+    be removed from any thread, added only from the main one.)"""
+    stop = stop or threading.Event()
 
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not (out / f".fault-stall-{step}").exists():
+        while not (out / f".fault-stall-{step}").exists():
+            if stop.is_set() or time.monotonic() > deadline:
+                return
             time.sleep(0.2)
         chosen = choose()
         node = next(n for n in cluster.list_all_nodes() if n.node_id == chosen)
@@ -218,17 +223,19 @@ def run_trial(name: str, seed: int, teachers: tuple[str, str], folder: Path, ref
     config = soak_config(*teachers, out, kind, storage=folder / "shared")
     started = time.monotonic()
     removed: list[str] = []
-    watcher = None
+    watcher, finished = None, threading.Event()
     if kind.nodes:
-        watcher = remove_node_when_stalled(cluster, out, trial.step, removed, lambda: rng.choice(sorted(served_nodes())))
+        watcher = remove_node_when_stalled(cluster, out, trial.step, removed, lambda: rng.choice(sorted(served_nodes())),
+                                           stop=finished)
     with _fault(f"{kind.fault}:{trial.step}"):
         try:
             result = fit(config)
             error = result.error
         except Exception as exc:  # a stopped run raises from fit (nan, max_failures: 0)
             error, result = exc, None
+    finished.set()  # a watcher still waiting (the run ended before its stall) removes no later trial's node
     if watcher is not None:
-        watcher.join(timeout=60)
+        watcher.join()
         trial.extra["removed_node"] = removed[0] if removed else None
     trial.wall_s = round(time.monotonic() - started, 1)
     fired = (out / f".fault-{kind.fault}-{trial.step}").exists() and (not kind.nodes or bool(removed))
@@ -276,7 +283,8 @@ def _summary(trials: list[Trial], kinds: list[str]) -> list[dict]:
 
 def _write(out: Path, trials: list[Trial], kinds: list[str], trials_per_kind: int) -> dict:
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} (no GPU)",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} "
+                   f"({torch.cuda.device_count() or 'no'} GPU{'s' if torch.cuda.device_count() != 1 else ''})",
         "conversion": f"tiny BERT -> linformer, 2 workers ZeRO-2, {STEPS} steps, checkpoints every {CHECKPOINT_EVERY}",
         "trials_per_kind": trials_per_kind,
         "kinds": _summary(trials, kinds),
@@ -285,15 +293,21 @@ def _write(out: Path, trials: list[Trial], kinds: list[str], trials_per_kind: in
     return result
 
 
+def check_kinds(kinds: list[str] | None) -> list[str]:
+    """``kinds`` (default: all of FAULT_KINDS), or ValueError naming the unknown ones and the choices."""
+    kinds = list(kinds or FAULT_KINDS)
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        raise ValueError(f"Unknown fault kind(s) {unknown}; choose from {sorted(FAULT_KINDS)}.")
+    return kinds
+
+
 def run_fault_benchmark(out: str | Path, trials: int = 10, kinds: list[str] | None = None, first_seed: int = 0) -> dict:
     """``trials`` runs of each fault kind in ``kinds`` (default all), seeds ``first_seed`` on;
     writes faults.json under ``out`` after every trial and returns what it wrote. Single-node kinds
     run on a local Ray of 2 CPUs, node-lost on a local multi-node cluster; both are started and
     stopped here."""
-    kinds = list(kinds or FAULT_KINDS)
-    unknown = [k for k in kinds if k not in FAULT_KINDS]
-    if unknown:
-        raise ValueError(f"Unknown fault kind(s) {unknown}; choose from {sorted(FAULT_KINDS)}.")
+    kinds = check_kinds(kinds)
     if ray.is_initialized():
         raise RuntimeError("raylin bench faults starts its own Ray: run it outside a Ray session.")
     out = Path(out)

@@ -140,7 +140,11 @@ def align_spec(config: RunConfig):
 
 def align_layers(config_dict: dict, layer_ids: list[int], pool, progress_file: str | None = None) -> dict:
     """One alignment worker: train the student blocks ``layer_ids`` against served teacher activations;
-    appends each step's loss to ``progress_file`` (raylin.progress shows it on the driver)."""
+    appends each step's loss to ``progress_file`` (raylin.progress shows it on the driver) where this
+    node sees the driver's output folder (one machine, or a shared file system); elsewhere it trains
+    without writing progress."""
+    if progress_file and not Path(progress_file).parent.is_dir():
+        progress_file = None
     config = config_from_dict(config_dict)
     align = config.align
     if align.holds == "blocks":
@@ -239,15 +243,15 @@ def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     workers = min(config.align.num_workers, num_layers)
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]
     prepare_task_data(config)  # token shards, before the tasks and the replica read them
+    progress = Path(config.output_dir) / ALIGN_PROGRESS_DIR
+    shutil.rmtree(progress, ignore_errors=True)  # an earlier attempt's
+    progress.mkdir(parents=True)
+    files = [progress / f"task{k}.jsonl" for k in range(workers)]
     pool = teacher_pool(config, align_spec(config))
     # SPREAD: block tasks go to different nodes where there are several, each reading its own node's replica.
     # max_calls=1: each task gets a fresh worker process, which hands its memory back when it ends.
     task = ray.remote(max_calls=1)(align_layers).options(num_cpus=config.train.cpus_per_worker, max_retries=2,
                                                          scheduling_strategy="SPREAD")
-    progress = Path(config.output_dir) / ALIGN_PROGRESS_DIR
-    shutil.rmtree(progress, ignore_errors=True)  # an earlier attempt's
-    progress.mkdir(parents=True)
-    files = [progress / f"task{k}.jsonl" for k in range(workers)]
     try:
         with follow("align", config.align.steps, files):
             results = ray.get([task.remote(config.to_dict(), group, pool, str(file)) for group, file in zip(groups, files)])

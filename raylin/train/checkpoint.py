@@ -38,13 +38,20 @@ STAGING_DIR = ".checkpoint-staging"
 RESUMABLE_CHANGES = ("max_steps", "max_failures", "checkpoint_every", "eval_every", "keep_checkpoints")
 
 
-def config_fingerprint(config: RunConfig) -> str:
-    """What a checkpoint may be resumed under: the whole config but the RESUMABLE_CHANGES."""
+def resume_identity(config: RunConfig) -> dict:
+    """What makes a run the same run: the whole config but the RESUMABLE_CHANGES and ``tracking``
+    (where metrics are sent does not change the run). A checkpoint resumes only under an equal one;
+    raylin.pipeline.check_output_dir names the keys where two differ."""
     data = config.to_dict()
-    data.pop("tracking", None)  # where metrics are sent does not change the run
+    data.pop("tracking", None)
     for key in RESUMABLE_CHANGES:
         data["train"].pop(key, None)
-    return fingerprint(data)
+    return data
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    """What a checkpoint may be resumed under: the fingerprint of ``resume_identity``."""
+    return fingerprint(resume_identity(config))
 
 
 @dataclass

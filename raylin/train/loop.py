@@ -33,7 +33,7 @@ from raylin.faults import STALL_S, die, fires, requested_fault
 from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
-from raylin.tracking import open_tracker
+from raylin.tracking import tracked_run
 from raylin.train.batch import Batch, BatchFeed, count_tokens
 from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
@@ -108,55 +108,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokens_seen = resumed.tokens
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tracker = open_tracker(config, output_dir) if rank == 0 else None  # tracking: (raylin.tracking)
 
     engine.train()
-    for step in range(resumed.step, config.train.max_steps):
-        if rank == min(1, world - 1) and fires(fault, "crash", step, output_dir):
-            die()  # a worker dies without cleanup, as on a lost node
-        if rank == 0 and fires(fault, "stall", step, output_dir):
-            time.sleep(STALL_S)  # the run holds still while a test takes a node away
-        torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
-        batch = feed.get(step)
-        nan_fault = rank == 0 and fires(fault, "nan", step, output_dir)
-        means, step_tokens = distill_step(engine, batch, feed, config, nan_fault)
-        tokens_seen += step_tokens
-        if lit is not None and lit.update(step, means["loss"]) and rank == 0:
-            log.info("LIT: copied weights unfreeze at step %d", lit.unfrozen_at)
+    with tracked_run(config, output_dir) if rank == 0 else nullcontext() as tracker:  # tracking: (raylin.tracking)
+        for step in range(resumed.step, config.train.max_steps):
+            if rank == min(1, world - 1) and fires(fault, "crash", step, output_dir):
+                die()  # a worker dies without cleanup, as on a lost node
+            if rank == 0 and fires(fault, "stall", step, output_dir):
+                time.sleep(STALL_S)  # the run holds still while a test takes a node away
+            torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
+            batch = feed.get(step)
+            nan_fault = rank == 0 and fires(fault, "nan", step, output_dir)
+            means, step_tokens = distill_step(engine, batch, feed, config, nan_fault)
+            tokens_seen += step_tokens
+            if lit is not None and lit.update(step, means["loss"]) and rank == 0:
+                log.info("LIT: copied weights unfreeze at step %d", lit.unfrozen_at)
 
-        # Record, evaluate, report, checkpoint.
-        done = step + 1 == config.train.max_steps
-        wall_s = resumed.wall_s + time.perf_counter() - started
-        metrics = {"step": step + 1, "loss": means["loss"], "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                   "wall_s": round(wall_s, 2), "teacher_wait_s": round(feed.teacher_wait_s, 4),
-                   **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
-        if lit is not None:
-            metrics["copied_frozen"] = int(lit.frozen)
-        evaluate_now, checkpoint_now = evaluates_at(step + 1, config.train), checkpoints_at(step + 1, config.train)
-        if evaluate_now:  # the evaluation sets beyond the held-out split at the end only: they can be large
-            scores = evaluate(engine.module, run.data, config, device, rank, world, sets=None if done else [""])
-            metrics |= {f"eval_{k}": v for k, v in scores.items()}
-        if rank == 0:
-            append_train_log(output_dir, metrics)
-            if tracker is not None:
-                tracker.log(step + 1, metrics)
-            if (step + 1) % PROGRESS_EVERY == 0 or done:  # the driver shows progress (raylin.progress)
-                log.debug("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if checkpoint_now and finetune:
-            save_plain_model(engine, run.processor, output_dir / SNAPSHOT_DIR / f"step_{step + 1}", rank)
-            if done:
-                save_plain_model(engine, run.processor, output_dir / FINETUNED_DIR, rank)
-        staged = nullcontext()
-        if checkpoint_now:
-            state = replace(resumed, step=step + 1, tokens=tokens_seen, wall_s=wall_s,
-                            lit=lit.state_dict() if lit else None)
-            crash = rank == 0 and fires(fault, "crash-in-checkpoint", step + 1, output_dir)
-            staged = staged_checkpoint(engine, teachers, state, rank, done, output_dir, crash)
-        if evaluate_now or checkpoint_now:
-            # The step's one report: evaluation results reach Ray Tune's schedulers, and a checkpoint
-            # is registered once every worker has reported its part.
-            with staged as checkpoint:
-                ray.train.report(metrics, checkpoint=checkpoint)
-    if tracker is not None:
-        tracker.close()
+            # Record, evaluate, report, checkpoint.
+            done = step + 1 == config.train.max_steps
+            wall_s = resumed.wall_s + time.perf_counter() - started
+            metrics = {"step": step + 1, "loss": means["loss"], "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                       "wall_s": round(wall_s, 2), "teacher_wait_s": round(feed.teacher_wait_s, 4),
+                       **{f"loss_{k}": v for k, v in means.items() if k != "loss"}}
+            if lit is not None:
+                metrics["copied_frozen"] = int(lit.frozen)
+            evaluate_now, checkpoint_now = evaluates_at(step + 1, config.train), checkpoints_at(step + 1, config.train)
+            if evaluate_now:  # the evaluation sets beyond the held-out split at the end only: they can be large
+                scores = evaluate(engine.module, run.data, config, device, rank, world, sets=None if done else [""])
+                metrics |= {f"eval_{k}": v for k, v in scores.items()}
+            if rank == 0:
+                append_train_log(output_dir, metrics)
+                if tracker is not None:
+                    tracker.log(step + 1, metrics)
+                if (step + 1) % PROGRESS_EVERY == 0 or done:  # the driver shows progress (raylin.progress)
+                    log.debug("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            if checkpoint_now and finetune:
+                save_plain_model(engine, run.processor, output_dir / SNAPSHOT_DIR / f"step_{step + 1}", rank)
+                if done:
+                    save_plain_model(engine, run.processor, output_dir / FINETUNED_DIR, rank)
+            staged = nullcontext()
+            if checkpoint_now:
+                state = replace(resumed, step=step + 1, tokens=tokens_seen, wall_s=wall_s,
+                                lit=lit.state_dict() if lit else None)
+                crash = rank == 0 and fires(fault, "crash-in-checkpoint", step + 1, output_dir)
+                staged = staged_checkpoint(engine, teachers, state, rank, done, output_dir, crash)
+            if evaluate_now or checkpoint_now:
+                # The step's one report: evaluation results reach Ray Tune's schedulers, and a checkpoint
+                # is registered once every worker has reported its part.
+                with staged as checkpoint:
+                    ray.train.report(metrics, checkpoint=checkpoint)
     write_memory_report(engine, config, output_dir, rank)

@@ -175,6 +175,20 @@ def published_outputs(config: RunConfig) -> str | None:
     return f"{storage_path(config).rstrip('/')}/{config.run_name}/outputs"
 
 
+def _storage_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
+
+
+def delete_run_storage(config: RunConfig) -> None:
+    """Delete STORAGE_PATH/RUN_NAME (the run's checkpoints and published outputs) when
+    train.storage_path is set, local or remote; OUTPUT_DIR/ray goes with OUTPUT_DIR."""
+    if config.train.storage_path is None:
+        return
+    filesystem, root = _storage_filesystem(f"{storage_path(config).rstrip('/')}/{config.run_name}")
+    if filesystem.get_file_info(root).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(root)
+
+
 def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
     """Copy OUTPUT_DIR's ``names`` (files or folders) to STORAGE_PATH/RUN_NAME/outputs when
     train.storage_path is set, so results outlive the head node (``ray job submit`` drivers write
@@ -183,7 +197,7 @@ def publish_outputs(config: RunConfig, names: list[str]) -> str | None:
     if destination is None:
         return None
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(destination if "://" in destination else f"file://{destination}")
+    filesystem, root = _storage_filesystem(destination)
     filesystem.create_dir(root, recursive=True)
     for name in names:
         source = Path(config.output_dir) / name

@@ -273,7 +273,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     name = "sweep"
     if resume:
         if not tune.Tuner.can_restore(os.path.join(storage, name)):
-            raise FileNotFoundError(f"No sweep to resume under {storage}/{name}; run without --resume first.")
+            raise ConfigError(f"No sweep to resume under {storage}/{name}; run without --resume first.")
         tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(grace_period=section.grace_period, reduction_factor=section.reduction_factor,
