@@ -135,6 +135,20 @@ def _make_output_dir(out: Path) -> None:
         raise ConfigError(f"output_dir {out} cannot be created ({error.strerror}); choose a folder this user can write.") from None
 
 
+def start_run(config: RunConfig, overwrite: bool) -> dict | None:
+    """Refuse bad output folders before Ray, then start Ray and prepare OUTPUT_DIR (config.yaml
+    written); returns the metrics of the same run finished there instead, touching nothing."""
+    out = Path(config.output_dir)
+    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
+    if replacing is None and (earlier := finished_run(config)) is not None:
+        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+        return earlier
+    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
+    prepare_output_dir(config, replacing)
+    write_text_atomic(out / "config.yaml", dump_config(config))
+    return None
+
+
 def finished_run(config: RunConfig) -> dict | None:
     """The metrics of a run that already finished in ``config.output_dir`` as this config's run (the
     same ``resume_identity`` and max_steps as its config.yaml records), else None: callers reuse it
@@ -173,13 +187,9 @@ def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
     config = finetune_config(config)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
-    if replacing is None and (earlier := finished_run(config)) is not None:
-        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+    earlier = start_run(config, overwrite)
+    if earlier is not None:
         return earlier
-    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    prepare_output_dir(config, replacing)
-    write_text_atomic(out / "config.yaml", dump_config(config))
     result = fit(config, finetune=True)
     if result.error is not None:
         raise result.error
@@ -235,13 +245,9 @@ def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
     started = time.perf_counter()
     check_eval_sets(config)
     out = Path(config.output_dir)
-    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
-    if replacing is None and (earlier := finished_run(config)) is not None:
-        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+    earlier = start_run(config, overwrite)
+    if earlier is not None:
         return earlier
-    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    prepare_output_dir(config, replacing)
-    write_text_atomic(out / "config.yaml", dump_config(config))
     aligned = None
     if config.align.enabled:
         check_disk(config)  # fit checks again, but the align stage comes first and takes minutes
