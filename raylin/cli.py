@@ -17,19 +17,101 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from raylin.errors import ConfigError, RayClusterUnreachable
+from raylin.errors import ConfigError, RayClusterUnreachable, RunInProgress
 from raylin.log import LEVEL_ENV, setup_logging
 
 INTERNAL_ERROR_FRAMES = 3  # of an unexpected error's traceback, below --verbose
 
 # Each command imports what it runs inside its handler: `raylin --help` answers before Ray and the
 # benchmarks load, and a run loads Ray only after its config is checked.
+
+
+# ----- option types: argparse refuses a bad value before any work starts (exit status 2, the -----
+# ----- option named, the fix said), as the config's checks do for a config ----------------------
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def at_least(minimum: int, multiple_of: int = 1):
+    """An option type: a whole number >= ``minimum`` (and a multiple of ``multiple_of``)."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum or value % multiple_of:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be a whole number >= {minimum}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "")
+                + f" (e.g. {max(minimum, multiple_of)})")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def numbers_at_least(minimum: int, example: str):
+    """An option type: comma-separated whole numbers, each >= ``minimum`` (e.g. ``example``)."""
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            values = tuple(int(part) for part in parts)
+        except ValueError:
+            values = ()
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated whole numbers >= {minimum} (e.g. {example})")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+def names_from(module: str, registry: str):
+    """An option type: comma-separated names out of the registry ``module.registry`` (imported only
+    when names are given, so ``--help`` stays light); empty: none given."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        choices = tuple(getattr(importlib.import_module(module), registry)) if names else ()
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {list(choices)}, comma-separated")
+        return names
+    parse.__name__ = "list"
+    return parse
+
+
+def output_folder(text: str) -> str:
+    """An option type: a folder this user can write (or make)."""
+    from raylin.paths import unwritable_reason
+
+    reason = unwritable_reason(text)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {reason}")
+    return text
+
+
+def existing_folder(text: str) -> str:
+    """An option type: a folder that exists."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder; give the path of an existing one")
+    return text
+
+
+def config_file(text: str) -> str:
+    """An option type: a readable YAML config file (its content is checked by the command)."""
+    from raylin.config import read_yaml_file
+
+    try:
+        read_yaml_file(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -49,8 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         print(f"wrote {Path(args.out) / 'shipped-speed.json'}")
         return 0
-    lengths = tuple(int(x) for x in args.lengths.split(","))
-    records = run_speed_benchmark(args.out, lengths=lengths, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
+    records = run_speed_benchmark(args.out, lengths=args.lengths, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
     summary = summarize(records)
     write_text_atomic(Path(args.out) / "speed_summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
@@ -59,9 +140,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
+    from raylin.config import load_config
     from raylin.eval.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput
 
-    configs = tuple(args.configs.split(",")) if args.configs else SHIPPED_CONFIGS
+    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else SHIPPED_CONFIGS
+    for path in configs:  # bad input before any work: every config is checked first
+        load_config(path)
     result = run_throughput_benchmark(args.out, configs=configs, steps=args.steps)
     print(json.dumps({"throughput": summarize_throughput(result), "bf16": result["bf16"]}, indent=1))
     print(f"wrote {Path(args.out) / 'distill-throughput.json'} and {Path(args.out) / 'distill-throughput.png'}")
@@ -72,7 +156,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
     from raylin.eval.quality import DEFAULT_OUT, PAGES, SUITES, run_quality_benchmark, summary_lines
 
     budget = "quick" if args.quick else "long" if args.long else "hour"
-    suites = tuple(args.only.split(",")) if args.only else SUITES
+    suites = args.only or SUITES
     out = args.out or DEFAULT_OUT[budget]
     docs = args.docs or (out if budget == "quick" else "docs")
     result = run_quality_benchmark(out, budget=budget, suites=suites, docs=docs)
@@ -107,10 +191,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
 def _bench_cluster(args: argparse.Namespace) -> int:
     from raylin.eval.cluster import run_cluster_benchmark, summarize
 
-    nodes = tuple(int(x) for x in args.nodes.split(","))
-    if not nodes or min(nodes) < 1 or args.steps < 3:
-        raise SystemExit("raylin bench cluster: --nodes takes counts >= 1 (e.g. 1,2,3) and --steps must be >= 3.")
-    result = run_cluster_benchmark(args.out, nodes=nodes, steps=args.steps)
+    result = run_cluster_benchmark(args.out, nodes=args.nodes, steps=args.steps)
     print(json.dumps(summarize(result), indent=1))
     print(f"wrote {Path(args.out) / 'cluster.json'} and {Path(args.out) / 'cluster.png'}")
     return 0
@@ -119,24 +200,20 @@ def _bench_cluster(args: argparse.Namespace) -> int:
 def _bench_faults(args: argparse.Namespace) -> int:
     from raylin.eval.faults import check_kinds, run_fault_benchmark, summary_lines
 
-    if args.trials < 1:
-        raise SystemExit("raylin bench faults: --trials must be >= 1.")
-    try:
-        kinds = check_kinds([k for k in args.kinds.split(",") if k])
-    except ValueError as error:
-        raise SystemExit(f"raylin bench faults: {error}") from None
+    kinds = check_kinds(list(args.kinds))
     result = run_fault_benchmark(args.out, trials=args.trials, kinds=kinds, first_seed=args.first_seed)
     print("\n".join(summary_lines(result)))
     print(f"wrote {Path(args.out) / 'faults.json'}")
     return 0
 
 
-def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -> int:
-    """Validate CONFIG (+ --set, + ``extra``) before anything starts, run ``run(config)``, print its result."""
+def _run_config(args: argparse.Namespace, start, run: str = "conversion") -> int:
+    """Validate CONFIG (+ --set) as a ``run`` (raylin.config.RUNS) before anything starts, call
+    ``start(config)``, print its result."""
     from raylin.config import load_config
 
-    config = load_config(args.config, args.set + (extra or []))
-    result = run(config)  # checks what needs reading (evaluation sets) before any work starts
+    config = load_config(args.config, args.set, run=run)
+    result = start(config)  # checks what needs reading (evaluation sets) before any work starts
     print(json.dumps(result, indent=1))
     return 0
 
@@ -144,15 +221,14 @@ def _run_config(args: argparse.Namespace, run, extra: list[str] | None = None) -
 def _convert(args: argparse.Namespace) -> int:
     from raylin.pipeline import run_conversion
 
-    return _run_config(args, lambda config: run_conversion(config, overwrite=args.overwrite))
+    return _run_config(args, lambda config: run_conversion(config, overwrite=args.overwrite, wait=args.wait))
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from raylin.pipeline import run_finetune
 
-    # The fine-tuned teacher is what this run makes: ignore target_teacher and guidance.
-    return _run_config(args, lambda config: run_finetune(config, overwrite=args.overwrite),
-                       ["guidance={mode: unguided}", "target_teacher=null"])
+    # The teacher's run of the config: the student's sections do not apply (raylin.config.teacher_run_mapping).
+    return _run_config(args, lambda config: run_finetune(config, overwrite=args.overwrite, wait=args.wait), run="teacher")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -197,53 +273,59 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert and distil a teacher as a YAML config says")
-    convert.add_argument("config", help="YAML run config (see docs/config.md)")
+    convert.add_argument("config", type=config_file, help="YAML run config (see docs/config.md)")
     convert.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field by its dotted name, e.g. --set train.max_steps=50")
     convert.add_argument("--overwrite", action="store_true",
                          help="delete a run of another config in output_dir instead of refusing to start")
+    convert.add_argument("--wait", action="store_true",
+                         help="when another run is in progress in output_dir, wait for it to end instead of refusing")
     convert.set_defaults(func=_convert)
 
     finetune = commands.add_parser("finetune", help="fine-tune the teacher on the task (target teacher + waypoints)")
-    finetune.add_argument("config", help="YAML run config; its teacher, task, data and train sections are used")
+    finetune.add_argument("config", type=config_file,
+                          help="YAML run config; the teacher's run of it: the student's sections do not apply")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     finetune.add_argument("--overwrite", action="store_true",
                           help="delete a run of another config in output_dir instead of refusing to start")
+    finetune.add_argument("--wait", action="store_true",
+                          help="when another run is in progress in output_dir, wait for it to end instead of refusing")
     finetune.set_defaults(func=_finetune)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over config fields (the config's tune: section)")
-    tune.add_argument("config", help="YAML run config with a tune: section (see docs/tune.md)")
+    tune.add_argument("config", type=config_file, help="YAML run config with a tune: section (see docs/tune.md)")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     tune.add_argument("--resume", action="store_true", help="resume the interrupted sweep in the same output_dir")
     tune.set_defaults(func=_tune)
 
     evaluate = commands.add_parser("eval", help="score teacher and student on the held-out split and time both")
-    evaluate.add_argument("config", help="the YAML run config the student was converted with")
+    evaluate.add_argument("config", type=config_file, help="the YAML run config the student was converted with")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--student", default=None, help="student folder (default OUTPUT_DIR/student)")
-    evaluate.add_argument("--length", type=int, default=None, help="tokens for the timing (default: the longest the model takes)")
+    evaluate.add_argument("--length", type=at_least(8), default=None, help="tokens for the timing (default: the longest the model takes)")
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser("export", help="write a causal Mamba2 hybrid student as a stock transformers checkpoint")
-    export.add_argument("student", help="a student folder (OUTPUT_DIR/student of a convert run)")
-    export.add_argument("--to", required=True, help="folder to write the checkpoint into")
+    export.add_argument("student", type=existing_folder, help="a student folder (OUTPUT_DIR/student of a convert run)")
+    export.add_argument("--to", required=True, type=output_folder, help="folder to write the checkpoint into")
     export.add_argument("--overwrite", action="store_true", help="replace --to if it already holds files")
     export.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="fine-tune, convert and distil the shipped all-MiniLM-L6 on a local Ray")
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    demo.add_argument("--out", default="outputs/demo", type=output_folder, help="output folder (default outputs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smoke run: a few steps on a few hundred examples")
-    demo.add_argument("--length", type=int, default=4096, help="long sequence length for the speed-up (default 4096)")
+    demo.add_argument("--length", type=at_least(16), default=4096, help="long sequence length for the speed-up (default 4096)")
     demo.set_defaults(func=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     speed = bench_kinds.add_parser("speed", help="latency and memory vs sequence length")
-    speed.add_argument("--out", default="benchmarks/results", help="output folder for speed.json / speed.png")
-    speed.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
-    speed.add_argument("--hidden", type=int, default=256, help="model width (default 256)")
-    speed.add_argument("--layers", type=int, default=2, help="blocks per model (default 2)")
-    speed.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is kept")
+    speed.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for speed.json / speed.png")
+    speed.add_argument("--lengths", default="512,1024,2048,4096,8192,16384", type=numbers_at_least(16, "512,4096"),
+                       help="comma-separated sequence lengths (default 512,...,16384)")
+    speed.add_argument("--hidden", type=at_least(64, multiple_of=64), default=256, help="model width, a multiple of the 64-wide heads (default 256)")
+    speed.add_argument("--layers", type=at_least(1), default=2, help="blocks per model (default 2)")
+    speed.add_argument("--repeats", type=at_least(1), default=2, help="timed runs per cell; the best is kept")
     speed.add_argument("--shipped", action="store_true",
                        help="instead: the shipped configs' teachers and students at their real widths and lengths, "
                             "fp32 and bf16, forward and (causal) per-token decode")
@@ -251,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill = bench_kinds.add_parser(
         "distill", help="the distillation step's tokens/s per core (shipped configs) against a plain in-process loop, "
                         "and the held-out metric in bf16 against fp32")
-    distill.add_argument("--out", default="benchmarks/results", help="output folder for distill-throughput.json / .png")
-    distill.add_argument("--steps", type=int, default=12, help="distillation steps per run; the first 2 are not timed")
+    distill.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for distill-throughput.json / .png")
+    distill.add_argument("--steps", type=at_least(3), default=12, help="distillation steps per run; the first 2 are not timed")
     distill.add_argument("--configs", default=None, help="comma-separated config files (default: the three shipped ones)")
     distill.set_defaults(func=_bench_distill)
     quality = bench_kinds.add_parser("quality", help="teacher vs students on text, language modelling and speech")
@@ -261,25 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--long", action="store_true",
                         help="2-3x the default budget's steps (about 2.7 h on 2 cores before every student aligned): "
                              "docs/results-long.md")
-    quality.add_argument("--out", default=None,
+    quality.add_argument("--out", default=None, type=output_folder,
                          help="run folders and quality.json (default outputs/bench-quality[-quick|-long])")
-    quality.add_argument("--only", default=None, help="comma-separated suites: text,lm,speech,hybrids,speed (default all)")
-    quality.add_argument("--docs", default=None, help="where the results page and its plots go (default docs/, or OUT with --quick)")
+    quality.add_argument("--only", default=None, type=names_from("raylin.eval.quality", "SUITES"), help="comma-separated suites: text,lm,speech,hybrids,speed (default all)")
+    quality.add_argument("--docs", default=None, type=output_folder, help="where the results page and its plots go (default docs/, or OUT with --quick)")
     quality.set_defaults(func=_bench_quality)
     cluster = bench_kinds.add_parser(
         "cluster", help="teacher-service traffic on 1, 2 and 3 simulated nodes (each a raylet on this machine): "
                         "activation bytes and forwards per node, prefetch overlap, extrapolated to the paper configs")
-    cluster.add_argument("--out", default="benchmarks/results", help="output folder for cluster.json / cluster.png")
-    cluster.add_argument("--nodes", default="1,2,3", help="comma-separated node counts (default 1,2,3)")
-    cluster.add_argument("--steps", type=int, default=10, help="distillation steps per run; the first 2 are not timed")
+    cluster.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for cluster.json / cluster.png")
+    cluster.add_argument("--nodes", default="1,2,3", type=numbers_at_least(1, "1,2,3"), help="comma-separated node counts (default 1,2,3)")
+    cluster.add_argument("--steps", type=at_least(3), default=10, help="distillation steps per run; the first 2 are not timed")
     cluster.set_defaults(func=_bench_cluster)
     scale = bench_kinds.add_parser(
         "scale", help="memory at scale: align tasks holding their blocks against the whole student, training "
                       "workers at ZeRO 0/2/3, and a 1.1B-parameter conversion")
-    scale.add_argument("--out", default="benchmarks/results", help="output folder for the scale-*.json files and plots")
-    scale.add_argument("--hidden", type=int, default=1024, help="teacher width (2048: TinyLlama-1.1B's shape)")
-    scale.add_argument("--tasks", type=int, default=4, help="align tasks the 22 blocks are spread over")
-    scale.add_argument("--steps", type=int, default=None,
+    scale.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for the scale-*.json files and plots")
+    scale.add_argument("--hidden", type=at_least(64, multiple_of=64), default=1024,
+                       help="teacher width, a multiple of the 64-wide heads (2048: TinyLlama-1.1B's shape)")
+    scale.add_argument("--tasks", type=at_least(1), default=4, help="align tasks the 22 blocks are spread over")
+    scale.add_argument("--steps", type=at_least(1), default=None,
                        help="align steps per task and distillation steps per ZeRO run (default 2); billion: "
                             "distillation steps (default 20)")
     scale.add_argument("--part", choices=("align", "zero", "all", "billion"), default="all",
@@ -290,11 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     faults = bench_kinds.add_parser(
         "faults", help="fault soak: N short conversions per fault kind (worker, teacher replica or node lost, crash "
                        "while checkpointing, NaN loss) at seeded random steps, each compared with the uninterrupted run")
-    faults.add_argument("--out", default="benchmarks/results", help="output folder for faults.json")
-    faults.add_argument("--trials", type=int, default=10, help="runs per fault kind (default 10)")
-    faults.add_argument("--kinds", default="", help="comma-separated fault kinds (default all: worker-kill, "
+    faults.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for faults.json")
+    faults.add_argument("--trials", type=at_least(1), default=10, help="runs per fault kind (default 10)")
+    faults.add_argument("--kinds", default="", type=names_from("raylin.eval.faults", "FAULT_KINDS"), help="comma-separated fault kinds (default all: worker-kill, "
                         "teacher-kill, checkpoint-crash, nan, node-lost)")
-    faults.add_argument("--first-seed", type=int, default=0, help="the first trial's seed (trials use seeds from it on)")
+    faults.add_argument("--first-seed", type=at_least(0), default=0, help="the first trial's seed (trials use seeds from it on)")
     faults.set_defaults(func=_bench_faults)
     return parser
 
@@ -318,7 +401,10 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse said why (a bad option value: status 2), or --help
+        return stop.code if isinstance(stop.code, int) else 2
     if args.log_level:
         os.environ[LEVEL_ENV] = args.log_level  # Ray workers inherit it (raylin.train.trainer forwards it)
     setup_logging()
@@ -327,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # bad input: a config, path, data source or output folder that cannot run
         print(f"raylin: invalid config: {error}", file=sys.stderr)
         return 2
-    except RayClusterUnreachable as error:  # bad input: the cluster the environment names is gone
+    except (RayClusterUnreachable, RunInProgress) as error:  # the cluster named is gone; another run holds output_dir
         print(f"raylin: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # not bad input: a bug, or a failure of the run itself

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,10 +30,12 @@ from raylin.errors import ConfigError
 from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
 from raylin.models.teachers import resolve_teacher_path
-from raylin.tasks import TASKS
+from raylin.paths import unwritable_reason
+from raylin.tasks import TASKS, task_kind
 from raylin.tracking import check_tracking
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DATA_SIZES = ("full", "quick")
 TEACHER_MODES = ("served", "inprocess")
 SERVED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -67,7 +68,7 @@ class DataConfig:
     max_length: int = 128  # tokens (text); language modelling windows are exactly this long
     held_out: str | None = None  # causal_lm austen: the novel held out (default persuasion)
     max_seconds: float = 2.0  # speech classification: clips are cropped to this length (ctc: never cropped)
-    size: str = "full"  # spoken_digits: full | quick (a smoke-test sized synthesis)
+    size: str = "full"  # spoken_digits: full | quick (a smoke-test sized synthesis); DATA_SIZES
     source: dict[str, Any] = field(default_factory=dict)  # hub_audio: the audio (raylin.data.audio); corpus: the text (raylin.data.shards)
     shards_dir: str | None = None  # pile, corpus: where token shards are kept (default RAYLIN_CACHE/token_shards)
     eval_fraction: float = 0.1
@@ -224,21 +225,28 @@ class EvalSetConfig:
     max_examples: int | None = None  # default: data.max_eval_examples
 
 
+# Field metadata of the RunConfig sections only a conversion reads: the student's plan, its guidance
+# and losses, freezing, the teacher service and the student's own stages (align, broad data). The
+# teacher's fine-tuning run (``raylin finetune``, ``teacher_run``) leaves them out: the teacher
+# learns the task as the config gives it, whatever the student's recipe.
+CONVERSION_ONLY = {"run": "conversion"}
+
+
 @dataclass
 class RunConfig:
     teacher: str  # the pretrained (source) model: folder, Hub id or asset:NAME
     output_dir: str
-    plan: dict[str, Any]
-    target_teacher: str | None = None  # the fine-tuned teacher (target and hybrid guidance)
+    plan: dict[str, Any] = field(metadata=CONVERSION_ONLY)
+    target_teacher: str | None = field(default=None, metadata=CONVERSION_ONLY)  # the fine-tuned teacher (target and hybrid guidance)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig, metadata=CONVERSION_ONLY)
+    loss: LossConfig = field(default_factory=LossConfig, metadata=CONVERSION_ONLY)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig, metadata=CONVERSION_ONLY)
     train: TrainConfig = field(default_factory=TrainConfig)
-    teacher_service: TeacherServiceConfig = field(default_factory=TeacherServiceConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    broad: BroadConfig = field(default_factory=BroadConfig)
+    teacher_service: TeacherServiceConfig = field(default_factory=TeacherServiceConfig, metadata=CONVERSION_ONLY)
+    align: AlignConfig = field(default_factory=AlignConfig, metadata=CONVERSION_ONLY)
+    broad: BroadConfig = field(default_factory=BroadConfig, metadata=CONVERSION_ONLY)
     # Out-of-distribution sets scored for teacher and student (retention); None: the data set's defaults.
     eval_sets: list[EvalSetConfig] | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -275,16 +283,67 @@ class RunConfig:
 # ----- loading --------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate everything."""
+RUNS = ("conversion", "teacher")  # what a config describes: a conversion, or its teacher's fine-tuning
+
+
+def read_yaml_file(path: str | Path, what: str = "Config file") -> Any:
+    """The YAML document in ``path``; ConfigError naming the file when it is missing, unreadable,
+    not UTF-8 text (a binary file, another encoding) or not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist.")
+        raise ConfigError(f"{what} {path} does not exist{' (it is a folder)' if path.is_dir() else ''}; "
+                          "give the path of a YAML file (e.g. jobs/configs/minilm-rt-linformer.yaml).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}): "
+                          "a config is a YAML text file; check the path, or save the file as UTF-8.") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read ({error.strerror}); check its permissions.") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return config_from_dict(data, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, run: str = "conversion") -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate everything. ``run="teacher"``:
+    the config of the teacher's fine-tuning run the file describes (``teacher_run_mapping``)."""
+    return config_from_dict(read_yaml_file(path) or {}, overrides, run)
+
+
+def conversion_only_keys() -> tuple[str, ...]:
+    """The RunConfig sections a teacher's fine-tuning run leaves out (marked CONVERSION_ONLY)."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("run") == "conversion")
+
+
+def teacher_run_mapping(data: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's fine-tuning run described by a run config's mapping: the conversion-only
+    sections (the student's plan, guidance, losses, freezing, teacher service, align and broad
+    stages) left out, so they take their defaults and never decide or change the teacher's run;
+    unguided (the task loss alone), with a plan that keeps every attention layer (the "student" is
+    the teacher's own architecture)."""
+    kept = {key: copy.deepcopy(value) for key, value in data.items() if key not in conversion_only_keys()}
+    kept["plan"] = _whole_teacher_plan(kept.get("teacher"))
+    kept["guidance"] = {"mode": "unguided"}  # the teacher learns from the task alone
+    return kept
+
+
+def _whole_teacher_plan(teacher: Any) -> dict[str, Any]:
+    """A plan keeping every attention layer of ``teacher``; a placeholder when the teacher cannot be
+    read (validation then names that problem)."""
+    try:
+        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
+        family = family_for_config(teacher_config)
+    except (OSError, ValueError, TypeError):
+        return {"mixer": "mamba2", "keep_attention": []}
+    return {"mixer": "mamba2" if family.causal else "bimamba2",
+            "keep_attention": list(range(family.num_layers(teacher_config)))}
+
+
+def teacher_run(config: RunConfig) -> RunConfig:
+    """The run that fine-tunes ``config``'s teacher on its task (``teacher_run_mapping``), validated."""
+    return config_from_dict(config.to_dict(), run="teacher")
 
 
 def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -297,19 +356,42 @@ def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, run: str = "conversion") -> RunConfig:
+    """A validated RunConfig from a config's mapping and ``key=value`` overrides. ``run``: what the
+    mapping is to describe, a conversion or its teacher's fine-tuning (``teacher_run_mapping``)."""
+    if run not in RUNS:
+        raise ValueError(f"run must be one of {RUNS}, got {run!r}")
     if not isinstance(data, dict):
-        raise ConfigError("A config must be a mapping of keys to values.")
+        raise ConfigError(f"A config must be a mapping of keys to values (e.g. `teacher: asset:all-minilm-l6`), "
+                          f"got {type(data).__name__}.")
     data = apply_overrides(data, overrides or [])
+    problems = _Problems()
+    if run == "teacher":
+        _check_conversion_sections(data, problems)
+        data = teacher_run_mapping(data)
     if isinstance(data.get("eval_sets"), list):  # a bare name stands for {name: NAME} (a built-in set)
         data["eval_sets"] = [{"name": entry} if isinstance(entry, str) else entry for entry in data["eval_sets"]]
-    problems = _Problems()
     config = _build(RunConfig, data, "", problems)
     if config is None:  # a required key is missing or unusable: nothing further can be checked
         problems.raise_any()
     _absolute_paths(config)
     validate(config, problems)
     return config
+
+
+def _check_conversion_sections(data: dict[str, Any], problems: _Problems) -> None:
+    """For a teacher's run: the conversion-only sections it leaves out still have to be well formed
+    (known keys, right types, a plan that parses), so that a typo is found before the teacher's run
+    and not hours later by the conversion; what they name (target teacher, waypoints) may not exist yet."""
+    hints = typing.get_type_hints(RunConfig)
+    for key in conversion_only_keys():
+        if key in data:
+            _coerce(hints[key], data[key], key, problems)
+    if isinstance(data.get("plan"), dict):
+        try:
+            Plan.from_mapping(data["plan"])
+        except PlanError as error:
+            problems.need(False, str(error))
 
 
 def recorded_config(data: Any) -> RunConfig | None:
@@ -444,8 +526,13 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     else:
         need(not config.data.source, f"data.source is read for data.name hub_audio or corpus only; data.name "
              f"{config.data.name!r} has its own source: remove data.source (or set data.name corpus).")
+    need(config.data.size in DATA_SIZES, f"data.size must be one of {DATA_SIZES}, got {config.data.size!r}.")
     need(config.data.max_seconds > 0, f"data.max_seconds must be > 0, got {config.data.max_seconds}.")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction must be between 0 and 1.")
+    for key in ("max_train_examples", "max_eval_examples"):
+        value = getattr(config.data, key)
+        need(value is None or value >= 1, f"data.{key} must be >= 1 (or null: all), got {value}.")
+    need(config.data.seed >= 0, f"data.seed must be >= 0, got {config.data.seed}.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")
     g = config.guidance
     need(g.mode in MODES, f"guidance.mode {g.mode!r} is unknown; choose one of {MODES}.")
@@ -464,6 +551,12 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
             config.guidance_schedule()
         except (ValueError, TypeError) as error:
             need(False, str(error))
+    need(g.teacher_lr > 0, f"guidance.teacher_lr must be > 0 (the trajectory teacher's own rate), got {g.teacher_lr}.")
+    lit = config.freeze.lit
+    need(lit.window >= 1 and lit.patience >= 1, f"freeze.lit.window and freeze.lit.patience must be >= 1, got "
+         f"{lit.window} and {lit.patience}.")
+    need(lit.threshold >= 0 and lit.warmup_steps >= 0, f"freeze.lit.threshold and freeze.lit.warmup_steps must be >= 0, "
+         f"got {lit.threshold} and {lit.warmup_steps}.")
     need(config.freeze.until in FREEZE_UNTIL, f"freeze.until must be one of {FREEZE_UNTIL}, got {config.freeze.until!r}.")
     t = config.train
     need(t.num_workers >= 1, "train.num_workers must be >= 1.")
@@ -472,12 +565,23 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}.")
     need(t.max_steps >= 1, "train.max_steps must be >= 1.")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1 (the global batch, split across workers), got {t.batch_size}.")
+    cap = config.data.max_train_examples
+    need(cap is None or cap < 1 or cap >= t.batch_size,
+         f"data.max_train_examples {cap} cannot fill one global batch (train.batch_size {t.batch_size}); raise "
+         f"data.max_train_examples to at least {t.batch_size}, or lower train.batch_size.")
+    need(t.precision != "fp16" or t.use_gpu is not False,
+         "train.precision fp16 needs GPUs and train.use_gpu is false; use bf16 or fp32 on CPU (or auto).")
     need(not t.offload or t.zero_stage >= 1,
          "train.offload moves ZeRO's optimizer state to CPU memory and needs train.zero_stage >= 1; "
          "set train.zero_stage: 2 (or 3), or train.offload: false.")
     need(t.num_workers < 1 or t.batch_size % t.num_workers == 0,
          f"train.batch_size={t.batch_size} must be divisible by train.num_workers={t.num_workers}.")
     need(t.lr > 0, "train.lr must be > 0.")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (0: none), got {t.weight_decay}.")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (the largest gradient norm; 0: no clipping), got {t.grad_clip}.")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+    need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}.")
+    need(t.max_failures >= 0, f"train.max_failures must be >= 0 (restarts from the latest checkpoint), got {t.max_failures}.")
     need(0 < t.gpus_per_worker <= 1, f"train.gpus_per_worker must be in (0, 1], got {t.gpus_per_worker}.")
     need(t.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}.")
     need(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
@@ -510,8 +614,14 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
         plan = None
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
     teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
+    tuned = teacher_configs.get("target_teacher")
+    if task_ok and tuned is not None and task_kind(config.task.type).classifies:
+        head = len(getattr(tuned, "id2label", None) or {}) or getattr(tuned, "num_labels", None)
+        need(not head or head == config.task.num_labels,
+             f"target_teacher {config.target_teacher!r} has a task head of {head} labels but task.num_labels is "
+             f"{config.task.num_labels}; set task.num_labels: {head} (what the teacher was fine-tuned with).")
     # The student is converted from (and shaped like) the target teacher when there is one.
-    shape = teacher_configs.get("target_teacher") or teacher_configs.get("teacher")
+    shape = tuned or teacher_configs.get("teacher")
     if shape is not None:
         _check_against_teacher(config, plan, shape, need)
     problems.raise_any()
@@ -540,23 +650,37 @@ def _check_against_teacher(config: RunConfig, plan: Plan | None, teacher_config,
             plan.check_against(family, teacher_config)
         except ValueError as error:
             need(False, str(error))
+    _check_lengths(config, family, teacher_config, need)
     states = family.num_layers(teacher_config) + 1  # hidden states: the embeddings, then one per block
+    need(config.loss.layers is None or bool(config.loss.layers),
+         "loss.layers is empty; list hidden-state indices (0 = embeddings), or leave it unset (null) for all.")
     wrong = [i for i in config.loss.layers or [] if not 0 <= i < states]
     need(not wrong, f"loss.layers lists {wrong}, but the teacher has {states} hidden states (0 = embeddings, "
                     f"1..{states - 1} = blocks); use indices in 0..{states - 1}, or leave loss.layers unset for all.")
 
 
+WHISPER_FRAMES_PER_SECOND = 50  # encoder positions per second of audio (100 mel frames, halved by the stride-2 conv)
+
+
+def _check_lengths(config: RunConfig, family, teacher_config, need) -> None:
+    """The inputs' length against what the teacher takes: data.max_length tokens within its
+    positions (text), data.max_seconds within the Whisper encoder's window (speech)."""
+    longest = family.max_length(teacher_config)
+    if family.modality == "text" and longest:
+        need(config.data.max_length <= longest,
+             f"data.max_length {config.data.max_length} is longer than the teacher takes ({longest} positions: "
+             f"max_position_embeddings of {family.name}); set data.max_length to at most {longest}.")
+    if family.name == "whisper" and longest:
+        seconds = longest / WHISPER_FRAMES_PER_SECOND
+        need(config.data.max_seconds <= seconds,
+             f"data.max_seconds {config.data.max_seconds:g} is longer than the Whisper encoder hears ({seconds:g} s: "
+             f"{longest} positions); set data.max_seconds to at most {seconds:g}.")
+
+
 def _check_writable(path: Path, key: str, need) -> None:
     """``path`` exists as a writable folder, or can be made under its nearest existing parent."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_file():
-        need(False, f"{key} {str(path)!r} is under the file {str(existing)!r}; choose a folder path.")
-    else:
-        need(os.access(existing, os.W_OK | os.X_OK),
-             f"{key} {str(path)!r} cannot be written ({str(existing)!r} is not writable by this user); "
-             "choose a folder you can write, e.g. under your home or ./outputs.")
+    reason = unwritable_reason(path)
+    need(reason is None, f"{key} {str(path)!r} cannot be written: {reason}.")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -29,7 +29,7 @@ from raylin.config import config_from_dict, merge_sections
 from raylin.convert import convert
 from raylin.models.student import load_student
 from raylin.models.teachers import load_teacher, resolve_teacher_path
-from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
+from raylin.pipeline import finished_run, run_conversion, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,8 @@ def demo_configs(out: str | Path, quick: bool = False):
     """(teacher fine-tuning config, conversion config builder) for the demo under ``out``."""
     base = merge_sections(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
     runs = "-quick" if quick else ""  # a quick run and a full one are different runs: their own folders
-    teacher_run = merge_sections(base, {"output_dir": str(Path(out) / f"teacher-run{runs}"), "guidance": {"mode": "unguided"},
-                                "train": {"lr": FINETUNE_LR}})
-    finetune = finetune_config(config_from_dict(teacher_run))
+    teacher_run = merge_sections(base, {"output_dir": str(Path(out) / f"teacher-run{runs}"), "train": {"lr": FINETUNE_LR}})
+    finetune = config_from_dict(teacher_run, run="teacher")
 
     def conversion(target_teacher: str):
         return config_from_dict(merge_sections(base, {"output_dir": str(Path(out) / f"student-run{runs}"),

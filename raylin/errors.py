@@ -17,3 +17,8 @@ class ConfigError(ValueError):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__(self.problems[0] if len(self.problems) == 1 else
                          f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class RunInProgress(RuntimeError):
+    """Another run holds the output folder (raylin.run_lock): the message names the folder, the holder
+    and the fix (``--wait``, or another output_dir)."""

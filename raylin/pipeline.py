@@ -26,14 +26,14 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig
 
 from raylin.atomic import replace_folder, write_text_atomic
-from raylin.config import ConfigError, RunConfig, dump_config, recorded_config
+from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, teacher_run
 from raylin.data.assets import cache_dir
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
@@ -41,9 +41,8 @@ from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.retention import retention_table, table_markdown
 from raylin.eval.speed import measure
 from raylin.fingerprint import dotted, fingerprint
-from raylin.models.families import family_for_config
 from raylin.models.student import load_student
-from raylin.models.teachers import resolve_teacher_path
+from raylin.run_lock import LOCK_FILE, hold_output_dir
 from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
 from raylin.tracking import log_results
@@ -120,11 +119,15 @@ def check_output_dir(config: RunConfig, overwrite: bool = False) -> RunConfig | 
 
 def prepare_output_dir(config: RunConfig, replacing: RunConfig | None) -> None:
     """Make ``output_dir``, after deleting the run ``check_output_dir`` returned (``replacing``): the
-    folder, and that run's checkpoints under its train.storage_path (local or remote)."""
+    folder's contents (all but the run lock this run holds), and that run's checkpoints under its
+    train.storage_path (local or remote)."""
     out = Path(config.output_dir)
     if replacing is not None:
         delete_run_storage(replacing)
-        shutil.rmtree(out)
+        for entry in out.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     _make_output_dir(out)
 
 
@@ -135,18 +138,24 @@ def _make_output_dir(out: Path) -> None:
         raise ConfigError(f"output_dir {out} cannot be created ({error.strerror}); choose a folder this user can write.") from None
 
 
-def start_run(config: RunConfig, overwrite: bool) -> dict | None:
-    """Refuse bad output folders before Ray, then start Ray and prepare OUTPUT_DIR (config.yaml
-    written); returns the metrics of the same run finished there instead, touching nothing."""
+@contextlib.contextmanager
+def started_run(config: RunConfig, overwrite: bool, wait: bool = False) -> Iterator[dict | None]:
+    """Start a run in OUTPUT_DIR and hold the folder while the body runs: refuse bad output folders
+    before Ray, hold the folder (raylin.run_lock: another run in progress there is refused, or waited
+    for with ``wait``), then start Ray and prepare the folder (config.yaml written). Yields the metrics
+    of the same run finished there instead (touching nothing), else None."""
     out = Path(config.output_dir)
-    replacing = check_output_dir(config, overwrite)  # refusals first, before Ray
-    if replacing is None and (earlier := finished_run(config)) is not None:
-        log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
-        return earlier
-    ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
-    prepare_output_dir(config, replacing)
-    write_text_atomic(out / "config.yaml", dump_config(config))
-    return None
+    check_output_dir(config, overwrite)  # refusals first, before Ray or the lock
+    with hold_output_dir(out, wait):
+        replacing = check_output_dir(config, overwrite)  # again: a run waited for may have changed the folder
+        if replacing is None and (earlier := finished_run(config)) is not None:
+            log.info("%s holds this run, finished: its results stand (--overwrite runs it again)", out)
+            yield earlier
+            return
+        ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
+        prepare_output_dir(config, replacing)
+        write_text_atomic(out / "config.yaml", dump_config(config))
+        yield None
 
 
 def finished_run(config: RunConfig) -> dict | None:
@@ -164,32 +173,19 @@ def finished_run(config: RunConfig) -> dict | None:
     return json.loads((out / "metrics.json").read_text()) if same else None
 
 
-def finetune_config(config: RunConfig) -> RunConfig:
-    """The run that fine-tunes the teacher itself: a "student" keeping every attention layer is
-    the teacher's own architecture and weights, trained unguided on the task (without the broad-data
-    stage, which is the student's: the teacher learns the task as it is given)."""
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.teacher))
-    layers = list(range(family_for_config(teacher_config).num_layers(teacher_config)))
-    mixer = "mamba2" if family_for_config(teacher_config).causal else "bimamba2"
-    return dataclasses.replace(
-        config,
-        target_teacher=None,
-        plan={"mixer": mixer, "keep_attention": layers},
-        guidance=dataclasses.replace(config.guidance, mode="unguided", waypoints=[], hybrid_cutoff=None),
-        freeze=dataclasses.replace(config.freeze, copied=False),
-        broad=dataclasses.replace(config.broad, enabled=False),
-    )
-
-
-def run_finetune(config: RunConfig, overwrite: bool = False) -> dict:
+def run_finetune(config: RunConfig, overwrite: bool = False, wait: bool = False) -> dict:
     """Fine-tune the teacher on the task; writes OUTPUT_DIR/teacher/ and OUTPUT_DIR/snapshots/step_N/.
-    ``overwrite``: replace a run of another config in OUTPUT_DIR (check_output_dir)."""
-    config = finetune_config(config)
+    ``config`` may describe a conversion: its teacher's run is taken (raylin.config.teacher_run: the
+    student's sections do not apply). ``overwrite``: replace a run of another config in OUTPUT_DIR
+    (check_output_dir); ``wait``: wait for a run in progress there instead of refusing (started_run)."""
+    config = teacher_run(config)
+    with started_run(config, overwrite, wait) as earlier:
+        return earlier if earlier is not None else _finetune(config)
+
+
+def _finetune(config: RunConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
-    earlier = start_run(config, overwrite)
-    if earlier is not None:
-        return earlier
     result = fit(config, finetune=True)
     if result.error is not None:
         raise result.error
@@ -239,15 +235,18 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
     return scores
 
 
-def run_conversion(config: RunConfig, overwrite: bool = False) -> dict:
+def run_conversion(config: RunConfig, overwrite: bool = False, wait: bool = False) -> dict:
     """Convert, align (when enabled), distil and evaluate; writes OUTPUT_DIR/student/, metrics.json and
-    report.md. ``overwrite``: replace a run of another config in OUTPUT_DIR (check_output_dir)."""
-    started = time.perf_counter()
+    report.md. ``overwrite``: replace a run of another config in OUTPUT_DIR (check_output_dir);
+    ``wait``: wait for a run in progress there instead of refusing (started_run)."""
     check_eval_sets(config)
+    with started_run(config, overwrite, wait) as earlier:
+        return earlier if earlier is not None else _convert(config)
+
+
+def _convert(config: RunConfig) -> dict:
+    started = time.perf_counter()
     out = Path(config.output_dir)
-    earlier = start_run(config, overwrite)
-    if earlier is not None:
-        return earlier
     aligned = None
     if config.align.enabled:
         check_disk(config)  # fit checks again, but the align stage comes first and takes minutes

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -50,6 +51,9 @@ class _Tail:
     def records(self) -> list[dict]:
         try:
             with open(self.path, "rb") as file:
+                # A resumed run cuts what a lost attempt logged past its checkpoint (raylin.train.run_files.
+                # set_aside_unconfirmed): read on from the new end; the next record is a step already shown.
+                self.offset = min(self.offset, os.fstat(file.fileno()).st_size)
                 file.seek(self.offset)
                 chunk = file.read()
         except FileNotFoundError:

@@ -8,8 +8,12 @@ rate, tokens, evaluation scores. The driver then adds the run's results (teacher
 scores, retention, as in metrics.json) to the same tracked run.
 
 The tracked run's id is kept in ``OUTPUT_DIR/tracking.json``: a worker group restarted from a
-checkpoint, a resumed run and the driver's results all land in one tracked run, and a re-run step
-is logged again at the same step (the trackers keep the last value, as the train log does).
+checkpoint, a resumed run and the driver's results all land in one tracked run. Each step is
+tracked once: rank 0 sends the train log's records to the tracker when a checkpoint holding their
+step is committed (``sync_tracker``), so the steps a lost attempt ran past its last checkpoint never
+reach the tracked run, and the tracked run lags the train log by at most ``train.checkpoint_every``
+steps. ``tracking.json`` also records the last step tracked, so records committed just before a
+crash are sent when the run resumes.
 
 | backend     | needs                         | where                                               |
 |-------------|-------------------------------|-----------------------------------------------------|
@@ -81,6 +85,24 @@ def _remembered(output_dir: Path) -> dict:
 
 def _remember(output_dir: Path, **ids: str) -> None:
     write_text_atomic(output_dir / TRACKING_FILE, json.dumps(ids, indent=1))
+
+
+TRACKED_THROUGH = "tracked_through"  # tracking.json: the last step whose record the tracked run holds
+
+
+def sync_tracker(tracker: Tracker | None, output_dir: Path, records: list[dict], through: int) -> None:
+    """Send ``tracker`` the train-log ``records`` of steps up to ``through`` (a committed checkpoint's
+    step) that the tracked run does not hold yet, and remember how far it got. Rank 0 calls it when
+    the run (re)starts and after each checkpoint; a step is never sent twice."""
+    if tracker is None:
+        return
+    remembered = _remembered(output_dir)
+    done = int(remembered.get(TRACKED_THROUGH, 0))
+    for record in records:
+        if done < record["step"] <= through:
+            tracker.log(record["step"], record)
+    if through > done:
+        write_text_atomic(output_dir / TRACKING_FILE, json.dumps({**remembered, TRACKED_THROUGH: through}, indent=1))
 
 
 # ----- MLflow -----------------------------------------------------------------------------------

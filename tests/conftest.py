@@ -101,6 +101,12 @@ def run_config(teachers, out, **overrides):
     """A tiny CALD run: 2 workers x 0.5 CPU (+ 1 CPU for a served teacher), 12 steps, checkpoints at 6 and 12."""
     from raylin.config import config_from_dict
 
+    return config_from_dict(run_config_dict(teachers, out, **overrides))
+
+
+def run_config_dict(teachers, out, **overrides):
+    """``run_config``'s mapping (to write as a YAML file): ``section.field=value`` sets one key,
+    ``section=value`` the whole section (pass dotted keys as ``**{"train.max_steps": 8}``)."""
     base = {
         "teacher": teachers["source"], "target_teacher": teachers["target"], "output_dir": str(out),
         "plan": {"mixer": "linformer", "linformer": {"k": 16}},
@@ -116,11 +122,26 @@ def run_config(teachers, out, **overrides):
             base[section] = {**base.get(section, {}), field: value}
         else:
             base[section] = value
-    return config_from_dict(base)
+    return base
 
 
 def losses_of(out):
-    """Loss per step from a run's train_log.jsonl (after a resume, the re-run step wins)."""
+    """Loss per step from a run's train_log.jsonl."""
     from raylin.train.run_files import read_train_log
 
     return [record["loss"] for record in read_train_log(out)]
+
+
+def steps_logged(out):
+    """The steps of a run's train_log.jsonl, line by line (a resumed run's log holds each step once)."""
+    import json
+
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def discarded_steps(out):
+    """The steps a lost attempt ran past its checkpoint, set aside when the run resumed."""
+    import json
+
+    aside = out / "train_log.discarded.jsonl"
+    return [json.loads(line)["step"] for line in aside.read_text().splitlines()] if aside.is_file() else []

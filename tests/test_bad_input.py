@@ -173,7 +173,7 @@ def test_an_internal_error_prints_where_it_happened_and_points_to_verbose(tmp_pa
     require_asset("all-minilm-l6")
     path = _write_config(tmp_path, {})
 
-    def broken(config, overwrite=False):
+    def broken(config, **options):
         raise RuntimeError("something raylin did not expect")
 
     monkeypatch.setattr(pipeline, "run_conversion", broken)
@@ -184,3 +184,65 @@ def test_an_internal_error_prints_where_it_happened_and_points_to_verbose(tmp_pa
     monkeypatch.setenv("RAYLIN_LOG_LEVEL", "normal")  # so that teardown restores what was there, not --verbose
     with pytest.raises(RuntimeError, match="did not expect"):
         main(["--verbose", "convert", str(path)])
+
+
+# ----- every subcommand's options: argparse (or the command's first check) refuses a bad value ------
+
+# (argv with {tmp}, {file}, {binary}, {config} placeholders, what the message must say)
+BAD_OPTIONS = {
+    "speed lengths not numbers": (["bench", "speed", "--lengths", "abc"], r"argument --lengths: 'abc' must be comma-separated whole numbers >= 16"),
+    "speed lengths too short": (["bench", "speed", "--lengths", "512,0"], r"argument --lengths: .* >= 16 \(e.g. 512,4096\)"),
+    "speed hidden": (["bench", "speed", "--hidden", "100"], r"argument --hidden: '100' must be a whole number >= 64 and a multiple of 64"),
+    "speed layers": (["bench", "speed", "--layers", "0"], r"argument --layers: '0' must be a whole number >= 1"),
+    "speed repeats": (["bench", "speed", "--repeats", "two"], r"argument --repeats: 'two' is not a whole number"),
+    "speed out is a file": (["bench", "speed", "--out", "{file}"], r"argument --out: .* cannot be written: it is the file"),
+    "distill steps": (["bench", "distill", "--steps", "2"], r"argument --steps: '2' must be a whole number >= 3"),
+    "distill configs": (["bench", "distill", "--configs", "{tmp}/missing.yaml", "--out", "{tmp}/o"], r"Config file .*missing.yaml does not exist"),
+    "quality suites": (["bench", "quality", "--only", "text,bogus"], r"argument --only: unknown \['bogus'\]; choose from \['text', 'lm'"),
+    "quality budgets": (["bench", "quality", "--quick", "--long"], r"argument --long: not allowed with argument --quick"),
+    "quality out": (["bench", "quality", "--out", "{file}/x"], r"argument --out: .* it is under the file"),
+    "cluster nodes": (["bench", "cluster", "--nodes", "0,1"], r"argument --nodes: '0,1' must be comma-separated whole numbers >= 1"),
+    "cluster steps": (["bench", "cluster", "--steps", "1"], r"argument --steps: '1' must be a whole number >= 3"),
+    "scale hidden": (["bench", "scale", "--hidden", "1000"], r"argument --hidden: '1000' must be a whole number >= 64 and a multiple of 64"),
+    "scale tasks": (["bench", "scale", "--tasks", "0"], r"argument --tasks: '0' must be a whole number >= 1"),
+    "scale part": (["bench", "scale", "--part", "everything"], r"argument --part: invalid choice: 'everything'"),
+    "faults kinds": (["bench", "faults", "--kinds", "worker-kill,bogus"], r"argument --kinds: unknown \['bogus'\]; choose from \['worker-kill'"),
+    "faults trials": (["bench", "faults", "--trials", "0"], r"argument --trials: '0' must be a whole number >= 1"),
+    "faults seed": (["bench", "faults", "--first-seed", "-1"], r"argument --first-seed: '-1' must be a whole number >= 0"),
+    "tune binary config": (["tune", "{binary}"], r"argument config: Config file .* is not UTF-8 text .*save the file as UTF-8"),
+    "tune missing config": (["tune", "{tmp}/none.yaml"], r"argument config: Config file .*none.yaml does not exist"),
+    "tune config is a folder": (["tune", "{tmp}"], r"does not exist \(it is a folder\)"),
+    "convert binary config": (["convert", "{binary}"], r"argument config: Config file .* is not UTF-8 text"),
+    "finetune binary config": (["finetune", "{binary}"], r"argument config: Config file .* is not UTF-8 text"),
+    "eval length": (["eval", "{config}", "--length", "0"], r"argument --length: '0' must be a whole number >= 8"),
+    "export missing student": (["export", "{tmp}/nothing", "--to", "{tmp}/x"], r"argument student: .*nothing' is not a folder"),
+    "export target under a file": (["export", "{tmp}", "--to", "{file}/x"], r"argument --to: .* it is under the file"),
+    "demo length": (["demo", "--length", "8"], r"argument --length: .8. must be a whole number >= 16"),
+    "demo out": (["demo", "--out", "{file}"], r"argument --out: .* cannot be written: it is the file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_every_subcommands_bad_option_is_refused_before_work_starts(case, tmp_path, capsys):
+    """Exit status 2, the option named with what it takes, no traceback, no Ray, nothing written."""
+    argv, message = BAD_OPTIONS[case]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**GOOD, "output_dir": str(tmp_path / "out")}))
+    argv = [a.format(tmp=tmp_path, file=tmp_path / "afile", binary=tmp_path / "binary.yaml", config=config) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err), err
+    assert not ray.is_initialized() and sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_length_beyond_the_teachers_positions_is_refused_before_ray(tmp_path, capsys):
+    """IMDB at 1,024 tokens on all-MiniLM-L6 (512 positions) used to reach the workers and die there."""
+    require_asset("all-minilm-l6")
+    path = _write_config(tmp_path, {})
+    assert main(["convert", str(path), "--set", "data.max_length=1024"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_length 1024 is longer than the teacher takes (512 positions" in err
+    assert "set data.max_length to at most 512" in err and not ray.is_initialized()

@@ -77,13 +77,3 @@ def test_bench_scale_takes_a_part_and_each_part_its_own_default_steps():
     assert build_parser().parse_args(["bench", "scale"]).part == "all"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "scale", "--part", "everything"])
-
-
-def test_bench_faults_refuses_an_unknown_kind_before_starting_anything(tmp_path):
-    import ray
-
-    with pytest.raises(SystemExit, match=r"Unknown fault kind\(s\) \['bogus'\]; choose from \['checkpoint-crash'"):
-        main(["bench", "faults", "--out", str(tmp_path), "--kinds", "worker-kill,bogus", "--trials", "1"])
-    with pytest.raises(SystemExit, match="--trials must be >= 1"):
-        main(["bench", "faults", "--out", str(tmp_path), "--trials", "0"])
-    assert not ray.is_initialized() and not (tmp_path / "faults.json").exists()

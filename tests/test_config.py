@@ -17,8 +17,9 @@ def base(tmp_path):
 
     teacher = tmp_path / "teacher"
     make_teacher("bert").save_pretrained(teacher)
+    # The tiny BERT was "fine-tuned" with 3 labels and takes 64 positions.
     return {"teacher": str(teacher), "target_teacher": str(teacher), "output_dir": str(tmp_path / "out"),
-            "plan": {"mixer": "linformer", "linformer": {"k": 16}}}
+            "plan": {"mixer": "linformer", "linformer": {"k": 16}}, "task": {"num_labels": 3}, "data": {"max_length": 64}}
 
 
 def test_shipped_config_is_valid():

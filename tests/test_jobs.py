@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,8 +83,8 @@ def submit(address: str, env: dict, *entrypoint: str) -> str:
     return submission_id
 
 
-def wait_for(address: str, env: dict, submission_id: str, timeout_s: float = 600) -> str:
-    """Poll `ray job status` until the job ends; its logs when it SUCCEEDED."""
+def job_end(address: str, env: dict, submission_id: str, timeout_s: float = 600) -> tuple[str, str]:
+    """Poll `ray job status` until the job ends (stopped after ``timeout_s``): its status and logs."""
     deadline = time.monotonic() + timeout_s
     while True:
         answer = ray_cli(env, "job", "status", "--address", address, submission_id)
@@ -92,8 +93,14 @@ def wait_for(address: str, env: dict, submission_id: str, timeout_s: float = 600
             break
         time.sleep(3)
     logs = ray_cli(env, "job", "logs", "--address", address, submission_id).stdout
-    if "SUCCEEDED" not in status:
+    if not any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
         ray_cli(env, "job", "stop", "--address", address, submission_id)
+    return status, logs
+
+
+def wait_for(address: str, env: dict, submission_id: str, timeout_s: float = 600) -> str:
+    """Poll `ray job status` until the job ends; its logs when it SUCCEEDED."""
+    status, logs = job_end(address, env, submission_id, timeout_s)
     assert "SUCCEEDED" in status, f"job {submission_id}: {status}\n{logs[-6000:]}"
     return logs
 
@@ -141,6 +148,32 @@ def test_ray_job_submit_converts_and_evaluates_on_a_ray_head(ray_head, tmp_path,
     assert evaluation["student"]["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
     assert evaluation["teacher"]["accuracy"] == pytest.approx(metrics["teacher"]["accuracy"], abs=1e-6)
     assert evaluation["forward"]["length"] == 64 and evaluation["speedup"] > 0
+
+
+@pytest.mark.assets
+def test_a_double_submitted_job_is_refused_and_a_waiting_one_finds_the_results(ray_head, tmp_path, teachers):
+    """The same conversion submitted twice while the first trains: the second job fails at once
+    naming the holder (nothing of it reaches the run); a third with --wait finds the finished run."""
+    from raylin.run_lock import LOCK_FILE
+
+    address, env = ray_head
+    out = tmp_path / "run"
+    config = run_config_dict(teachers, out, **{"data.max_train_examples": 128, "data.max_eval_examples": 32,
+                                               "train.max_steps": 6, "train.checkpoint_every": 6, "train.zero_stage": 0})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    first = submit(address, env, "python", "jobs/convert.py", str(path))
+    deadline = time.monotonic() + 180
+    while not (out / LOCK_FILE).is_file():
+        assert time.monotonic() < deadline, ray_cli(env, "job", "logs", "--address", address, first).stdout[-3000:]
+        time.sleep(0.5)
+    status, logs = job_end(address, env, submit(address, env, "python", "jobs/convert.py", str(path)), 180)
+    assert "FAILED" in status and f"output_dir {out} is in use by a run in progress: process" in logs, logs[-3000:]
+    waiting = submit(address, env, "python", "jobs/convert.py", str(path), "--wait")
+    wait_for(address, env, first)
+    assert "holds this run, finished: its results stand" in wait_for(address, env, waiting)
+    logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 7))
 
 
 def test_job_entrypoints_are_the_cli_commands():

@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from conftest import losses_of, run_config
+from conftest import discarded_steps, losses_of, run_config, steps_logged
 from raylin.eval.cluster import local_cluster
 from raylin.eval.faults import remove_node_when_stalled, served_nodes
 from raylin.train.trainer import TEACHER_STATS, fit
@@ -139,8 +139,8 @@ def test_a_lost_worker_node_resumes_from_shared_storage_and_ends_as_the_uninterr
     watcher.join(timeout=60)
     assert result.error is None and removed
     assert removed[0] not in worker_nodes()
-    logged = (tmp_path / "lost" / "train_log.jsonl").read_text().splitlines()
-    assert len(logged) > 12  # steps after the step-6 checkpoint ran twice: the run resumed from it
+    assert steps_logged(tmp_path / "lost") == list(range(1, 13))  # each step once
+    assert discarded_steps(tmp_path / "lost")[0] == 7  # steps after the step-6 checkpoint ran twice: it resumed from there
     assert losses_of(tmp_path / "lost") == losses_of(tmp_path / "plain")
     assert result.metrics["eval_accuracy"] == plain.metrics["eval_accuracy"]
     replicas = placement(tmp_path / "lost")  # the lost node's replica is gone with it
@@ -178,7 +178,8 @@ def test_a_lost_teacher_node_restarts_the_trajectory_replica_elsewhere_and_the_r
     (replica,) = placement(tmp_path / "lost")
     assert replica["node_id"] != removed[0]  # restarted on the spare
     assert not set(replica["served"]) & {removed[0]}  # the teacher's node held no worker
-    assert len((tmp_path / "lost" / "train_log.jsonl").read_text().splitlines()) > 12  # resumed from step 6
+    assert steps_logged(tmp_path / "lost") == list(range(1, 13))  # each step once
+    assert discarded_steps(tmp_path / "lost")[0] == 7  # resumed from step 6
     # The replica sums the workers' micro-batch gradients in the order they arrive, which varies
     # between any two runs: equal to float rounding (seen: 6e-8 relative at step 9), not bitwise.
     torch.testing.assert_close(torch.tensor(losses_of(tmp_path / "lost")), torch.tensor(losses_of(tmp_path / "plain")),

@@ -107,3 +107,28 @@ def test_below_verbose_the_already_imported_transformers_is_quieted(monkeypatch)
     setup_logging("normal")
     assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
     assert not transformers.utils.logging.is_progress_bar_enabled()
+
+
+def test_a_resumed_run_sets_aside_what_the_lost_attempt_logged_and_the_display_reads_on(tmp_path, capsys):
+    """A driver killed at step 5 with a checkpoint at step 3: the resumed run moves steps 4-5 (and a
+    half-written record) aside, so the log holds each step once, and a follower reads on from the cut."""
+    from raylin.train.run_files import DISCARDED_LOG, TRAIN_LOG, read_train_log, set_aside_unconfirmed
+
+    setup_logging("normal")
+    log_file = tmp_path / TRAIN_LOG
+    _write_steps(log_file, [1, 2, 3, 4, 5], pause=0)
+    with open(log_file, "a") as half:
+        half.write('{"step": 6, "lo')  # the lost attempt died mid-write
+    with follow("distil", 6, [log_file], terminal=False):
+        time.sleep(0.8)
+        assert set_aside_unconfirmed(tmp_path, 3) == 3
+        time.sleep(0.8)
+        _write_steps(log_file, [4, 5, 6])
+    assert [r["step"] for r in read_train_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in log_file.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    aside = (tmp_path / DISCARDED_LOG).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside[:2]] == [4, 5] and aside[2] == '{"step": 6, "lo'
+    lines = _progress_lines(capsys, "distil")
+    assert "[raylin] distil: the workers restarted from a checkpoint and resumed at step 4" in lines
+    assert lines[-1].startswith("[raylin] distil: step 6/6")
+    assert set_aside_unconfirmed(tmp_path, 6) == 0 and set_aside_unconfirmed(tmp_path / "none", 0) == 0

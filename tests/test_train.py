@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import discarded_steps, steps_logged
 from conftest import losses_of as _losses
 from conftest import run_config as _config
 
@@ -91,6 +92,8 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teacher
     crashed = fit(_config(teachers, tmp_path / "crashed", guidance={"mode": "unguided"}))
     assert (tmp_path / "crashed" / ".fault-crash-9").exists()  # the worker really died at step 9
     assert crashed.error is None
+    # One record per step: what the lost attempt logged past the step-6 checkpoint (7, 8) is set aside.
+    assert steps_logged(tmp_path / "crashed") == list(range(1, 13)) and discarded_steps(tmp_path / "crashed") == [7, 8]
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "crashed")), torch.tensor(_losses(tmp_path / "clean")))
     assert crashed.metrics["eval_accuracy"] == clean.metrics["eval_accuracy"]
 

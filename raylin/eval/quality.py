@@ -62,7 +62,7 @@ from raylin.eval.plots import figure
 from raylin.eval.retention import HELD_OUT, retention_table
 from raylin.eval.speed import run_speed_benchmark, summarize
 from raylin.models.teachers import load_teacher
-from raylin.pipeline import finetune_config, finished_run, run_conversion, run_finetune
+from raylin.pipeline import finished_run, run_conversion, run_finetune
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import ensure_ray
 
@@ -137,8 +137,8 @@ def _aligned(run: dict, steps: int | None, store: Path) -> dict:
 def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) -> dict:
     """The metrics of the run ``config_dict`` describes (a teacher fine-tuning when ``finetune``): an
     earlier run with exactly this config is reused, so an interrupted benchmark continues."""
-    config = config_from_dict(config_dict)
-    cached = finished_run(finetune_config(config) if finetune else config)
+    config = config_from_dict(config_dict, run="teacher" if finetune else "conversion")
+    cached = finished_run(config)
     if cached:
         log(f"  reusing {config.output_dir}")
         return cached
@@ -178,7 +178,7 @@ def text_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Itera
         log(f"text / {data_name}")
         teacher_steps = size["teacher_steps"]
         teacher_run = merge_sections(_sized(base, teacher_steps, size), {
-            "output_dir": str(out / "text" / data_name / "teacher"), "guidance": {"mode": "unguided"},
+            "output_dir": str(out / "text" / data_name / "teacher"),
             "plan": TEXT_PLANS["linformer"], "train": {"lr": 5.0e-5, "checkpoint_every": max(1, teacher_steps // 4)}})
         finetuned = _run(teacher_run, log, finetune=True)
         teachers[f"text/{data_name}"] = finetuned["wall_s"]
@@ -242,8 +242,7 @@ def speech_suite(out: Path, budget: str, log, teachers: dict[str, float]) -> Ite
         base = merge_sections(base, {"data": {"size": size["size"]}})
     log("speech / spoken digits")
     teacher_run = merge_sections(_sized(base, size["teacher_steps"], size), {
-        "output_dir": str(out / "speech" / "teacher"), "guidance": {"mode": "unguided"}, "train": {"lr": 1.0e-4},
-        "broad": {"enabled": False}})  # the broad stage is the students' (the teacher learns the task as given)
+        "output_dir": str(out / "speech" / "teacher"), "train": {"lr": 1.0e-4}})
     finetuned = _run(teacher_run, log, finetune=True)
     teachers["speech"] = finetuned["wall_s"]
     for mode in GRIDS[budget]["speech_modes"]:

@@ -33,14 +33,22 @@ from raylin.faults import STALL_S, die, fires, requested_fault
 from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
-from raylin.tracking import tracked_run
+from raylin.tracking import sync_tracker, tracked_run
 from raylin.train.batch import Batch, BatchFeed, count_tokens
 from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
 from raylin.train.deepspeed import deepspeed_config
 from raylin.train.evaluation import evaluate
 from raylin.train.memory import write_memory_report
-from raylin.train.run_files import FINETUNED_DIR, SNAPSHOT_DIR, append_train_log, checkpoints_at, evaluates_at
+from raylin.train.run_files import (
+    FINETUNED_DIR,
+    SNAPSHOT_DIR,
+    append_train_log,
+    checkpoints_at,
+    evaluates_at,
+    read_train_log,
+    set_aside_unconfirmed,
+)
 from raylin.train.setup import build_optimizer, build_run
 
 log = logging.getLogger(__name__)
@@ -103,14 +111,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model=run.student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
     )
     resumed = restore(engine, teachers, lit, config, rank)
-    if resumed.step and rank == 0:
-        log.info("resumed from step %d", resumed.step)
     tokens_seen = resumed.tokens
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the train log holds each step once: what a lost attempt ran past the checkpoint goes aside
+        if resumed.step:
+            log.info("resumed from step %d", resumed.step)
+        set_aside_unconfirmed(output_dir, resumed.step)
 
     engine.train()
     with tracked_run(config, output_dir) if rank == 0 else nullcontext() as tracker:  # tracking: (raylin.tracking)
+        if tracker is not None:  # steps committed before a crash that the tracked run missed
+            sync_tracker(tracker, output_dir, read_train_log(output_dir), resumed.step)
         for step in range(resumed.step, config.train.max_steps):
             if rank == min(1, world - 1) and fires(fault, "crash", step, output_dir):
                 die()  # a worker dies without cleanup, as on a lost node
@@ -138,8 +150,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics |= {f"eval_{k}": v for k, v in scores.items()}
             if rank == 0:
                 append_train_log(output_dir, metrics)
-                if tracker is not None:
-                    tracker.log(step + 1, metrics)
                 if (step + 1) % PROGRESS_EVERY == 0 or done:  # the driver shows progress (raylin.progress)
                     log.debug("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
             if checkpoint_now and finetune:
@@ -157,4 +167,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # is registered once every worker has reported its part.
                 with staged as checkpoint:
                     ray.train.report(metrics, checkpoint=checkpoint)
+            if checkpoint_now and tracker is not None:  # committed: its steps go to the tracked run, once
+                sync_tracker(tracker, output_dir, read_train_log(output_dir), step + 1)
     write_memory_report(engine, config, output_dir, rank)

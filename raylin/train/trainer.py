@@ -27,7 +27,7 @@ from safetensors import safe_open
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
 from raylin.data.tasks import prepare_task_data
-from raylin.errors import RayClusterUnreachable
+from raylin.errors import ConfigError, RayClusterUnreachable
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
 from raylin.models.teachers import resolve_teacher_path
 from raylin.progress import follow
@@ -120,7 +120,7 @@ def ensure_ray() -> None:
 def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks: list | None = None):
     """Run distillation for ``config`` and return Ray Train's Result (metrics, checkpoint).
 
-    ``finetune=True`` is teacher fine-tuning (see raylin.pipeline.finetune_config): the loop also
+    ``finetune=True`` is teacher fine-tuning (see raylin.config.teacher_run): the loop also
     writes plain transformers snapshots, the waypoints and target teacher of later runs.
     ``teacher_pool``: a TeacherPool shared with other runs (Tune trials); by default a served run
     gets its own pool, shut down when the run ends. ``callbacks``: Ray Train callbacks (Tune's
@@ -129,6 +129,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     use_gpu = config.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers * config.train.gpus_per_worker
+    check_precision(config, use_gpu)
     served = config.teacher_service.mode == "served" and config.guidance.mode != "unguided" and not finetune
     own_pool = served and teacher_pool is None
     check_resources(config, own_pool, use_gpu)  # before any replica starts: a refused run leaves none behind
@@ -157,6 +158,14 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
         if own_pool:
             write_text_atomic(Path(config.output_dir) / TEACHER_STATS, json.dumps(pool.report(), indent=1))
             pool.shutdown()
+
+
+def check_precision(config: RunConfig, use_gpu: bool) -> None:
+    """Before any worker starts: fp16 needs GPUs (DeepSpeed's fp16 engine is CUDA-only). A config with
+    train.use_gpu unset learns whether it has them only from the cluster, so this is checked here."""
+    if config.train.precision == "fp16" and not use_gpu:
+        raise ConfigError("train.precision fp16 needs GPUs and this cluster has none for the run's workers; "
+                          "use bf16 or fp32 on CPU (or auto).")
 
 
 def storage_path(config: RunConfig) -> str:

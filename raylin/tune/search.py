@@ -58,11 +58,20 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from transformers import AutoConfig
 
 from raylin.atomic import write_text_atomic
-from raylin.config import ConfigError, RunConfig, apply_overrides, build_section, config_from_dict, dump_config
+from raylin.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    build_section,
+    config_from_dict,
+    dump_config,
+    read_yaml_file,
+)
 from raylin.data.tasks import prepare_task_data
 from raylin.eval.plots import figure
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
+from raylin.run_lock import hold_output_dir
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.align import run_align
 from raylin.train.run_files import read_train_log, reports_at
@@ -93,10 +102,11 @@ class TuneSection:
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, TuneSection, RunConfig]:
     """Split CONFIG.yaml into the base run config (validated) and its ``tune:`` section (validated,
     every choice checked against the base config)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist.")
-    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+    data = read_yaml_file(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"A config must be a mapping of keys to values (e.g. `teacher: asset:all-minilm-l6`), "
+                          f"got {type(data).__name__}.")
+    data = apply_overrides(data, overrides or [])
     if "tune" not in data:
         raise ConfigError(f"{path} has no `tune:` section; add one with a `space:` (see docs/tune.md).")
     section = build_section(TuneSection, data.pop("tune"), "tune.")
@@ -251,8 +261,17 @@ def concurrency(base: RunConfig, section: TuneSection) -> int:
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
-    """Run (or resume) the sweep in ``path``; returns the best trial's summary."""
+    """Run (or resume) the sweep in ``path``; returns the best trial's summary. The sweep's output
+    folder is held for the sweep (raylin.run_lock: a second sweep into it is refused)."""
     base_data, section, base = load_tune_config(path, overrides)
+    out = Path(base.output_dir)
+    if resume and not tune.Tuner.can_restore(str((out / TUNE_DIR / "sweep").resolve())):
+        raise ConfigError(f"No sweep to resume under {(out / TUNE_DIR / 'sweep').resolve()}; run without --resume first.")
+    with hold_output_dir(out):
+        return _sweep(base_data, section, base, resume)
+
+
+def _sweep(base_data: dict, section: TuneSection, base: RunConfig, resume: bool) -> dict:
     ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
     out = Path(base.output_dir)
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
@@ -272,8 +291,6 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     storage = str((out / TUNE_DIR).resolve())
     name = "sweep"
     if resume:
-        if not tune.Tuner.can_restore(os.path.join(storage, name)):
-            raise ConfigError(f"No sweep to resume under {storage}/{name}; run without --resume first.")
         tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(grace_period=section.grace_period, reduction_factor=section.reduction_factor,
