@@ -83,11 +83,16 @@ def _remembered(output_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _remember(output_dir: Path, **ids: str) -> None:
-    write_text_atomic(output_dir / TRACKING_FILE, json.dumps(ids, indent=1))
-
-
 TRACKED_THROUGH = "tracked_through"  # tracking.json: the last step whose record the tracked run holds
+
+
+def _remember(output_dir: Path, **ids: str) -> None:
+    """Record the tracked run this output folder logs to; reopening the same run keeps how far it was
+    tracked (``sync_tracker``), a new one starts from nothing."""
+    before = _remembered(output_dir)
+    same = all(before.get(key) == value for key, value in ids.items())
+    kept = {TRACKED_THROUGH: before[TRACKED_THROUGH]} if same and TRACKED_THROUGH in before else {}
+    write_text_atomic(output_dir / TRACKING_FILE, json.dumps({**ids, **kept}, indent=1))
 
 
 def sync_tracker(tracker: Tracker | None, output_dir: Path, records: list[dict], through: int) -> None:

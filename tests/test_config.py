@@ -132,3 +132,32 @@ def test_a_scalar_where_a_section_belongs_is_named_with_the_other_problems(base)
     assert any(p.startswith("train must be a mapping") for p in problems)
     assert "Missing required config key 'plan'." in problems
     assert any("'loss.alpha_out' must be float" in p for p in problems)
+
+
+def test_the_teacher_run_of_a_config_leaves_the_students_sections_out(base, tmp_path):
+    """`raylin finetune CONFIG`: the student's stages (align, broad data, its guidance and waypoints,
+    its plan) do not apply to the teacher's run, whose target teacher does not exist yet; they must
+    still be well formed; changing them never makes the teacher's run another run."""
+    from raylin.config import conversion_only_keys, teacher_run
+    from raylin.fingerprint import dotted
+    from raylin.train.checkpoint import resume_identity
+
+    student = {**base, "target_teacher": str(tmp_path / "not-made-yet"), "output_dir": str(tmp_path / "teacher-run"),
+               "guidance": {"mode": "waypoint", "waypoints": [{"step": 5, "path": str(tmp_path / "no-snapshot")}]},
+               "align": {"enabled": True, "steps": 7}, "broad": {"enabled": True}, "freeze": {"copied": True},
+               "plan": {"mixer": "linformer", "keep_attention": [0]}}
+    config = config_from_dict(student, run="teacher")
+    assert set(conversion_only_keys()) == {"plan", "target_teacher", "guidance", "loss", "freeze", "teacher_service",
+                                           "align", "broad"}
+    assert config.target_teacher is None and config.guidance.mode == "unguided" and not config.guidance.waypoints
+    assert not config.align.enabled and not config.broad.enabled and not config.freeze.copied
+    assert config.plan == {"mixer": "bimamba2", "keep_attention": [0, 1, 2]}  # the teacher's own 3 blocks
+    assert config.task.num_labels == 3 and config.data.max_length == 64  # the teacher's task as the config gives it
+    other = config_from_dict({**student, "align": {"enabled": False}, "loss": {"alpha_out": 3.0}}, run="teacher")
+    assert dotted(resume_identity(other)) == dotted(resume_identity(config))
+    assert teacher_run(config) == config  # the teacher's run of a teacher's run is itself
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({**student, "align": {"stepz": 3}, "plan": {"mixer": "mamba9"}}, run="teacher")
+    assert "align.stepz" in str(caught.value) and "Unknown plan.mixer 'mamba9'" in str(caught.value)
+    with pytest.raises(ConfigError, match="target_teacher .* cannot be read"):
+        config_from_dict(student)  # as a conversion, the same config needs its fine-tuned teacher
