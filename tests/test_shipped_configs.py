@@ -8,8 +8,9 @@ waypoints are the snapshots of a 400-step fine-tuning) or searches a large grid,
 what the quick form points it at instead, and why. A config whose teacher only the Hub has is
 validated offline instead (tests/test_cluster.py) and named in HUB_ONLY.
 
-`ray job submit --working-dir . -- python jobs/convert.py X` runs its entrypoint (`job_main`) on
-this test's Ray cluster; the submission itself is tested against a real head in tests/test_jobs.py.
+Each command runs in this process on a Ray of its own, shut down after it, as a user's separate
+commands would. `ray job submit --working-dir . -- python jobs/convert.py X` runs its entrypoint
+(`job_main`); the submission itself is tested against a real head in tests/test_jobs.py.
 
 Slow as a whole (about 10 minutes on 2 cores): `make test-configs`, which .ci/run runs too.
 """
@@ -47,7 +48,7 @@ QUICK_EXTRA = {
     "smollm2-austen-layout-sweep.yaml": ["tune.layout.samples=0", "tune.layout.probe_batches=1"],
 }
 HUB_ONLY = {"tinyllama-1.1b-mamba2-hybrid.yaml": "TinyLlama-1.1B's weights come from the Hub only"}
-COMMAND = re.compile(r"^#\s+((?:raylin|ray job submit)\s.*)$")
+COMMAND = re.compile(r"^#\s{2,}((?:raylin|ray job submit)\s.*)$")  # indented: prose may start with "raylin"
 
 
 def header_commands(path: Path) -> list[list[str]]:
@@ -101,6 +102,7 @@ def _run(words: list[str], config_name: str, capsys) -> str:
     else:
         assert words[0] == "raylin", words
         code = main(_quick(words[1:], config_name))
+    ray.shutdown()  # each command is a process of its own for a user: its Ray ends with it
     captured = capsys.readouterr()
     assert code == 0, f"{shlex.join(words)} exited {code}:\n{captured.err[-4000:]}"
     assert "Traceback" not in captured.err, captured.err[-4000:]

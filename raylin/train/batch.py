@@ -23,9 +23,11 @@ from raylin.teacher import TeacherOutput, TeacherRequest
 from raylin.train.run_files import checkpoints_at
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch without its labels: what a model's forward takes."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A batch without its labels: what a model's forward takes; with ``dtype``, its floating inputs
+    (speech features) in the dtype the model computes in (a bf16 engine does not cast them)."""
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in batch.items() if k != "labels"}
 
 
 def count_tokens(batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world:
         shard = list(range(rank, size, world))
         for start in range(0, len(shard), batch_size):
             batch = {k: v.to(device) for k, v in data.eval_batch(name, shard[start : start + batch_size]).items()}
-            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_inputs(batch).items()}
+            inputs = model_inputs(batch, dtype)
             logits = model(**inputs).logits.float()  # scores in fp32 whatever the model computes in
             sums += score_sums(config.task.type, logits, batch, state_mask(model, batch)).double()
         prefix = f"{name}_" if name else ""

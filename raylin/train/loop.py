@@ -34,7 +34,7 @@ from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
 from raylin.tracking import sync_tracker, tracked_run
-from raylin.train.batch import Batch, BatchFeed, count_tokens
+from raylin.train.batch import Batch, BatchFeed, count_tokens, model_inputs
 from raylin.train.checkpoint import restore, save_plain_model, staged_checkpoint
 from raylin.train.collective import sum_across_workers, world_size
 from raylin.train.deepspeed import deepspeed_config
@@ -62,8 +62,10 @@ def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig, nan_f
     the step consumed across workers. Raises FloatingPointError (before the update) on a NaN or
     infinite loss. ``nan_fault`` (fault injection) makes this step's loss NaN."""
     weights = batch.guidance.weights
-    # 1. Student forward; hidden states only when the layer loss reads them.
-    out = engine(**batch.inputs, output_hidden_states=weights.layer > 0)
+    # 1. Student forward (speech features in the dtype it computes in); hidden states only when the
+    #    layer loss reads them.
+    inputs = model_inputs(batch.tensors, next(engine.module.parameters()).dtype)
+    out = engine(**inputs, output_hidden_states=weights.layer > 0)
     # 2. The teacher's outputs for this batch (None for a task-only step).
     teacher_out = feed.teacher_output(batch)
     # 3. The losses. Real positions of the hidden states and per-position logits: tokens, Wav2Vec2
