@@ -72,7 +72,7 @@ def changed_keys(recorded: RunConfig, config: RunConfig) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
 
 
-def check_output_dir(config: RunConfig, overwrite: bool = False) -> RunConfig | None:
+def check_output_dir(config: RunConfig, overwrite: bool = False, say: bool = True) -> RunConfig | None:
     """Before any work starts, touching nothing: ``output_dir`` can be made, and holds no run of
     another config. Returns the run that ``prepare_output_dir`` is to delete (``overwrite``), if any.
 
@@ -81,7 +81,7 @@ def check_output_dir(config: RunConfig, overwrite: bool = False) -> RunConfig | 
     differs only in what may change on resume, goes on (reused when finished, resumed from its
     checkpoint otherwise). With ``overwrite``, the run there, whatever its config, is to be deleted
     and this one started afresh; a folder that holds a git checkout, or the working directory or
-    home or one of their parents, is never deleted. Raises ConfigError."""
+    home or one of their parents, is never deleted. ``say``: warn of the deletion. Raises ConfigError."""
     out = Path(config.output_dir)
     if not out.is_dir():  # try making it, and leave no trace: a refused run touches nothing
         missing = [folder for folder in (out, *out.parents) if not folder.exists()]
@@ -112,8 +112,9 @@ def check_output_dir(config: RunConfig, overwrite: bool = False) -> RunConfig | 
     if (out / ".git").exists() or any(folder.is_relative_to(out) for folder in protected):
         raise ConfigError(f"--overwrite would delete {out}, which holds a git checkout or the working or home folder; "
                           "choose an output_dir of its own for the run.")
-    log.warning("--overwrite: deleting the %s run in %s%s", "finished" if finished else "unfinished", out,
-                f" (its config differs in {', '.join(changed)})" if changed else " (the same config)")
+    if say:
+        log.warning("--overwrite: deleting the %s run in %s%s", "finished" if finished else "unfinished", out,
+                    f" (its config differs in {', '.join(changed)})" if changed else " (the same config)")
     return recorded or config
 
 
@@ -145,7 +146,7 @@ def started_run(config: RunConfig, overwrite: bool, wait: bool = False) -> Itera
     for with ``wait``), then start Ray and prepare the folder (config.yaml written). Yields the metrics
     of the same run finished there instead (touching nothing), else None."""
     out = Path(config.output_dir)
-    check_output_dir(config, overwrite)  # refusals first, before Ray or the lock
+    check_output_dir(config, overwrite, say=False)  # refusals first, before Ray or the lock
     with hold_output_dir(out, wait):
         replacing = check_output_dir(config, overwrite)  # again: a run waited for may have changed the folder
         if replacing is None and (earlier := finished_run(config)) is not None:
