@@ -615,11 +615,16 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
     teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
     tuned = teacher_configs.get("target_teacher")
-    if task_ok and tuned is not None and task_kind(config.task.type).classifies:
+    # A config says its labels whether or not its model has a head (transformers' default is 2): only
+    # a checkpoint saved with a classification head (its `architectures`) is held to them.
+    has_head = any(name.endswith("Classification") for name in getattr(tuned, "architectures", None) or [])
+    if task_ok and has_head and task_kind(config.task.type).classifies:
         head = len(getattr(tuned, "id2label", None) or {}) or getattr(tuned, "num_labels", None)
         need(not head or head == config.task.num_labels,
              f"target_teacher {config.target_teacher!r} has a task head of {head} labels but task.num_labels is "
              f"{config.task.num_labels}; set task.num_labels: {head} (what the teacher was fine-tuned with).")
+    if tuned is not None and teacher_configs.get("teacher") is not None:
+        _check_teacher_pair(config, teacher_configs["teacher"], tuned, need)
     # The student is converted from (and shaped like) the target teacher when there is one.
     shape = tuned or teacher_configs.get("teacher")
     if shape is not None:
@@ -657,6 +662,23 @@ def _check_against_teacher(config: RunConfig, plan: Plan | None, teacher_config,
     wrong = [i for i in config.loss.layers or [] if not 0 <= i < states]
     need(not wrong, f"loss.layers lists {wrong}, but the teacher has {states} hidden states (0 = embeddings, "
                     f"1..{states - 1} = blocks); use indices in 0..{states - 1}, or leave loss.layers unset for all.")
+
+
+def _check_teacher_pair(config: RunConfig, source, tuned, need) -> None:
+    """The target teacher must be the pretrained teacher fine-tuned: the same family, width, layer
+    count and vocabulary (the student starts from one and distils from the other; logits are
+    compared token for token)."""
+    try:
+        families = family_for_config(source), family_for_config(tuned)
+    except ValueError:
+        return  # each unknown family is reported with the teacher it belongs to
+    shapes = [(family.name, family.hidden_size(c), family.num_layers(c), getattr(c, "vocab_size", None))
+              for family, c in zip(families, (source, tuned))]
+    names = ("family", "width", "layers", "vocabulary")
+    differ = [f"{name} {a} vs {b}" for name, a, b in zip(names, *shapes) if a != b]
+    need(not differ, f"target_teacher {config.target_teacher!r} is not a fine-tuned copy of teacher {config.teacher!r} "
+         f"({', '.join(differ)}); set target_teacher to `raylin finetune`'s output for this teacher "
+         "(OUTPUT_DIR/teacher), or teacher to the model it was fine-tuned from.")
 
 
 WHISPER_FRAMES_PER_SECOND = 50  # encoder positions per second of audio (100 mel frames, halved by the stride-2 conv)

@@ -246,3 +246,15 @@ def test_a_length_beyond_the_teachers_positions_is_refused_before_ray(tmp_path, 
     err = capsys.readouterr().err
     assert "data.max_length 1024 is longer than the teacher takes (512 positions" in err
     assert "set data.max_length to at most 512" in err and not ray.is_initialized()
+
+
+def test_a_target_teacher_that_is_not_the_teacher_fine_tuned_is_refused(tmp_path, capsys):
+    """Another model as the target teacher (another vocabulary, width and depth) would fail in the
+    workers' KD loss: refused before Ray, naming what differs."""
+    require_asset("all-minilm-l6")
+    require_asset("smollm2-135m")
+    path = _write_config(tmp_path, {})
+    assert main(["convert", str(path), "--set", "target_teacher=asset:smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a fine-tuned copy of teacher 'asset:all-minilm-l6'" in err and "vocabulary 30522 vs 49152" in err
+    assert not ray.is_initialized()
