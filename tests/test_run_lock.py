@@ -4,6 +4,7 @@ lock is an flock between them, and the CLI test starts two real `raylin convert`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_config_dict, steps_logged
+from conftest import discarded_steps, run_config_dict, steps_logged
 
 from raylin.errors import RunInProgress
 from raylin.run_lock import LOCK_FILE, hold_output_dir
@@ -108,3 +109,41 @@ def test_two_real_convert_starts_into_one_folder(teachers, tmp_path):
     assert "holds this run, finished: its results stand" in waiter_err
     assert json.loads(waiter_out) == json.loads(first_out)  # the waiter found the first run's results
     assert steps_logged(out) == list(range(1, 9)) and not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.assets
+def test_a_killed_driver_run_again_resumes_and_logs_each_step_once(teachers, tmp_path):
+    """SIGKILL to a `raylin convert` driver's process group while it holds past its step-8 checkpoint,
+    then the same command again: the folder is free (no stale lock), the run resumes from step 8,
+    and train_log.jsonl holds steps 1-16 once, the lost attempt's 9-11 set aside."""
+    import psutil
+
+    out = tmp_path / "run"
+    config = run_config_dict(teachers, out, **{"data.max_train_examples": 128, "data.max_eval_examples": 32,
+                                               "train.max_steps": 16, "train.checkpoint_every": 4, "train.zero_stage": 0})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [str(BIN / "raylin"), "convert", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
+    driver = subprocess.Popen(command, env={**env, "RAYLIN_TEST_FAULT": "stall:11"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    launched = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / ".fault-stall-11").exists():  # rank 0 holds before step 12: steps 1-11 logged
+            assert driver.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        time.sleep(3)  # Ray Train's controller has registered the step-8 checkpoint
+        launched = psutil.Process(driver.pid).children(recursive=True)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        for process in launched:  # what the driver started and the group kill did not reach
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    assert steps_logged(out)[-1] == 11
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert steps_logged(out) == list(range(1, 17))
+    assert discarded_steps(out) == [9, 10, 11]
+    assert json.loads(again.stdout)["steps"] == 16 and not (out / LOCK_FILE).exists()
