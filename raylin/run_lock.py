@@ -92,9 +92,8 @@ def hold_output_dir(out: str | Path, wait: bool = False) -> Iterator[None]:
         _remove_empty(missing)
         raise
     try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["raylin", *sys.argv[1:]])
-                  if Path(sys.argv[0]).name == "raylin" else " ".join(sys.argv)[:200]}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
