@@ -140,12 +140,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
-    from raylin.config import load_config
-    from raylin.eval.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput
+    from raylin.eval.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput, throughput_config
 
     configs = tuple(c for c in args.configs.split(",") if c) if args.configs else SHIPPED_CONFIGS
-    for path in configs:  # bad input before any work: every config is checked first
-        load_config(path)
+    for path in configs:  # bad input before any work: every config is checked as the benchmark runs it
+        throughput_config(path, Path(args.out), args.steps)
     result = run_throughput_benchmark(args.out, configs=configs, steps=args.steps)
     print(json.dumps({"throughput": summarize_throughput(result), "bf16": result["bf16"]}, indent=1))
     print(f"wrote {Path(args.out) / 'distill-throughput.json'} and {Path(args.out) / 'distill-throughput.png'}")

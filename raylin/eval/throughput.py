@@ -31,10 +31,10 @@ from pathlib import Path
 
 import ray
 import torch
-import yaml
 
 from raylin.atomic import replace_folder, write_text_atomic
-from raylin.config import RunConfig, config_from_dict
+from raylin.config import RunConfig, config_from_dict, read_yaml_file
+from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import cald_losses
@@ -71,7 +71,9 @@ def throughput_config(path: str | Path, out_dir: Path, steps: int) -> RunConfig:
     """The shipped config at ``path`` cut to ``steps`` distillation steps, its output under
     ``out_dir``: no align stage, no extra evaluation sets, no activation cache, one checkpoint at
     the end, the pretrained teacher when the fine-tuned target has not been made."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = read_yaml_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a run config (a mapping of keys to values).")
     target = data.get("target_teacher")
     if target and not str(target).startswith("asset:") and not Path(target).exists():
         data["target_teacher"] = data["teacher"]
