@@ -78,7 +78,7 @@ def test_the_console_follows_stderr_when_it_is_redirected_after_the_handler_was_
     assert redirected.getvalue() == "[raylin] one line\n"
 
 
-def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatch):
+def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatch, tmp_path):
     from raylin.cli import main
 
     monkeypatch.setenv(LEVEL_ENV, "quiet")
@@ -87,10 +87,10 @@ def test_the_console_level_comes_from_the_environment_workers_inherit(monkeypatc
     with pytest.raises(ValueError, match="RAYLIN_LOG_LEVEL='loud' is not a log level"):
         setup_logging()
     monkeypatch.delenv(LEVEL_ENV)
-    with pytest.raises(SystemExit):
-        main(["--quiet", "--verbose", "convert", "x.yaml"])  # one level at a time
+    assert main(["--quiet", "--verbose", "convert", "x.yaml"]) == 2  # one level at a time: argparse refuses
     monkeypatch.setenv(LEVEL_ENV, "normal")
-    assert main(["--quiet", "convert", "missing.yaml"]) == 2 and os.environ[LEVEL_ENV] == "quiet"
+    (tmp_path / "incomplete.yaml").write_text("output_dir: x\n")  # read, then refused: no teacher
+    assert main(["--quiet", "convert", str(tmp_path / "incomplete.yaml")]) == 2 and os.environ[LEVEL_ENV] == "quiet"
     setup_logging("normal")
 
 
