@@ -555,8 +555,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     lit = config.freeze.lit
     need(lit.window >= 1 and lit.patience >= 1, f"freeze.lit.window and freeze.lit.patience must be >= 1, got "
          f"{lit.window} and {lit.patience}.")
-    need(lit.threshold >= 0 and lit.warmup_steps >= 0, f"freeze.lit.threshold and freeze.lit.warmup_steps must be >= 0, "
-         f"got {lit.threshold} and {lit.warmup_steps}.")
+    need(lit.warmup_steps >= 0, f"freeze.lit.warmup_steps must be >= 0, got {lit.warmup_steps}.")
     need(config.freeze.until in FREEZE_UNTIL, f"freeze.until must be one of {FREEZE_UNTIL}, got {config.freeze.until!r}.")
     t = config.train
     need(t.num_workers >= 1, "train.num_workers must be >= 1.")
@@ -686,13 +685,14 @@ WHISPER_FRAMES_PER_SECOND = 50  # encoder positions per second of audio (100 mel
 
 def _check_lengths(config: RunConfig, family, teacher_config, need) -> None:
     """The inputs' length against what the teacher takes: data.max_length tokens within its
-    positions (text), data.max_seconds within the Whisper encoder's window (speech)."""
+    positions (text), data.max_seconds (the crop of a classified clip) within the Whisper encoder's window."""
     longest = family.max_length(teacher_config)
     if family.modality == "text" and longest:
         need(config.data.max_length <= longest,
              f"data.max_length {config.data.max_length} is longer than the teacher takes ({longest} positions: "
              f"max_position_embeddings of {family.name}); set data.max_length to at most {longest}.")
-    if family.name == "whisper" and longest:
+    crops = config.task.type in TASKS and task_kind(config.task.type).classifies  # CTC clips are never cropped
+    if family.name == "whisper" and longest and crops:
         seconds = longest / WHISPER_FRAMES_PER_SECOND
         need(config.data.max_seconds <= seconds,
              f"data.max_seconds {config.data.max_seconds:g} is longer than the Whisper encoder hears ({seconds:g} s: "

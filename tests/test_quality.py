@@ -130,7 +130,7 @@ def test_every_run_of_every_budget_is_a_valid_config(budget, tmp_path, monkeypat
     checked = []
 
     def validate_only(config_dict, log, finetune=False):
-        config = config_from_dict(config_dict)
+        config = config_from_dict(config_dict, run="teacher" if finetune else "conversion")
         checked.append((config.output_dir, finetune))
         scores = {"accuracy": 0.5} if config.task.type != "causal_lm" else {"perplexity": 50.0}
         return {"teacher": scores, "student": scores, "guidance": config.guidance.mode, "steps": 1, "tokens": 1,

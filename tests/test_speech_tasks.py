@@ -41,7 +41,7 @@ def ctc_teacher(tmp_path_factory):
 def _config(teacher: str, task: str = "ctc", **data):
     return config_from_dict({
         "teacher": teacher, "output_dir": "/tmp/raylin-speech-tasks", "plan": {"mixer": "bimamba2"},
-        "task": {"type": task, "num_labels": 10}, "guidance": {"mode": "unguided"},
+        "task": {"type": task, "num_labels": 10}, "guidance": {"mode": "unguided"}, "train": {"batch_size": 4},
         "data": {"name": "spoken_digits", "size": "quick", "max_seconds": 1.0, **data}})
 
 

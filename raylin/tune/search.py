@@ -268,10 +268,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     if resume and not tune.Tuner.can_restore(str((out / TUNE_DIR / "sweep").resolve())):
         raise ConfigError(f"No sweep to resume under {(out / TUNE_DIR / 'sweep').resolve()}; run without --resume first.")
     with hold_output_dir(out):
-        return _sweep(base_data, section, base, resume)
+        return _sweep(path, base_data, section, base, resume)
 
 
-def _sweep(base_data: dict, section: TuneSection, base: RunConfig, resume: bool) -> dict:
+def _sweep(path: str | Path, base_data: dict, section: TuneSection, base: RunConfig, resume: bool) -> dict:
     ensure_ray()  # before the output folder is touched: a cluster that is gone is refused here
     out = Path(base.output_dir)
     (out / TUNE_DIR).mkdir(parents=True, exist_ok=True)
