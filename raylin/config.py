@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from raylin.data.audio import audio_source
 from raylin.data.broad import check as check_broad
 from raylin.data.eval_sets import check as check_eval_sets
 from raylin.data.shards import corpus_source
 from raylin.data.tasks import datasets_for
-from raylin.distill.guidance import MODES, GuidanceSchedule, Waypoint
-from raylin.distill.losses import NORMALIZATIONS, REDUCTIONS, LossWeights
+from raylin.distill.guidance import GuidanceSchedule, Waypoint
+from raylin.distill.losses import LossWeights, loss_setting_problems
 from raylin.errors import ConfigError
 from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
 from raylin.models.teachers import resolve_teacher_path
 from raylin.paths import unwritable_reason
-from raylin.tasks import TASKS, task_kind
+from raylin.tasks import TASKS, TaskKind, task_kind
 from raylin.tracking import check_tracking
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -236,7 +236,7 @@ CONVERSION_ONLY = {"run": "conversion"}
 class RunConfig:
     teacher: str  # the pretrained (source) model: folder, Hub id or asset:NAME
     output_dir: str
-    plan: dict[str, Any] = field(metadata=CONVERSION_ONLY)
+    plan: Plan = field(metadata=CONVERSION_ONLY)  # parsed by Plan.from_mapping (raylin.models.plan)
     target_teacher: str | None = field(default=None, metadata=CONVERSION_ONLY)  # the fine-tuned teacher (target and hybrid guidance)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -252,32 +252,60 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str | None = None  # run name (resume key); default: the output folder's name
 
-    # ----- derived views --------------------------------------------------------------------
+    # ----- resolved views: each looked up once per process ----------------------------------
+    # Memoised under the values they derive from (a changed field resolves anew) and never pickled:
+    # a Ray worker resolves teacher paths and reads config.json on its own node.
+    def _once(self, key: tuple, make):
+        memo = self.__dict__.setdefault("_resolved", {})
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_resolved"}
+
     @property
     def run_name(self) -> str:
         return self.name or Path(self.output_dir).name
 
     @property
-    def conversion_source(self) -> str:
-        """The model the student is converted from: the target teacher when the guidance mode
-        starts the student there (target, hybrid), else the pretrained teacher."""
-        return self.target_teacher if self.guidance_schedule().student_starts_from_target else self.teacher
+    def task_kind(self) -> TaskKind:
+        """The task registry's entry for ``task.type`` (raylin.tasks)."""
+        return self._once(("task", self.task.type), lambda: task_kind(self.task.type))
 
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(self.loss.alpha_task, self.loss.alpha_layer, self.loss.alpha_out)
-
-    def guidance_schedule(self) -> GuidanceSchedule:
-        g = self.guidance
-        return GuidanceSchedule(
+    @property
+    def schedule(self) -> GuidanceSchedule:
+        """The guidance schedule (raylin.distill.guidance): who guides each step, with which weights."""
+        g, loss = self.guidance, self.loss
+        return self._once(("schedule", repr(g), repr(loss)), lambda: GuidanceSchedule(
             g.mode,
-            self.loss_weights(),
+            LossWeights(loss.alpha_task, loss.alpha_layer, loss.alpha_out),
             teacher_update_every=g.teacher_update_every,
             waypoints=[Waypoint(w.step, w.path) for w in g.waypoints],
             hybrid_cutoff=g.hybrid_cutoff,
-        )
+        ))
+
+    @property
+    def conversion_source(self) -> str:
+        """The model the student is converted from: the target teacher when the guidance mode
+        starts the student there (target, hybrid), else the pretrained teacher."""
+        return self.target_teacher if self.schedule.student_starts_from_target else self.teacher
+
+    def teacher_path(self, which: str = "conversion_source") -> str:
+        """The local folder (or Hub id) of ``teacher``, ``target_teacher`` or ``conversion_source``."""
+        name = getattr(self, which)
+        return self._once(("path", name), lambda: resolve_teacher_path(name))
+
+    def teacher_config(self, which: str = "conversion_source") -> PretrainedConfig:
+        """The transformers config (config.json, no weights) of ``teacher_path(which)``."""
+        path = self.teacher_path(which)
+        return self._once(("config", path), lambda: AutoConfig.from_pretrained(path, trust_remote_code=False))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as the mapping it was read from (what config.yaml holds and fingerprints cover)."""
+        data = dataclasses.asdict(self)
+        data["plan"] = self.plan.to_dict()
+        return data
 
 
 # ----- loading --------------------------------------------------------------------------------
@@ -387,11 +415,6 @@ def _check_conversion_sections(data: dict[str, Any], problems: _Problems) -> Non
     for key in conversion_only_keys():
         if key in data:
             _coerce(hints[key], data[key], key, problems)
-    if isinstance(data.get("plan"), dict):
-        try:
-            Plan.from_mapping(data["plan"])
-        except PlanError as error:
-            problems.need(False, str(error))
 
 
 def recorded_config(data: Any) -> RunConfig | None:
@@ -475,6 +498,12 @@ _INVALID = object()  # a section that could not be built (its problems are recor
 
 def _coerce(hint, value, dotted: str, problems: _Problems):
     """``value`` as type ``hint``, or _INVALID with the problem recorded."""
+    if hint is Plan:
+        try:
+            return Plan.from_mapping(value)
+        except PlanError as error:
+            problems.need(False, str(error))
+            return _INVALID
     if dataclasses.is_dataclass(hint):
         built = _build(hint, value, dotted + ".", problems)
         return _INVALID if built is None else built
@@ -535,22 +564,15 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(config.data.seed >= 0, f"data.seed must be >= 0, got {config.data.seed}.")
     need(config.data.max_length >= 8, "data.max_length must be >= 8.")
     g = config.guidance
-    need(g.mode in MODES, f"guidance.mode {g.mode!r} is unknown; choose one of {MODES}.")
-    for key in ("alpha_task", "alpha_layer", "alpha_out"):
-        value = getattr(config.loss, key)
-        need(value >= 0, f"loss.{key} must be >= 0, got {value}.")
-    need(config.loss.temperature > 0, f"loss.temperature must be > 0, got {config.loss.temperature}.")
-    need(config.loss.normalization in NORMALIZATIONS, f"loss.normalization must be one of {NORMALIZATIONS}.")
-    need(config.loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}.")
-    if g.mode in ("target", "hybrid"):
-        need(config.target_teacher is not None,
+    loss = config.loss
+    for problem in loss_setting_problems(loss.temperature, loss.normalization, loss.reduction):
+        need(False, problem)
+    try:
+        need(not config.schedule.student_starts_from_target or config.target_teacher is not None,
              f"guidance.mode {g.mode!r} distils from a fine-tuned teacher: set target_teacher to the fine-tuned "
              "checkpoint folder, or use guidance.mode unguided.")
-    if g.mode in MODES:
-        try:
-            config.guidance_schedule()
-        except (ValueError, TypeError) as error:
-            need(False, str(error))
+    except (ValueError, TypeError) as error:
+        need(False, str(error))
     need(g.teacher_lr > 0, f"guidance.teacher_lr must be > 0 (the trajectory teacher's own rate), got {g.teacher_lr}.")
     lit = config.freeze.lit
     need(lit.window >= 1 and lit.patience >= 1, f"freeze.lit.window and freeze.lit.patience must be >= 1, got "
@@ -606,11 +628,6 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
 
     for problem in check_eval_sets(config) + check_broad(config):
         need(False, problem)
-    try:
-        plan = Plan.from_mapping(config.plan)
-    except PlanError as error:
-        need(False, str(error))
-        plan = None
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
     teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
     tuned = teacher_configs.get("target_teacher")
@@ -627,7 +644,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     # The student is converted from (and shaped like) the target teacher when there is one.
     shape = tuned or teacher_configs.get("teacher")
     if shape is not None:
-        _check_against_teacher(config, plan, shape, need)
+        _check_against_teacher(config, shape, need)
     problems.raise_any()
 
 
@@ -642,18 +659,17 @@ def _teacher_config(key: str, teacher: str, need):
         return None
 
 
-def _check_against_teacher(config: RunConfig, plan: Plan | None, teacher_config, need) -> None:
+def _check_against_teacher(config: RunConfig, teacher_config, need) -> None:
     """The plan and the layer indices of the loss against the teacher's shape."""
     try:
         family = family_for_config(teacher_config)
     except ValueError as error:
         need(False, str(error))
         return
-    if plan is not None:
-        try:
-            plan.check_against(family, teacher_config)
-        except ValueError as error:
-            need(False, str(error))
+    try:
+        config.plan.check_against(family, teacher_config)
+    except ValueError as error:
+        need(False, str(error))
     _check_lengths(config, family, teacher_config, need)
     states = family.num_layers(teacher_config) + 1  # hidden states: the embeddings, then one per block
     need(config.loss.layers is None or bool(config.loss.layers),

@@ -36,7 +36,7 @@ from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict, merge_sections
 from raylin.convert import convert
 from raylin.models.student import load_student
-from raylin.models.teachers import load_teacher, resolve_teacher_path
+from raylin.models.teachers import load_teacher
 from raylin.pipeline import finished_run, run_conversion, run_finetune
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length:
     config = conversion(target)
     log.info("[2/4] converting to Linformer (k=%d), aligning each block to the teacher's (%d steps) and distilling "
              "under target guidance: %d Ray Train workers (DeepSpeed ZeRO-%d), served teacher, %d steps -> %s",
-             config.plan["linformer"]["k"], config.align.steps, config.train.num_workers, config.train.zero_stage,
+             config.plan.options["linformer"].k, config.align.steps, config.train.num_workers, config.train.zero_stage,
              config.train.max_steps, config.output_dir)
     metrics = run_conversion(config)
 
@@ -127,7 +127,7 @@ def run_demo(out: str | Path = "outputs/demo", quick: bool = False, long_length:
     short = teacher.config.max_position_embeddings
     timings = {"trained": {"length": short, "teacher_ms": forward_ms(teacher, short, tokenizer.vocab_size),
                            "student_ms": forward_ms(student, short, tokenizer.vocab_size)}}
-    long_teacher, long_student = stretched_pair(resolve_teacher_path(config.teacher), config.plan, long_length)
+    long_teacher, long_student = stretched_pair(config.teacher_path("teacher"), config.plan, long_length)
     timings["stretched"] = {"length": long_length, "teacher_ms": forward_ms(long_teacher, long_length, tokenizer.vocab_size),
                             "student_ms": forward_ms(long_student, long_length, tokenizer.vocab_size)}
     for timing in timings.values():

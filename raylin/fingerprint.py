@@ -14,6 +14,8 @@ from typing import Any
 
 
 def _plain(value: Any) -> Any:
+    if callable(getattr(value, "to_dict", None)):  # objects that say their own plain form (Plan, RunConfig)
+        return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     if isinstance(value, (set, frozenset)):
@@ -23,7 +25,7 @@ def _plain(value: Any) -> Any:
 
 def fingerprint(identity: Any, length: int = 16) -> str:
     """The first ``length`` hex digits of the SHA-256 of ``identity`` as canonical JSON (sorted keys;
-    dataclasses as their fields, sets sorted, other objects by ``str``). Equal identities give equal
+    objects with ``to_dict`` as its result, dataclasses as their fields, sets sorted, other objects by ``str``). Equal identities give equal
     fingerprints in every process and run; tuples and lists fingerprint alike."""
     text = json.dumps(identity, sort_keys=True, default=_plain, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -270,7 +270,7 @@ def _convert(config: RunConfig) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "train_wall_s": final.get("wall_s"),
         "guidance": config.guidance.mode,
-        "mixer": config.plan.get("mixer"),
+        "mixer": config.plan.mixer,
     }
     if published_outputs(config):
         metrics["published"] = published_outputs(config)
@@ -293,7 +293,7 @@ def render_report(config: RunConfig, metrics: dict) -> str:
     )
     return (
         f"# raylin run `{config.run_name}`\n\n"
-        f"{config.teacher} -> {config.plan.get('mixer')} student ({params:,} parameters), "
+        f"{config.teacher} -> {config.plan.mixer} student ({params:,} parameters), "
         f"guidance **{config.guidance.mode}**, {metrics['steps']} steps, {metrics['tokens']:,} tokens, "
         f"{metrics['wall_s']} s.\n\n| metric | teacher | student |\n|---|---:|---:|\n{rows}\n\n"
         f"## Retention (student / teacher; teacher / student for perplexity and error rates)\n\n"

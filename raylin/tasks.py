@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raylin.registry import registry_entry
+
 
 @dataclass(frozen=True)
 class TaskKind:
@@ -60,7 +62,4 @@ TASKS = tuple(TASK_KINDS)
 
 def task_kind(name: str) -> TaskKind:
     """The registry entry of ``task.type`` ``name``; ValueError naming the choices for an unknown one."""
-    try:
-        return TASK_KINDS[name]
-    except KeyError:
-        raise ValueError(f"task.type {name!r} is unknown; choose one of {TASKS}.") from None
+    return registry_entry(TASK_KINDS, name, "task.type")

@@ -201,7 +201,7 @@ def test_paper_configs_follow_the_reference_recipe(roberta_base):
     for task, cutoff in cutoffs.items():
         config = load_run_config(ROOT / "jobs" / "configs" / "paper" / f"roberta-{task}-linformer.yaml", roberta_base)
         t = config.train
-        assert (t.batch_size, config.plan["linformer"]["k"], config.loss.temperature) == (32, 256, 2.0)
+        assert (t.batch_size, config.plan.options["linformer"].k, config.loss.temperature) == (32, 256, 2.0)
         assert config.guidance.hybrid_cutoff == cutoff and t.max_steps == 10 * t.checkpoint_every
         assert round(t.warmup_steps / t.max_steps, 3) == 0.06
         assert [w.step for w in config.guidance.waypoints] == [t.checkpoint_every * (e + 1) for e in range(10)]
@@ -222,7 +222,7 @@ def test_paper_speech_configs_follow_the_reference_recipe(roberta_base, wav2vec2
         assert loss.layers == list(range(1, 25)) and config.guidance.hybrid_cutoff == cutoff
         assert [w.step for w in config.guidance.waypoints] == list(range(10000, 90001, 10000))
         plan = config.plan
-        assert (plan["mixer"], plan["init"], plan["mamba2"]["expand"], plan["mamba2"]["state_size"]) == ("bimamba2", "default", 1, 128)
+        assert (plan.mixer, plan.init, plan.options["mamba2"].expand, plan.options["mamba2"].state_size) == ("bimamba2", "default", 1, 128)
     assert load_run_config(ROOT / "jobs" / "configs" / "paper" / "wav2vec2-large-voxceleb1-bimamba2.yaml", roberta_base,
                            wav2vec2_large=wav2vec2_large).task.num_labels == 1251
 

@@ -7,6 +7,7 @@ import yaml
 
 from raylin.cli import main
 from raylin.config import ConfigError, config_from_dict, load_config
+from raylin.models.plan import Plan
 
 pytestmark = pytest.mark.assets
 
@@ -25,13 +26,13 @@ def base(tmp_path):
 def test_shipped_config_is_valid():
     # Its target teacher comes from `raylin finetune`; validate against the source model instead.
     config = load_config("jobs/configs/minilm-rt-linformer.yaml", ["target_teacher=asset:all-minilm-l6"])
-    assert config.guidance.mode == "target" and config.plan["mixer"] == "linformer"
+    assert config.guidance.mode == "target" and config.plan.mixer == "linformer"
     assert config.train.num_workers == 2 and config.data.name == "rotten_tomatoes"
 
 
 def test_defaults_and_overrides(base):
     config = config_from_dict(base, ["train.max_steps=7", "loss.alpha_layer=2", "guidance.mode=unguided", "plan.linformer.k=8"])
-    assert config.train.max_steps == 7 and config.loss.alpha_layer == 2.0 and config.plan["linformer"]["k"] == 8
+    assert config.train.max_steps == 7 and config.loss.alpha_layer == 2.0 and config.plan.options["linformer"].k == 8
     assert config.run_name == "out" and config.train.zero_stage == 2
 
 
@@ -151,7 +152,7 @@ def test_the_teacher_run_of_a_config_leaves_the_students_sections_out(base, tmp_
                                            "align", "broad"}
     assert config.target_teacher is None and config.guidance.mode == "unguided" and not config.guidance.waypoints
     assert not config.align.enabled and not config.broad.enabled and not config.freeze.copied
-    assert config.plan == {"mixer": "bimamba2", "keep_attention": [0, 1, 2]}  # the teacher's own 3 blocks
+    assert config.plan == Plan.from_mapping({"mixer": "bimamba2", "keep_attention": [0, 1, 2]})  # the teacher's own 3 blocks
     assert config.task.num_labels == 3 and config.data.max_length == 64  # the teacher's task as the config gives it
     other = config_from_dict({**student, "align": {"enabled": False}, "loss": {"alpha_out": 3.0}}, run="teacher")
     assert dotted(resume_identity(other)) == dotted(resume_identity(config))

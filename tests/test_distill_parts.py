@@ -62,7 +62,7 @@ def test_kd_loss_is_temperature_scaled_kl_teacher_to_student():
     expected = (p_teacher * (p_teacher.log() - (student / T).log_softmax(-1))).sum(-1).mean() * T**2
     torch.testing.assert_close(kd_loss(student, teacher, T), expected)
     assert kd_loss(teacher, teacher, T).abs() < 1e-6
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
         kd_loss(student, teacher, 0.0)
 
 
@@ -154,7 +154,7 @@ def test_hybrid_distils_until_the_cutoff_then_task_only():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(mode="distil"), "Unknown guidance.mode 'distil'"),
+        (dict(mode="distil"), "guidance.mode 'distil' is unknown"),
         (dict(mode="waypoint"), "needs guidance.waypoints"),
         (dict(mode="waypoint", waypoints=[Waypoint(5, "a"), Waypoint(5, "b")]), "strictly increasing"),
         (dict(mode="hybrid"), "needs guidance.hybrid_cutoff"),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
 from raylin.eval.speed import peak_allocated_mb
-from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, MambaMixer, mamba2_config, mamba_config
+from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, Mamba2Options, MambaMixer, MambaOptions, mamba2_config, mamba_config
 from raylin.models.mixers import mamba as mamba_module
 from raylin.models.mixers import scan
 from raylin.models.mixers.common import reference_paths
@@ -82,7 +82,7 @@ def test_ssd_scan_exact_decay_when_a_chunk_decays_past_the_factor_limit():
 @pytest.mark.parametrize("padded", [False, True])
 def test_mamba2_fast_path_equals_reference(length, padded):
     torch.manual_seed(0)
-    mixer = _perturbed(Mamba2Mixer(mamba2_config(64, 2, {"chunk_size": 64, "state_size": 16}), 0))
+    mixer = _perturbed(Mamba2Mixer(mamba2_config(64, 2, Mamba2Options(chunk_size=64, state_size=16)), 0))
     x = torch.randn(2, length, 64, requires_grad=True)
     _assert_fast_equals_reference(mixer, x, _padded_mask(2, length) if padded else None)
 
@@ -90,7 +90,7 @@ def test_mamba2_fast_path_equals_reference(length, padded):
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_bidirectional_mamba2_equals_two_passes(padded):
     torch.manual_seed(0)
-    config = mamba2_config(64, 2, {"chunk_size": 32, "state_size": 16})
+    config = mamba2_config(64, 2, Mamba2Options(chunk_size=32, state_size=16))
     mixer = _perturbed(BidirectionalMixer(Mamba2Mixer(config, 0), Mamba2Mixer(config, 0)))
     assert mixer.fused
     x = torch.randn(2, 70, 64, requires_grad=True)
@@ -102,7 +102,7 @@ def test_fused_bidirectional_mamba2_equals_two_passes(padded):
 def test_mamba_chunked_scan_equals_reference(monkeypatch, length, chunk, padded):
     monkeypatch.setattr(mamba_module, "SCAN_CHUNK", chunk)
     torch.manual_seed(0)
-    mixer = _perturbed(MambaMixer(mamba_config(32, 2, {}), 0))
+    mixer = _perturbed(MambaMixer(mamba_config(32, 2, MambaOptions()), 0))
     x = torch.randn(2, length, 32, requires_grad=True)
     _assert_fast_equals_reference(mixer, x, _padded_mask(2, length) if padded else None)
 

@@ -147,10 +147,10 @@ def test_mamba2_mixer_runs_a_short_sequence_as_one_chunk_with_the_same_output_an
     one 8-token chunks give, and the configured chunk size is kept for the next call."""
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as TransformersMamba2Mixer
 
-    from raylin.models.mixers import Mamba2Mixer, mamba2_config
+    from raylin.models.mixers import Mamba2Mixer, Mamba2Options, mamba2_config
 
     torch.manual_seed(0)
-    mixer = Mamba2Mixer(mamba2_config(32, 2, {"head_dim": 8, "state_size": 16, "chunk_size": 128}), 0)
+    mixer = Mamba2Mixer(mamba2_config(32, 2, Mamba2Options(head_dim=8, state_size=16, chunk_size=128)), 0)
     x = torch.randn(2, 40, 32)
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, 31:] = 0

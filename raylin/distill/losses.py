@@ -27,6 +27,25 @@ NORMALIZATIONS = ("none", "layernorm")
 REDUCTIONS = ("sum", "mean")
 
 
+def loss_setting_problems(temperature: float | None = None, normalization: str | None = None,
+                          reduction: str | None = None) -> list[str]:
+    """The rules on the loss settings, in one place: the config checks them all before a run, the
+    loss functions the ones they are given. Each problem names the ``loss.`` key and the fix."""
+    problems = []
+    if temperature is not None and not temperature > 0:  # also rejects NaN
+        problems.append(f"loss.temperature must be > 0, got {temperature}.")
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        problems.append(f"loss.normalization {normalization!r} is unknown; choose one of {NORMALIZATIONS}.")
+    if reduction is not None and reduction not in REDUCTIONS:
+        problems.append(f"loss.reduction {reduction!r} is unknown; choose one of {REDUCTIONS}.")
+    return problems
+
+
+def _require(problems: list[str]) -> None:
+    if problems:
+        raise ValueError(" ".join(problems))
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of (batch, classes) logits: sequence and utterance classification."""
     return F.cross_entropy(logits.float(), labels)
@@ -65,8 +84,7 @@ def kd_loss(
 
     Logits are (..., vocab); ``mask`` (same leading shape, 1 = real) drops padded positions.
     """
-    if temperature <= 0:
-        raise ValueError(f"KD temperature must be positive, got {temperature}.")
+    _require(loss_setting_problems(temperature=temperature))
     student = student_logits.float().flatten(0, -2) / temperature
     teacher = teacher_logits.float().flatten(0, -2) / temperature
     if mask is not None:
@@ -92,10 +110,7 @@ def layerwise_loss(
     Per layer, the squared error is averaged over features and over real positions (``mask``:
     (batch, tokens), 1 = real); layers are then summed or averaged.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"Unknown layerwise normalization {normalization!r}; choose one of {NORMALIZATIONS}.")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown layerwise reduction {reduction!r}; choose one of {REDUCTIONS}.")
+    _require(loss_setting_problems(normalization=normalization, reduction=reduction))
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"Student has {len(student_hidden)} hidden states, teacher {len(teacher_hidden)}.")
     indices = list(range(len(student_hidden))) if layers is None else list(layers)
@@ -125,7 +140,7 @@ class LossWeights:
         for name in ("task", "layer", "out"):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN
-                raise ValueError(f"loss weight alpha_{name} must be >= 0, got {value}.")
+                raise ValueError(f"loss.alpha_{name} must be >= 0, got {value}.")
 
 
 def combine(weights: LossWeights, task: torch.Tensor, layer: torch.Tensor | None, out: torch.Tensor | None) -> dict[str, torch.Tensor]:

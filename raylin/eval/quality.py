@@ -143,7 +143,7 @@ def _run(config_dict: dict, log: Callable[[str], None], finetune: bool = False) 
         log(f"  reusing {config.output_dir}")
         return cached
     log(f"  fine-tuning the teacher -> {config.output_dir}" if finetune
-        else f"  {config.guidance.mode:10s} {config.plan['mixer']} -> {config.output_dir}")
+        else f"  {config.guidance.mode:10s} {config.plan.mixer} -> {config.output_dir}")
     return run_finetune(config) if finetune else run_conversion(config)
 
 

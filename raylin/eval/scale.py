@@ -175,7 +175,7 @@ LLAMA_SHAPES = {
 }
 
 
-def student_sizes(teacher_config, plan: dict) -> tuple[int, int]:
+def student_sizes(teacher_config, plan: "Plan | dict") -> tuple[int, int]:
     """(parameters, largest single module's own parameters) of the student ``plan`` makes of a teacher
     with ``teacher_config``, built on the meta device (no memory, no weights)."""
     with torch.device("meta"):
@@ -345,7 +345,7 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
     result = {
         "machine": "2-core CPU, 24 GiB, no GPU", "config": str(BILLION_CONFIG.relative_to(BILLION_CONFIG.parents[2])),
         "teacher": {"shape": "TinyLlama-1.1B (random weights), SmolLM2 vocabulary", "params": teacher_params},
-        "student": {"plan": config.plan, "params": student_params},
+        "student": {"plan": config.plan.to_dict(), "params": student_params},
         "align": {"tasks": tasks, "task_peak_rss_mb": align["task_peak_rss_mb"], "wall_s": align.get("wall_s")},
         "train": {"workers": memory["workers"], "zero_stage": memory["zero_stage"], "steps": metrics["steps"],
                   "peak_rss_mb": memory["peak_rss_mb"], "parameters_mb": memory["parameters_mb"],

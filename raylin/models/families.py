@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from raylin.models.mixers.linformer import ProjectionNames
+from raylin.models.mixers.options import ProjectionNames
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from raylin.atomic import replace_folder
 from raylin.models.cache import StudentCache
 from raylin.models.families import BlockSubset, FamilyAdapter, family_for_config
-from raylin.models.mixers import LinformerProjection
 from raylin.models.plan import Plan, build_mixer
 from raylin.models.teachers import load_processor
 
@@ -111,10 +110,9 @@ class RaylinStudent(PreTrainedModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.plan.seed)
             self.model = model_class(built_config)
-            if self.plan.mixer == "linformer" and self.plan.linformer.get("share") == "layer":
-                max_length = self.plan.linformer_max_length(self.family, teacher_config)
-                self.linformer_shared = LinformerProjection(max_length, self.plan.linformer.get("k", 256))
-            shared = getattr(self, "linformer_shared", None)
+            shared = self.plan.shared_module(self.family, teacher_config)
+            if shared is not None:  # one module for every mixer (Linformer's share: layer), drawn after the model's weights
+                self.linformer_shared = shared
             layers = self.family.layers(self.model)
             for position, layer_idx in enumerate(self.layer_ids):
                 if layer_idx not in mixed:

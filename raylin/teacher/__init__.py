@@ -29,9 +29,8 @@ __all__ = ["TeacherOutput", "TeacherRequest", "TeacherSpec", "teacher_spec", "te
 
 def teacher_spec(config) -> TeacherSpec:
     """The TeacherSpec of a run's distillation: the teachers its guidance mode uses, the states its losses read."""
-    mode, loss, service = config.guidance.mode, config.loss, config.teacher_service
-    schedule = config.guidance_schedule()
-    tokenizer_source = config.target_teacher if schedule.student_starts_from_target else config.teacher
+    loss, service, guide = config.loss, config.teacher_service, config.schedule.kind.guide
+    tokenizer_source = config.conversion_source
     # A cached entry is one training example's teacher outputs: keyed by everything that decides
     # which example an index is (the data section, data.source included, and the tokenizer).
     identity = {"data": dataclasses.asdict(config.data), "tokenizer": teacher_fingerprint(tokenizer_source)}
@@ -45,8 +44,8 @@ def teacher_spec(config) -> TeacherSpec:
         num_labels=options.pop("num_labels", config.task.num_labels),
         load_options=tuple(sorted(options.items())),
         task=config.task.type,
-        target=config.target_teacher if mode in ("target", "hybrid") else None,
-        source=config.teacher if mode == "trajectory" else None,
+        target=config.target_teacher if guide == "target" else None,
+        source=config.teacher if guide == "trajectory" else None,
         trajectory_lr=config.guidance.teacher_lr,
         trajectory_every=config.guidance.teacher_update_every,
         hidden=loss.alpha_layer > 0,

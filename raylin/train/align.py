@@ -49,7 +49,6 @@ import ray
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
 
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
@@ -60,7 +59,6 @@ from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
-from raylin.models.teachers import resolve_teacher_path
 from raylin.progress import append_record, follow
 from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
 from raylin.teacher.bank import unpack
@@ -238,7 +236,7 @@ def run_align(config: RunConfig) -> dict:
 
 def _align(config: RunConfig, out: Path, fingerprint: str) -> dict:
     started = time.perf_counter()
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.conversion_source))
+    teacher_config = config.teacher_config()
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
     workers = min(config.align.num_workers, num_layers)
     groups = [list(range(num_layers))[w::workers] for w in range(workers)]

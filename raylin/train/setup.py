@@ -37,7 +37,7 @@ def build_run(config: RunConfig, device: torch.device, deepspeed_config: dict) -
     if config.align.enabled:
         load_aligned(student, config)
     data = load_task_data(config, processor)
-    return RunParts(config.guidance_schedule(), student.to(device), report, processor, data)
+    return RunParts(config.schedule, student.to(device), report, processor, data)
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:

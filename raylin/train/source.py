@@ -19,7 +19,6 @@ import importlib
 import logging
 
 import torch
-from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
@@ -27,9 +26,7 @@ from raylin.config import RunConfig
 from raylin.convert import TensorRecord, TransferReport, convert
 from raylin.data.tasks import load_task_model
 from raylin.models.families import BlockSubset, family_for_config
-from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent
-from raylin.models.teachers import resolve_teacher_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +45,7 @@ def block_local_student(config: RunConfig, layer_ids: list[int]):
     comes before and after the blocks: embeddings, final norm, head), converted from the teacher's
     weights of those blocks alone: memory follows the blocks held, not the model. Its block for
     teacher block i (``student.block(i)``) equals the whole student's block i, tensor for tensor."""
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.conversion_source))
+    teacher_config = config.teacher_config()
     family_for_config(teacher_config)  # an unsupported architecture is named before any weight loads
     blocks = BlockSubset.of(teacher_config, layer_ids)
     torch.manual_seed(config.train.seed)
@@ -110,12 +107,11 @@ def sharded_student(config: RunConfig, deepspeed_config: dict):
     Limit: with ``linformer.share: layer`` the one student-wide projection is drawn after the whole
     model's other weights, which a block-local conversion does not reproduce, so that plan is built
     whole (``converted_student``) and partitioned by DeepSpeed afterwards."""
-    plan = Plan.from_mapping(config.plan)
-    if plan.mixer == "linformer" and plan.linformer.get("share") == "layer":
+    if config.plan.shares_across_layers:
         log.info("linformer.share: layer: the student is built whole, then partitioned by ZeRO-3")
         return converted_student(config)
     deepspeed = importlib.import_module("deepspeed")  # in workers only: see raylin.train.checkpoint
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(config.conversion_source))
+    teacher_config = config.teacher_config()
     num_layers = family_for_config(teacher_config).num_layers(teacher_config)
     # 1. The first block's conversion, whose config is the whole student's but for its blocks.
     local, local_report, processor = block_local_student(config, [0])

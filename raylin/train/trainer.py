@@ -29,7 +29,6 @@ from raylin.config import RunConfig
 from raylin.data.tasks import prepare_task_data
 from raylin.errors import ConfigError, RayClusterUnreachable
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
-from raylin.models.teachers import resolve_teacher_path
 from raylin.progress import follow
 from raylin.teacher import teacher_pool as make_pool
 from raylin.tracking import TRACKING_ENV
@@ -130,7 +129,7 @@ def fit(config: RunConfig, finetune: bool = False, teacher_pool=None, callbacks:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.train.num_workers * config.train.gpus_per_worker
     check_precision(config, use_gpu)
-    served = config.teacher_service.mode == "served" and config.guidance.mode != "unguided" and not finetune
+    served = config.teacher_service.mode == "served" and config.schedule.uses_teacher and not finetune
     own_pool = served and teacher_pool is None
     check_resources(config, own_pool, use_gpu)  # before any replica starts: a refused run leaves none behind
     check_disk(config, finetune)
@@ -245,7 +244,7 @@ def checkpoint_disk_need(config: RunConfig, finetune: bool = False) -> tuple[int
     staging copy; teacher fine-tuning also keeps a plain snapshot (4 bytes a parameter) per checkpoint."""
     if config.train.storage_path is not None and "://" in config.train.storage_path:
         return None
-    folder = Path(resolve_teacher_path(config.teacher))
+    folder = Path(config.teacher_path("teacher"))
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return None

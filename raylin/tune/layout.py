@@ -130,7 +130,7 @@ def layer_importance(config: RunConfig, probe_batches: int) -> list[float]:
     causal = task_kind(config.task.type).language_model
     scores = []
     for layer in range(num_layers):
-        plan = {**config.plan, "init": "attention", "keep_attention": [i for i in range(num_layers) if i != layer]}
+        plan = config.plan.replace(init="attention", keep_attention=[i for i in range(num_layers) if i != layer])
         student, _ = convert(teacher, plan)
         student.eval()
         total = items = 0.0

@@ -68,6 +68,7 @@ from raylin.config import (
     read_yaml_file,
 )
 from raylin.data.tasks import prepare_task_data
+from raylin.distill.guidance import GUIDANCE_MODES
 from raylin.eval.plots import figure
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
@@ -117,7 +118,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
         data["guidance"] = {**data.get("guidance", {}), "waypoints": [dataclasses.asdict(w) for w in base.guidance.waypoints]}
     validate_section(section, data)
     if section.layout is not None:
-        teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(base.target_teacher or base.teacher))
+        teacher_config = base.teacher_config("target_teacher" if base.target_teacher else "teacher")
         check_layout_search(section.layout, section.space, family_for_config(teacher_config).num_layers(teacher_config))
     return data, section, base
 
@@ -217,7 +218,7 @@ def run_trial(params: dict, base: dict, pools: dict, slots) -> None:
     context = ray.tune.get_context()
     config = trial_config(base, params, context.get_trial_name())
     shared = pools.get("fixed")
-    fixed_teacher = config.teacher_service.mode == "served" and config.guidance.mode not in ("unguided", "trajectory")
+    fixed_teacher = config.teacher_service.mode == "served" and config.schedule.kind.fixed_teacher
     # Trials with the sweep's fixed teacher share its pool; others (a swept target) get their own.
     pool = shared if fixed_teacher and shared is not None and shared.spec.target == config.target_teacher else None
     ray.get(slots.acquire.remote(context.get_trial_id(), ray.get_runtime_context().current_actor))
@@ -237,8 +238,10 @@ def expected_trials(section: TuneSection) -> int:
 
 
 def searches_trajectory(base: RunConfig, section: TuneSection) -> bool:
+    """Whether some trial trains its teacher alongside (trajectory guidance)."""
     spec = section.space.get("guidance.mode", {})
-    return base.guidance.mode == "trajectory" or "trajectory" in next(iter(spec.values()), [])
+    modes = [base.guidance.mode, *next(iter(spec.values()), [])]
+    return any(GUIDANCE_MODES[mode].trains_teacher for mode in modes if mode in GUIDANCE_MODES)
 
 
 def concurrency(base: RunConfig, section: TuneSection) -> int:

@@ -17,39 +17,49 @@ value head widths, so the teacher's Q, K, V and O map onto the delta rule one to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+from torch import nn
 from transformers import Qwen3NextConfig
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
 from raylin.models.cache import student_cache_from
 from raylin.models.mixers.common import token_validity
+from raylin.models.mixers.options import MixerOptions, TeacherShape
 
-_OPTIONS = ("num_heads", "head_dim", "conv_kernel")
+@dataclass(frozen=True)
+class GatedDeltaNetOptions(MixerOptions):
+    """``plan.gated_deltanet``: ``num_heads`` and ``head_dim`` (None: the teacher's attention heads),
+    a ``conv_kernel``-token short convolution."""
+
+    section: ClassVar[str] = "gated_deltanet"
+    num_heads: int | None = None
+    head_dim: int | None = None
+    conv_kernel: int = 4
+
+    def check(self) -> None:
+        self._positive("num_heads", "head_dim", "conv_kernel")
+
+    def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:
+        return GatedDeltaNetMixer(gated_deltanet_config(teacher, self), layer_idx)
 
 
-def gated_deltanet_config(
-    hidden_size: int, num_layers: int, num_heads: int, head_dim: int, options: dict, rms_norm_eps: float = 1e-6
-) -> Qwen3NextConfig:
-    """Qwen3NextConfig for Gated DeltaNet mixers of width ``hidden_size``.
-
-    ``options`` come from the plan's ``gated_deltanet``: ``num_heads`` and ``head_dim`` default to
-    the teacher's attention heads (``num_heads``, ``head_dim`` here), ``conv_kernel`` to 4.
-    """
-    heads = int(options.get("num_heads", num_heads))
-    width = int(options.get("head_dim", head_dim))
-    if heads < 1 or width < 1:
-        raise ValueError(f"gated_deltanet: num_heads={heads} and head_dim={width} must be positive integers.")
+def gated_deltanet_config(teacher: TeacherShape, options: GatedDeltaNetOptions) -> Qwen3NextConfig:
+    """Qwen3NextConfig for Gated DeltaNet mixers in a teacher of this shape."""
+    heads, width = options.num_heads or teacher.num_heads, options.head_dim or teacher.head_dim
     return Qwen3NextConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        layer_types=["linear_attention"] * num_layers,
+        hidden_size=teacher.hidden_size,
+        num_hidden_layers=teacher.num_layers,
+        layer_types=["linear_attention"] * teacher.num_layers,
         linear_num_key_heads=heads,
         linear_num_value_heads=heads,
         linear_key_head_dim=width,
         linear_value_head_dim=width,
-        linear_conv_kernel_dim=int(options.get("conv_kernel", 4)),
+        linear_conv_kernel_dim=options.conv_kernel,
         hidden_act="silu",
-        rms_norm_eps=rms_norm_eps,
+        rms_norm_eps=teacher.rms_norm_eps,
     )
 
 

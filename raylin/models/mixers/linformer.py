@@ -15,12 +15,14 @@ scale uses each sequence's real length).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raylin.models.mixers.common import token_validity, zero_padding
+from raylin.models.mixers.options import MixerOptions, ProjectionNames, TeacherShape
 
 SHARE_MODES = ("none", "kv", "layer")
 
@@ -50,13 +52,46 @@ class LinformerProjection(nn.Module):
 
 
 @dataclass(frozen=True)
-class ProjectionNames:
-    """Attribute names of the teacher's projections inside its attention module."""
+class LinformerOptions(MixerOptions):
+    """``plan.linformer``: ``k`` projected positions, projections shared by keys and values of a
+    layer (``kv``), by no one (``none``: E and F) or by every layer (``layer``: one student-wide
+    projection), ``max_length`` rows (None: the teacher's maximum positions)."""
 
-    query: str
-    key: str
-    value: str
-    output: str | None  # None when the output projection lives outside the module (BERT)
+    section: ClassVar[str] = "linformer"
+    k: int = 256
+    share: str = "kv"
+    max_length: int | None = None
+
+    def check(self) -> None:
+        self._positive("k", "max_length")
+        if self.share not in SHARE_MODES:
+            raise ValueError(f"Unknown plan.linformer.share {self.share!r}; choose one of {SHARE_MODES}.")
+
+    def rows(self, teacher: TeacherShape) -> int:
+        """The projections' rows: the longest input the student accepts."""
+        max_length = self.max_length or teacher.max_length
+        if max_length is None:
+            raise ValueError(f"The {teacher.family} teacher has no maximum sequence length; set plan.linformer.max_length "
+                             "to the longest input the student must accept.")
+        return int(max_length)
+
+    def check_against(self, teacher: TeacherShape) -> None:
+        if self.k > self.rows(teacher):
+            raise ValueError(
+                f"Linformer k={self.k} is above the maximum sequence length {self.rows(teacher)}: the projections "
+                f"would be wider than any input. Use 1 <= plan.linformer.k <= {self.rows(teacher)}.")
+
+    def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:
+        return LinformerSelfAttention(attention, teacher.projections, num_heads=teacher.num_heads,
+                                      head_dim=teacher.head_dim, max_length=self.rows(teacher), k=self.k,
+                                      share=self.share, shared_projection=shared, dropout=teacher.attention_dropout)
+
+    @property
+    def shares_across_layers(self) -> bool:
+        return self.share == "layer"
+
+    def shared_module(self, teacher: TeacherShape) -> nn.Module | None:
+        return LinformerProjection(self.rows(teacher), self.k) if self.shares_across_layers else None
 
 
 class LinformerSelfAttention(nn.Module):
@@ -134,4 +169,4 @@ class LinformerSelfAttention(nn.Module):
         return []
 
 
-__all__ = ["LinformerSelfAttention", "LinformerProjection", "ProjectionNames", "SHARE_MODES"]
+__all__ = ["LinformerOptions", "LinformerSelfAttention", "LinformerProjection", "SHARE_MODES"]

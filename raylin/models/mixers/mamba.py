@@ -11,31 +11,54 @@ decoding steps update the recurrent state directly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from raylin.models.cache import student_cache_from
 from raylin.models.mixers.common import fast_path_applies, seed_rows, token_validity
+from raylin.models.mixers.options import MixerOptions, TeacherShape
 from raylin.models.mixers.scan import causal_depthwise_conv, chunked_selective_scan
 
 # Tokens per step of the CPU scan: the scan holds batch x SCAN_CHUNK x inner x state values.
 SCAN_CHUNK = 128
 
 
-def mamba_config(hidden_size: int, num_layers: int, options: dict) -> MambaConfig:
-    """MambaConfig for mixers of width ``hidden_size``; ``options`` come from the plan's ``mamba``."""
-    expand = options.get("expand", 2)
-    dt_rank = options.get("dt_rank", "auto")
+@dataclass(frozen=True)
+class MambaOptions(MixerOptions):
+    """``plan.mamba``: inner width ``expand * hidden_size``, ``state_size`` per channel, ``dt_rank``
+    ("auto": hidden_size / 16, rounded up)."""
+
+    section: ClassVar[str] = "mamba"
+    expand: int = 2
+    state_size: int = 16
+    conv_kernel: int = 4
+    dt_rank: int | str = "auto"
+    use_bias: bool = False
+
+    def check(self) -> None:
+        self._positive("expand", "state_size", "conv_kernel")
+        if isinstance(self.dt_rank, str) and self.dt_rank != "auto" or isinstance(self.dt_rank, int) and self.dt_rank < 1:
+            raise ValueError(f"plan.mamba.dt_rank must be 'auto' or an integer >= 1, got {self.dt_rank!r}.")
+
+    def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:
+        return MambaMixer(mamba_config(teacher.hidden_size, teacher.num_layers, self), layer_idx)
+
+
+def mamba_config(hidden_size: int, num_layers: int, options: MambaOptions) -> MambaConfig:
+    """MambaConfig for mixers of width ``hidden_size``."""
     return MambaConfig(
         hidden_size=hidden_size,
-        intermediate_size=int(expand * hidden_size),
-        state_size=options.get("state_size", 16),
-        conv_kernel=options.get("conv_kernel", 4),
-        time_step_rank=math.ceil(hidden_size / 16) if dt_rank == "auto" else int(dt_rank),
-        use_bias=options.get("use_bias", False),
+        intermediate_size=int(options.expand * hidden_size),
+        state_size=options.state_size,
+        conv_kernel=options.conv_kernel,
+        time_step_rank=math.ceil(hidden_size / 16) if options.dt_rank == "auto" else int(options.dt_rank),
+        use_bias=options.use_bias,
         use_conv_bias=True,
         num_hidden_layers=num_layers,
         use_mambapy=True,

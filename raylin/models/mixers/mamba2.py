@@ -11,44 +11,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
 
 from raylin.models.cache import student_cache_from
 from raylin.models.mixers.common import fast_path_applies, seed_rows, token_validity
+from raylin.models.mixers.options import MixerOptions, TeacherShape
 from raylin.models.mixers.scan import causal_depthwise_conv, ssd_scan
 
 
-def mamba2_config(hidden_size: int, num_layers: int, options: dict) -> Mamba2Config:
-    """Mamba2Config for mixers of width ``hidden_size``; ``options`` come from the plan's ``mamba2``.
+@dataclass(frozen=True)
+class Mamba2Options(MixerOptions):
+    """``plan.mamba2``: the inner width ``expand * hidden_size`` splits into heads of ``head_dim``
+    (None: 64, or the largest power of two dividing a narrower inner width), in ``n_groups`` groups
+    sharing B and C; ``chunk_size`` tokens per SSD chunk."""
 
-    The inner width ``expand * hidden_size`` must split into heads of ``head_dim`` (default 64,
-    or the largest power of two dividing a narrower inner width).
-    """
-    expand = options.get("expand", 1)
-    inner = int(expand * hidden_size)
-    head_dim = options.get("head_dim", math.gcd(inner, 64))  # 64 unless the inner width is narrower
+    section: ClassVar[str] = "mamba2"
+    expand: int = 1
+    head_dim: int | None = None
+    state_size: int = 64
+    n_groups: int = 1
+    chunk_size: int = 128
+    conv_kernel: int = 4
+    use_bias: bool = False
+
+    def check(self) -> None:
+        self._positive("expand", "head_dim", "state_size", "n_groups", "chunk_size", "conv_kernel")
+
+    def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:
+        return Mamba2Mixer(mamba2_config(teacher.hidden_size, teacher.num_layers, self), layer_idx)
+
+
+def mamba2_config(hidden_size: int, num_layers: int, options: Mamba2Options) -> Mamba2Config:
+    """Mamba2Config for mixers of width ``hidden_size``; ValueError when the heads do not divide."""
+    inner = int(options.expand * hidden_size)
+    head_dim = options.head_dim or math.gcd(inner, 64)  # 64 unless the inner width is narrower
     if inner % head_dim:
         raise ValueError(
             f"mamba2: inner width expand*hidden = {inner} is not a multiple of head_dim={head_dim}; "
             f"choose a head_dim that divides {inner}."
         )
-    n_groups = options.get("n_groups", 1)
-    if (inner // head_dim) % n_groups:
-        raise ValueError(f"mamba2: n_groups={n_groups} must divide the number of heads {inner // head_dim}.")
+    if (inner // head_dim) % options.n_groups:
+        raise ValueError(f"mamba2: n_groups={options.n_groups} must divide the number of heads {inner // head_dim}.")
     return Mamba2Config(
         hidden_size=hidden_size,
-        expand=expand,
+        expand=options.expand,
         head_dim=head_dim,
         num_heads=inner // head_dim,
-        n_groups=n_groups,
-        state_size=options.get("state_size", 64),
-        conv_kernel=options.get("conv_kernel", 4),
-        chunk_size=options.get("chunk_size", 128),
-        use_bias=options.get("use_bias", False),
+        n_groups=options.n_groups,
+        state_size=options.state_size,
+        conv_kernel=options.conv_kernel,
+        chunk_size=options.chunk_size,
+        use_bias=options.use_bias,
         use_conv_bias=True,
         num_hidden_layers=num_layers,
     )
