@@ -23,7 +23,6 @@ from raylin.data.audio import audio_source
 from raylin.data.broad import check as check_broad
 from raylin.data.eval_sets import check as check_eval_sets
 from raylin.data.shards import corpus_source
-from raylin.data.tasks import datasets_for
 from raylin.distill.guidance import GuidanceSchedule, Waypoint
 from raylin.distill.losses import LossWeights, loss_setting_problems
 from raylin.errors import ConfigError
@@ -64,7 +63,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "rotten_tomatoes"  # per task: raylin.data.tasks.datasets_for(task.type)
+    name: str = "rotten_tomatoes"  # per task: its registry entry's datasets (raylin.tasks)
     max_length: int = 128  # tokens (text); language modelling windows are exactly this long
     held_out: str | None = None  # causal_lm austen: the novel held out (default persuasion)
     max_seconds: float = 2.0  # speech classification: clips are cropped to this length (ctc: never cropped)
@@ -503,7 +502,7 @@ def _coerce(hint, value, dotted: str, problems: _Problems):
             return Plan.from_mapping(value)
         except PlanError as error:
             problems.need(False, str(error))
-            return _INVALID
+            return None  # unusable, but the rest of the config is still checked (the plan's checks skip it)
     if dataclasses.is_dataclass(hint):
         built = _build(hint, value, dotted + ".", problems)
         return _INVALID if built is None else built
@@ -543,12 +542,12 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     task_ok = need(config.task.type in TASKS, f"task.type {config.task.type!r} is unknown; choose one of {TASKS}.")
     need(config.task.num_labels >= 1, "task.num_labels must be >= 1.")
 
-    datasets = datasets_for(config.task.type)
+    datasets = tuple(config.task_kind.datasets) if task_ok else ()
     need(not task_ok or config.data.name in datasets,
          f"data.name {config.data.name!r} is not a {config.task.type} data set; choose one of {datasets}.")
-    if config.data.name in ("hub_audio", "corpus"):
+    if task_ok and config.data.name in ("hub_audio", "corpus"):
         try:
-            (audio_source(config.data.source, config.task.type) if config.data.name == "hub_audio"
+            (audio_source(config.data.source, config.task_kind) if config.data.name == "hub_audio"
              else corpus_source(config.data.source))
         except ValueError as error:
             need(False, str(error))
@@ -626,7 +625,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(a.holds in ALIGN_HOLDS, f"align.holds must be one of {ALIGN_HOLDS} (blocks: each task builds only its "
          f"blocks; model: the whole student), got {a.holds!r}.")
 
-    for problem in check_eval_sets(config) + check_broad(config):
+    for problem in (check_eval_sets(config) + check_broad(config)) if task_ok else []:
         need(False, problem)
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
     teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
@@ -634,7 +633,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     # A config says its labels whether or not its model has a head (transformers' default is 2): only
     # a checkpoint saved with a classification head (its `architectures`) is held to them.
     has_head = any(name.endswith("Classification") for name in getattr(tuned, "architectures", None) or [])
-    if task_ok and has_head and task_kind(config.task.type).classifies:
+    if task_ok and has_head and config.task_kind.classifies:
         head = len(getattr(tuned, "id2label", None) or {}) or getattr(tuned, "num_labels", None)
         need(not head or head == config.task.num_labels,
              f"target_teacher {config.target_teacher!r} has a task head of {head} labels but task.num_labels is "
@@ -667,7 +666,8 @@ def _check_against_teacher(config: RunConfig, teacher_config, need) -> None:
         need(False, str(error))
         return
     try:
-        config.plan.check_against(family, teacher_config)
+        if config.plan is not None:  # None: it did not parse (reported with the other problems)
+            config.plan.check_against(family, teacher_config)
     except ValueError as error:
         need(False, str(error))
     _check_lengths(config, family, teacher_config, need)
@@ -707,7 +707,7 @@ def _check_lengths(config: RunConfig, family, teacher_config, need) -> None:
         need(config.data.max_length <= longest,
              f"data.max_length {config.data.max_length} is longer than the teacher takes ({longest} positions: "
              f"max_position_embeddings of {family.name}); set data.max_length to at most {longest}.")
-    crops = config.task.type in TASKS and task_kind(config.task.type).classifies  # CTC clips are never cropped
+    crops = config.task.type in TASKS and config.task_kind.classifies  # CTC clips are never cropped
     if family.name == "whisper" and longest and crops:
         seconds = longest / WHISPER_FRAMES_PER_SECOND
         need(config.data.max_seconds <= seconds,

@@ -43,7 +43,6 @@ from raylin.eval.speed import measure
 from raylin.fingerprint import dotted, fingerprint
 from raylin.models.student import load_student
 from raylin.run_lock import LOCK_FILE, hold_output_dir
-from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
 from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
@@ -220,7 +219,7 @@ def score_teacher(config: RunConfig) -> dict[str, float]:
     the task is scored every time: its head is initialised afresh by each load."""
     teacher = config.target_teacher or config.teacher
     cached = None
-    if config.target_teacher or task_kind(config.task.type).language_model:
+    if config.target_teacher or config.task_kind.language_model:
         identity = {"teacher": teacher_fingerprint(teacher), "task": dataclasses.asdict(config.task),
                     "data": dataclasses.asdict(config.data), "eval_batch": config.train.batch_size,
                     "eval_sets": [dataclasses.asdict(entry) for entry in resolve_eval_sets(config)]}

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import finish_scores, load_task_data, load_task_model, score_sums, token_windows
+from raylin.data.eval_sets import SPEECH_BUILTINS, TEXT_BUILTINS
+from raylin.data.tasks import SHARDED_CORPORA, finish_scores, load_task_data, load_task_model, score_sums, token_windows
+from raylin.data.text import DATASETS
 from raylin.distill.losses import causal_lm_loss
+from raylin.tasks import TASK_KINDS, metric
 from raylin.train.evaluation import evaluate
 from raylin.train.source import converted_student
 
@@ -119,3 +122,20 @@ def test_example_caps_mean_one_thing_for_every_data_set():
     assert eval_rows(10, 4) == [0, 3, 6, 9]
     assert train_rows(3, 5, seed=3) == eval_rows(3, 4) == [0, 1, 2]  # caps above the size keep everything
     assert train_rows(7, None, seed=0) == eval_rows(7, None) == list(range(7))
+
+
+def test_the_task_registry_names_only_data_sets_and_evaluation_sets_raylin_can_load():
+    loaders = {"sequence_classification": set(DATASETS), "causal_lm": {"austen", *SHARDED_CORPORA},
+               "utterance_classification": {"spoken_digits", "hub_audio"}, "ctc": {"spoken_digits", "hub_audio"}}
+    builtin_sets = {*TEXT_BUILTINS, *SPEECH_BUILTINS, "fortunes"}
+    for name, kind in TASK_KINDS.items():
+        assert set(kind.datasets) == loaders[name], name
+        assert set(kind.eval_sets) <= builtin_sets
+        assert all(set(defaults) <= set(kind.eval_sets) for defaults in kind.datasets.values()), name
+
+
+def test_each_metric_says_its_direction_whatever_its_prefix():
+    assert [metric(name).mode for name in ("eval_accuracy", "fortunes.perplexity", "eval_wer", "cer", "imdb.retention")] \
+        == ["max", "min", "min", "min", "max"]
+    with pytest.raises(ValueError, match="metric 'eval_bleu' is unknown"):
+        metric("eval_bleu")

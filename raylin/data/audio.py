@@ -36,7 +36,7 @@ import datasets
 import numpy as np
 
 from raylin.data.limits import eval_rows, train_rows
-from raylin.tasks import task_kind
+from raylin.tasks import TaskKind
 
 SAMPLING_RATE = 16_000
 
@@ -53,7 +53,7 @@ class AudioSource:
     target_column: str | None = None  # default per task: text (ctc), label (classification)
 
 
-def audio_source(source: dict[str, Any] | None, task: str) -> AudioSource:
+def audio_source(source: dict[str, Any] | None, task: TaskKind) -> AudioSource:
     """``data.source`` checked: a dict with ``path`` and only the keys of ``AudioSource``."""
     known = [f.name for f in fields(AudioSource)]
     if not isinstance(source, dict) or not source.get("path"):
@@ -64,7 +64,7 @@ def audio_source(source: dict[str, Any] | None, task: str) -> AudioSource:
         raise ValueError(f"Unknown data.source key(s) {unknown}; known: {known}.")
     parsed = AudioSource(**source)
     if parsed.target_column is None:
-        parsed = AudioSource(**{**source, "target_column": "text" if task_kind(task).transcribes else "label"})
+        parsed = AudioSource(**{**source, "target_column": "text" if task.transcribes else "label"})
     return parsed
 
 
@@ -113,7 +113,7 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLING_RATE) -> np.nd
     return soxr.resample(audio, rate, target).astype(np.float32)
 
 
-def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
+def load_audio_splits(data, task: TaskKind) -> dict[str, tuple[AudioClips, list]]:
     """``{"train": (clips, targets), "eval": (clips, targets)}`` of ``data.source``; targets are class
     ids (classification) or transcripts (ctc). ``data.max_train_examples`` keeps a seeded random
     subset, ``data.max_eval_examples`` an even spread of the held-out split."""
@@ -139,7 +139,7 @@ def load_audio_splits(data, task: str) -> dict[str, tuple[AudioClips, list]]:
             "eval": eval_rows(len(splits["eval"]), data.max_eval_examples)}
     columns = {role: list(dataset[source.target_column]) for role, dataset in splits.items()}
     targets = {role: [column[i] for i in rows[role]] for role, column in columns.items()}
-    if not task_kind(task).transcribes:  # class names from the whole training split: a capped subset may miss some
+    if not task.transcribes:  # class names from the whole training split: a capped subset may miss some
         targets = _class_ids(splits["train"].features[source.target_column], columns["train"], targets, source)
     return {role: (AudioClips(splits[role], source.audio_column, rows[role]), targets[role]) for role in splits}
 

@@ -38,12 +38,11 @@ import numpy as np
 
 from raylin.data.augment import augment
 from raylin.data.austen import load_austen
-from raylin.data.eval_sets import UNLABELED_AUDIO, EvalSet, load_lm_documents, manifest_clips, source_problems
+from raylin.data.eval_sets import EvalSet, load_lm_documents, manifest_clips, source_problems
 from raylin.data.fortunes import load_fortunes
 from raylin.data.speech import VoicesRecipe, load_voices
-from raylin.tasks import task_kind
+from raylin.tasks import TASK_KINDS, UNLABELED_AUDIO, TaskKind
 
-AUTO = {"sequence_classification": "passages", "utterance_classification": "voices", "ctc": "voices", "causal_lm": None}
 KINDS = ("auto", "passages", "voices")
 
 
@@ -51,12 +50,12 @@ def broad_kind(config) -> str | None:
     """The built-in broad data set the run uses (None: ``broad.source`` or none)."""
     if config.broad.source:
         return None
-    return AUTO.get(config.task.type) if config.broad.data == "auto" else config.broad.data
+    return config.task_kind.broad_data if config.broad.data == "auto" else config.broad.data
 
 
 def check(config) -> list[str]:
     """Every problem with the ``broad`` section, each naming the key and the fix."""
-    broad, task = config.broad, config.task.type
+    broad, task = config.broad, config.task_kind
     if not broad.enabled:
         return []
     errors = []
@@ -65,26 +64,26 @@ def check(config) -> list[str]:
     elif not broad.source:
         kind = broad_kind(config)
         if kind is None:
-            errors.append(f"broad.data auto has no built-in broad corpus for {task} (fortunes is its evaluation set); "
+            errors.append(f"broad.data auto has no built-in broad corpus for {task.name} (fortunes is its evaluation set); "
                           "give broad.source: {path: FILE_OR_HUB_ID, text_column: ...}.")
-        elif (kind == "voices") != task_kind(task).speech:
-            errors.append(f"broad.data {kind!r} does not fit task.type {task}; use broad.data auto.")
+        elif (kind == "voices") != task.speech:
+            errors.append(f"broad.data {kind!r} does not fit task.type {task.name}; use broad.data auto.")
     else:
         errors += [f"broad.source: {problem}" for problem in source_problems(broad.source, _source_task(task))]
     if broad.examples < 1:
         errors.append(f"broad.examples must be >= 1, got {broad.examples}.")
     if broad.train_copies < 0:
         errors.append(f"broad.train_copies must be >= 0, got {broad.train_copies}.")
-    if broad.train_copies and not task_kind(task).speech:
+    if broad.train_copies and not task.speech:
         errors.append("broad.train_copies augments speech clips; for text tasks set it to 0.")
     if not config.align.enabled and not broad.train_copies:
         errors.append("broad.enabled feeds the align stage: set align.enabled: true (or, for speech, broad.train_copies).")
     return errors
 
 
-def _source_task(task: str) -> str:
+def _source_task(task: TaskKind) -> TaskKind:
     """A broad source is unlabeled: text needs only its text column, speech only its audio column."""
-    return UNLABELED_AUDIO if task_kind(task).speech else "causal_lm"
+    return UNLABELED_AUDIO if task.speech else TASK_KINDS["causal_lm"]
 
 
 def broad_texts(config, max_words: int) -> list[str]:

@@ -21,7 +21,7 @@ Built-in sets, each from a source the training data never uses:
 | festival        | utterance_classification, ctc           | spoken_digits            | the digits said by Festival's ked diphone voice |
 | fortunes        | causal_lm                               | any corpus but fortunes  | quotations, jokes and verse by many authors (raylin.data.fortunes) |
 
-``eval_sets`` left out gives the training data's own default (``DEFAULTS``: Rotten Tomatoes and IMDB
+``eval_sets`` left out gives the training data's own default (the task registry's ``TaskKind.datasets``: Rotten Tomatoes and IMDB
 students are scored on the other review set, spoken digits on flite and Festival, Austen language
 models on fortunes); ``eval_sets: []`` scores none.
 
@@ -56,19 +56,12 @@ from raylin.data.fortunes import load_fortunes
 from raylin.data.limits import subset_rows
 from raylin.data.speech import DIGITS
 from raylin.data.text import load_text_classification
-from raylin.tasks import task_kind
+from raylin.tasks import UNLABELED_AUDIO, TaskKind
 
 TEXT_BUILTINS = ("imdb", "rotten_tomatoes")
 SPEECH_BUILTINS = ("flite", "festival")
-LM_BUILTINS = ("fortunes",)
-BUILTINS = {"sequence_classification": TEXT_BUILTINS, "causal_lm": LM_BUILTINS, "utterance_classification": SPEECH_BUILTINS,
-            "ctc": SPEECH_BUILTINS}
-DEFAULTS = {"rotten_tomatoes": ("imdb",), "imdb": ("rotten_tomatoes",), "sst2": ("imdb", "rotten_tomatoes"),
-            "spoken_digits": ("flite", "festival"), "austen": ("fortunes",), "pile": ("fortunes",),
-            "corpus": ("fortunes",)}
 SOURCE_KEYS = ("path", "name", "split", "text_column", "label_column", "audio_column", "target_column")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".json")
-UNLABELED_AUDIO = "unlabeled_audio"  # a source read for its clips only (the broad-data stage)
 RESERVED = ("", "train", "eval")  # names the task's own splits use
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
@@ -91,7 +84,7 @@ def resolve(config) -> list[EvalSet]:
     """The run's evaluation sets: ``config.eval_sets``, or the training data's defaults when it is None."""
     cap = config.data.max_eval_examples
     if config.eval_sets is None:
-        defaults = DEFAULTS.get(config.data.name, ())
+        defaults = config.task_kind.datasets.get(config.data.name, ())
         return [EvalSet(name, {}, cap) for name in defaults if name != config.data.name]
     return [EvalSet(entry.name, dict(entry.source), entry.max_examples if entry.max_examples is not None else cap)
             for entry in config.eval_sets]
@@ -100,7 +93,7 @@ def resolve(config) -> list[EvalSet]:
 def check(config) -> list[str]:
     """Every problem with the run's evaluation sets, each naming its key and the fix (empty: fine).
     Cheap: local files are opened for their columns only; Hub ids are checked for their form."""
-    task, data = config.task.type, config.data
+    kind, data = config.task_kind, config.data
     errors, seen = [], set()
     for i, entry in enumerate(config.eval_sets or []):
         key = f"eval_sets[{i}]"
@@ -114,11 +107,10 @@ def check(config) -> list[str]:
         if entry.max_examples is not None and entry.max_examples < 1:
             errors.append(f"{key}.max_examples must be >= 1 (or left out for all), got {entry.max_examples}.")
         if entry.source:
-            errors += [f"{key}.source: {problem}" for problem in source_problems(entry.source, task)]
+            errors += [f"{key}.source: {problem}" for problem in source_problems(entry.source, kind)]
             continue
-        builtins = BUILTINS.get(task, ())
-        if entry.name not in builtins:
-            errors.append(f"{key}: {entry.name!r} is not a built-in {task} evaluation set (built-in: {list(builtins)}); "
+        if entry.name not in kind.eval_sets:
+            errors.append(f"{key}: {entry.name!r} is not a built-in {kind.name} evaluation set (built-in: {list(kind.eval_sets)}); "
                           "give it a source: {path: FILE_OR_HUB_ID, ...} (raylin/data/eval_sets.py).")
         elif entry.name == data.name:
             errors.append(f"{key}: {entry.name!r} is the training data set itself ({data.name}): its held-out split "
@@ -132,7 +124,7 @@ def check(config) -> list[str]:
     return errors
 
 
-def source_problems(source: dict[str, Any], task: str) -> list[str]:
+def source_problems(source: dict[str, Any], kind: TaskKind) -> list[str]:
     unknown = sorted(set(source) - set(SOURCE_KEYS))
     if unknown:
         return [f"unknown key(s) {unknown}; known: {list(SOURCE_KEYS)}."]
@@ -146,32 +138,31 @@ def source_problems(source: dict[str, Any], task: str) -> list[str]:
         if not _HUB_ID.fullmatch(path):
             return [f"path {path!r} is neither an existing local file nor a Hub data set id (owner/name)."]
         return []
-    language_model = task != UNLABELED_AUDIO and task_kind(task).language_model
+    language_model = kind.language_model
     if local.is_dir():
         if not language_model:
-            return [f"path {path!r} is a folder; for {task} give a table file ({', '.join(TABLE_SUFFIXES)})."]
+            return [f"path {path!r} is a folder; for {kind.name} give a table file ({', '.join(TABLE_SUFFIXES)})."]
         return [] if any(local.glob("*.txt")) else [f"folder {path!r} holds no .txt files."]
     suffix = local.suffix.lower()
     if suffix == ".txt":
         return [] if language_model else [f"{path!r} is plain text, which only language modelling can score; "
-                                                f"for {task} give a table ({', '.join(TABLE_SUFFIXES)}) with its columns."]
+                                                f"for {kind.name} give a table ({', '.join(TABLE_SUFFIXES)}) with its columns."]
     if suffix not in TABLE_SUFFIXES:
         return [f"{path!r}: unsupported file type {suffix!r}; use {', '.join(TABLE_SUFFIXES + ('.txt',))}."]
     try:
         columns = list(_read_table(local, rows=5).columns)
     except Exception as error:  # noqa: BLE001 - any reader error means the same thing here
         return [f"{path!r} cannot be read as {suffix}: {error}."]
-    missing = [(key, column) for key, column in _columns(source, task) if column not in columns]
+    missing = [(key, column) for key, column in _columns(source, kind) if column not in columns]
     if missing:
         return [f"{path!r} has no column(s) {[column for _, column in missing]} (it has {columns}); set "
                 + " and ".join(f"source.{key}" for key, _ in missing) + " to the columns that hold them."]
     return []
 
 
-def _columns(source: dict[str, Any], task: str) -> list[tuple[str, str]]:
-    """(source key, column name) of each column a table needs for ``task``."""
-    kind = None if task == UNLABELED_AUDIO else task_kind(task)
-    if kind is None:
+def _columns(source: dict[str, Any], kind: TaskKind) -> list[tuple[str, str]]:
+    """(source key, column name) of each column a table needs for a task of this kind."""
+    if kind is UNLABELED_AUDIO:
         keys = {"audio_column": "audio"}
     elif kind.language_model:
         keys = {"text_column": "text"}
@@ -247,16 +238,16 @@ def load_lm_documents(entry: EvalSet) -> list[str]:
 def load_speech_set(entry: EvalSet, config, builtin_sets: dict[str, tuple[list, list]]) -> tuple[list, list]:
     """(clips, targets) of a speech set: class ids, or transcripts for ctc. ``builtin_sets`` are the
     spoken digits' own extra sets (flite, festival), with digit ids as targets."""
-    task = config.task.type
+    kind = config.task_kind
     if entry.builtin:
         clips, targets = builtin_sets[entry.name]
     else:
         frame = read_source(entry.source)
         clips = manifest_clips(entry.source, frame)
-        targets = frame[_columns(entry.source, task)[1][1]].tolist()
-        if not task_kind(task).transcribes:
+        targets = frame[_columns(entry.source, kind)[1][1]].tolist()
+        if not kind.transcribes:
             targets = [_class_id(target, entry, config) for target in targets]
-    if task_kind(task).transcribes:
+    if kind.transcribes:
         targets = [DIGITS[t] if isinstance(t, (int, np.integer)) else str(t).lower() for t in targets]
     rows = subset_rows(len(clips), entry.max_examples)
     if rows is None:
@@ -307,7 +298,7 @@ def preload(config) -> None:
     at once, naming the set. The spoken digits' own sets are made with the training data."""
     for entry in resolve(config):
         try:
-            kind = task_kind(config.task.type)
+            kind = config.task_kind
             if kind.speech and not entry.builtin:
                 load_speech_set(entry, config, {})
             elif kind.language_model:

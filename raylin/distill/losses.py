@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from raylin.tasks import task_kind
+from raylin.tasks import TaskKind
 
 if TYPE_CHECKING:  # for hints only: raylin.config imports this module
     from raylin.config import LossConfig
@@ -156,7 +156,7 @@ def combine(weights: LossWeights, task: torch.Tensor, layer: torch.Tensor | None
     return {"loss": total, **parts}
 
 
-def cald_losses(task: str, loss: LossConfig, weights: LossWeights, student_out, teacher_out,
+def cald_losses(task: TaskKind, loss: LossConfig, weights: LossWeights, student_out, teacher_out,
                 batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One batch's CALD loss and its parts (``combine``): the task loss, the layerwise loss when
     ``weights.layer > 0`` and the output KD when ``weights.out > 0`` (``teacher_out`` may be None
@@ -173,14 +173,13 @@ def cald_losses(task: str, loss: LossConfig, weights: LossWeights, student_out, 
     return combine(weights, task_part, layer, kd)
 
 
-def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor | None, inputs: dict[str, torch.Tensor],
+def task_loss(task: TaskKind, logits: torch.Tensor, labels: torch.Tensor | None, inputs: dict[str, torch.Tensor],
               state_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The task loss of ``task`` (a config ``task.type``) from a model's logits and its batch.
+    """The task loss of a task of this kind from a model's logits and its batch.
     ``state_mask`` (ctc): the real frames of the logits; without it every frame counts."""
-    kind = task_kind(task)
-    if kind.classifies:
+    if task.classifies:
         return classification_loss(logits, labels)
-    if kind.language_model:
+    if task.language_model:
         return causal_lm_loss(logits, inputs["input_ids"], inputs.get("attention_mask"))
     frames = (state_mask.sum(-1) if state_mask is not None
               else torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device))

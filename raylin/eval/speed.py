@@ -390,7 +390,7 @@ def run_shipped_benchmark(
                 latency, peak = measure(lambda m=model: m(**cast), repeats)
                 records.append(ShippedRecord(name, role, "forward", dtype_name, seq_len, latency, peak))
                 log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} forward {latency * 1e3:9.2f} ms")
-                if task_kind(config.task.type).language_model:
+                if config.task_kind.language_model:
                     step = _decode_latency(model, cast["input_ids"], role == "student")
                     records.append(ShippedRecord(name, role, "decode", dtype_name, seq_len, step, 0.0))
                     log(f"{name:40s} {role:8s} {dtype_name:9s} L={seq_len:5d} decode  {step * 1e3:9.2f} ms/token")

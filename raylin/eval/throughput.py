@@ -129,7 +129,7 @@ def plain_throughput(config: RunConfig, steps: int, warmup: int) -> ThroughputRe
             teacher_out = teacher(**inputs, output_hidden_states=hidden)
         out = student(**inputs, output_hidden_states=hidden)
         mask = state_mask(student, batch)
-        parts = cald_losses(config.task.type, config.loss, weights, out, teacher_out, batch, mask)
+        parts = cald_losses(config.task_kind, config.loss, weights, out, teacher_out, batch, mask)
         parts["loss"].backward()
         first_loss = parts["loss"].item() if first_loss is None else first_loss
         optimizer.step()

@@ -43,7 +43,7 @@ def teacher_spec(config) -> TeacherSpec:
         model_class=options.pop("model_class"),
         num_labels=options.pop("num_labels", config.task.num_labels),
         load_options=tuple(sorted(options.items())),
-        task=config.task.type,
+        task=config.task_kind,
         target=config.target_teacher if guide == "target" else None,
         source=config.teacher if guide == "trajectory" else None,
         trajectory_lr=config.guidance.teacher_lr,

@@ -27,6 +27,7 @@ from raylin.distill.losses import task_loss
 from raylin.faults import die, fires
 from raylin.models.families import family_for, state_mask
 from raylin.models.teachers import load_teacher
+from raylin.tasks import TASK_KINDS, TaskKind
 from raylin.teacher.cache import ActivationCache, cache_namespace
 from raylin.train.optim import adamw
 
@@ -40,7 +41,7 @@ class TeacherSpec:
 
     model_class: str  # transformers class with the task head, e.g. "AutoModelForSequenceClassification"
     num_labels: int
-    task: str = "sequence_classification"
+    task: TaskKind = TASK_KINDS["sequence_classification"]
     load_options: tuple[tuple[str, Any], ...] = ()  # further from_pretrained arguments (Whisper's positions)
     target: str | None = None  # the fixed fine-tuned teacher (target / hybrid)
     source: str | None = None  # the pretrained model the trajectory teacher starts from

@@ -71,7 +71,7 @@ def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig, nan_f
     # 3. The losses. Real positions of the hidden states and per-position logits: tokens, Wav2Vec2
     #    frames, or None (Whisper's mel frames all count).
     mask = state_mask(engine, batch.tensors)
-    parts = cald_losses(config.task.type, config.loss, weights, out, teacher_out, batch.tensors, mask)
+    parts = cald_losses(config.task_kind, config.loss, weights, out, teacher_out, batch.tensors, mask)
     if nan_fault:
         parts["loss"] = parts["loss"] * float("nan")
     # 4. Every part averaged over workers, and the global token count, in one all-reduce.

@@ -55,7 +55,6 @@ from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
-from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
 
 _log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def layer_importance(config: RunConfig, probe_batches: int) -> list[float]:
     batches = [data.eval_batch("", list(range(start, min(start + size, count)))) for start in range(0, count, size)]
     batches = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
     references = [teacher(**batch).logits for batch in batches]
-    causal = task_kind(config.task.type).language_model
+    causal = config.task_kind.language_model
     scores = []
     for layer in range(num_layers):
         plan = config.plan.replace(init="attention", keep_attention=[i for i in range(num_layers) if i != layer])
