@@ -20,8 +20,8 @@ import yaml
 from transformers import AutoConfig, PretrainedConfig
 
 from raylin.data.audio import audio_source
-from raylin.data.broad import check as check_broad
-from raylin.data.eval_sets import check as check_eval_sets
+from raylin.data.broad import broad_problems
+from raylin.data.eval_sets import eval_set_problems
 from raylin.data.shards import corpus_source
 from raylin.distill.guidance import GuidanceSchedule, Waypoint
 from raylin.distill.losses import LossWeights, loss_setting_problems
@@ -625,7 +625,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     need(a.holds in ALIGN_HOLDS, f"align.holds must be one of {ALIGN_HOLDS} (blocks: each task builds only its "
          f"blocks; model: the whole student), got {a.holds!r}.")
 
-    for problem in (check_eval_sets(config) + check_broad(config)) if task_ok else []:
+    for problem in (eval_set_problems(config) + broad_problems(config)) if task_ok else []:
         need(False, problem)
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
     teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}

@@ -35,15 +35,14 @@ import yaml
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, teacher_run
 from raylin.data.assets import cache_dir
-from raylin.data.eval_sets import preload as preload_eval_sets
-from raylin.data.eval_sets import resolve as resolve_eval_sets
+from raylin.data.eval_sets import preload_eval_sets, resolve_eval_sets
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.retention import retention_table, table_markdown
 from raylin.eval.speed import measure
 from raylin.fingerprint import dotted, fingerprint
 from raylin.models.student import load_student
 from raylin.run_lock import LOCK_FILE, hold_output_dir
-from raylin.teacher.cache import teacher_fingerprint
+from raylin.teacher.activation_cache import teacher_fingerprint
 from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
 from raylin.train.checkpoint import resume_identity

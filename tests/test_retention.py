@@ -44,10 +44,10 @@ def test_each_data_set_is_scored_on_its_own_out_of_distribution_sets_by_default(
     assert set(load_task_data(imdb, tokenizer).eval_sets) == {"", "rotten_tomatoes"}
     assert set(load_task_data(config_from_dict(_text(teachers, tmp_path, eval_sets=[])), tokenizer).eval_sets) == {""}
     # The built-in IMDB set never holds a Rotten Tomatoes text (the sets come from different sources).
-    from raylin.data.eval_sets import load_text_set, resolve
+    from raylin.data.eval_sets import load_text_set, resolve_eval_sets
     from raylin.data.text import load_text_classification
 
-    imdb_texts, _ = load_text_set(resolve(rotten)[0], rotten)
+    imdb_texts, _ = load_text_set(resolve_eval_sets(rotten)[0], rotten)
     rt = load_text_classification("rotten_tomatoes")
     assert not set(imdb_texts) & set(rt.train_texts + rt.eval_texts)
 

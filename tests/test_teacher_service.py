@@ -16,7 +16,7 @@ from raylin.distill.losses import kd_loss, layerwise_loss
 from raylin.models.teachers import load_teacher
 from raylin.teacher import TeacherRequest, teacher_spec
 from raylin.teacher.bank import TeacherBank, TeacherOutput, pack, unpack
-from raylin.teacher.cache import ActivationCache
+from raylin.teacher.activation_cache import ActivationCache
 
 pytestmark = pytest.mark.assets
 

@@ -53,7 +53,7 @@ def broad_kind(config) -> str | None:
     return config.task_kind.broad_data if config.broad.data == "auto" else config.broad.data
 
 
-def check(config) -> list[str]:
+def broad_problems(config) -> list[str]:
     """Every problem with the ``broad`` section, each naming the key and the fix."""
     broad, task = config.broad, config.task_kind
     if not broad.enabled:

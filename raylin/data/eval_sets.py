@@ -80,7 +80,7 @@ class EvalSet:
         return not self.source
 
 
-def resolve(config) -> list[EvalSet]:
+def resolve_eval_sets(config) -> list[EvalSet]:
     """The run's evaluation sets: ``config.eval_sets``, or the training data's defaults when it is None."""
     cap = config.data.max_eval_examples
     if config.eval_sets is None:
@@ -90,7 +90,7 @@ def resolve(config) -> list[EvalSet]:
             for entry in config.eval_sets]
 
 
-def check(config) -> list[str]:
+def eval_set_problems(config) -> list[str]:
     """Every problem with the run's evaluation sets, each naming its key and the fix (empty: fine).
     Cheap: local files are opened for their columns only; Hub ids are checked for their form."""
     kind, data = config.task_kind, config.data
@@ -292,11 +292,11 @@ class ManifestClips:
         return decode_audio(value, SAMPLING_RATE)
 
 
-def preload(config) -> None:
+def preload_eval_sets(config) -> None:
     """Read every evaluation set of the run once, before any work starts, so that a set that cannot
     be read (a Hub set out of reach, a corrupt file, labels outside the task's classes) stops the run
     at once, naming the set. The spoken digits' own sets are made with the training data."""
-    for entry in resolve(config):
+    for entry in resolve_eval_sets(config):
         try:
             kind = config.task_kind
             if kind.speech and not entry.builtin:

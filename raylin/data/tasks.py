@@ -44,7 +44,7 @@ from raylin.data.assets import cache_dir
 from raylin.data.audio import SAMPLING_RATE, load_audio_splits
 from raylin.data.austen import NOVELS, load_austen
 from raylin.data.broad import AugmentedClips, broad_clips, broad_texts
-from raylin.data.eval_sets import load_lm_documents, load_speech_set, load_text_set, resolve
+from raylin.data.eval_sets import load_lm_documents, load_speech_set, load_text_set, resolve_eval_sets
 from raylin.data.limits import eval_rows, subset_rows, train_rows
 from raylin.data.shards import PILE, TokenWindows, corpus_source, corpus_windows
 from raylin.data.speech import DIGITS, load_spoken_digits
@@ -164,7 +164,7 @@ def _text_classification(config, tokenizer, broad: bool) -> TaskData:
     if broad:  # passages of about max_length tokens (3 words are about 4 tokens)
         texts = broad_texts(config, max_words=max(8, data.max_length * 3 // 4))
         sets["train"] = (splits.train_texts + texts, splits.train_labels + [NO_LABEL] * len(texts))
-    extra = {entry.name: load_text_set(entry, config) for entry in resolve(config)}
+    extra = {entry.name: load_text_set(entry, config) for entry in resolve_eval_sets(config)}
     sets |= extra
 
     def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -215,7 +215,7 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
         stream = token_windows(_token_ids(tokenizer, broad_texts(config, max_words=10**9), cache=True), data.max_length)
         windows["train"] = _Concatenated([windows["train"], stream[: config.broad.examples]])
     extra = {}
-    for entry in resolve(config):  # tokenised once per tokenizer and corpus (the token cache)
+    for entry in resolve_eval_sets(config):  # tokenised once per tokenizer and corpus (the token cache)
         stream = token_windows(_token_ids(tokenizer, load_lm_documents(entry), cache=True), data.max_length)
         rows = subset_rows(len(stream), entry.max_examples)
         extra[entry.name] = stream if rows is None else stream[rows]
@@ -271,7 +271,7 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
         sets = load_audio_splits(data, kind)
     else:
         sets, builtin_sets = _spoken_digit_sets(data)
-    extra = {entry.name: load_speech_set(entry, config, builtin_sets) for entry in resolve(config)}
+    extra = {entry.name: load_speech_set(entry, config, builtin_sets) for entry in resolve_eval_sets(config)}
     if kind.transcribes:  # spoken digits transcribe the digit words
         sets = {k: (clips, [DIGITS[t] for t in targets]) if data.name == "spoken_digits" else (clips, targets)
                 for k, (clips, targets) in sets.items()}

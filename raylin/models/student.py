@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from raylin.atomic import replace_folder
-from raylin.models.cache import StudentCache
+from raylin.models.decoding_cache import StudentCache
 from raylin.models.families import BlockSubset, FamilyAdapter, family_for_config
 from raylin.models.plan import Plan, build_mixer
 from raylin.models.teachers import load_processor

@@ -20,7 +20,7 @@ from raylin.data.tasks import model_options
 from raylin.faults import requested_fault
 from raylin.fingerprint import fingerprint
 from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec, teacher_loader
-from raylin.teacher.cache import teacher_fingerprint
+from raylin.teacher.activation_cache import teacher_fingerprint
 from raylin.teacher.inprocess import InProcessTeachers
 from raylin.teacher.pool import ServedTeachers, TeacherPool
 

@@ -28,7 +28,7 @@ from raylin.faults import die, fires
 from raylin.models.families import family_for, state_mask
 from raylin.models.teachers import load_teacher
 from raylin.tasks import TASK_KINDS, TaskKind
-from raylin.teacher.cache import ActivationCache, cache_namespace
+from raylin.teacher.activation_cache import ActivationCache, cache_namespace
 from raylin.train.optim import adamw
 
 COMPACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

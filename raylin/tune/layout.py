@@ -55,7 +55,7 @@ from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
-from raylin.teacher.cache import teacher_fingerprint
+from raylin.teacher.activation_cache import teacher_fingerprint
 
 _log = logging.getLogger(__name__)
 

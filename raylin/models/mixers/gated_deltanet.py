@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Qwen3NextConfig
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
-from raylin.models.cache import student_cache_from
+from raylin.models.decoding_cache import student_cache_from
 from raylin.models.mixers.common import token_validity
 from raylin.models.mixers.options import MixerOptions, TeacherShape
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
-from raylin.models.cache import student_cache_from
+from raylin.models.decoding_cache import student_cache_from
 from raylin.models.mixers.common import fast_path_applies, seed_rows, token_validity
 from raylin.models.mixers.options import MixerOptions, TeacherShape
 from raylin.models.mixers.scan import causal_depthwise_conv, chunked_selective_scan
