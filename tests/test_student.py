@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from conftest import BIDIRECTIONAL, CAUSAL, make_teacher
 
 import raylin
 from raylin.models.families import family_for
+from raylin.models.plan import OPTION_SECTIONS
 
 CAUSAL_PLANS = {
     "mamba": {"mixer": "mamba"},
@@ -24,6 +28,8 @@ BIDIRECTIONAL_PLANS = {
     "bimamba2": {"mixer": "bimamba2", "mamba2": {"chunk_size": 4}},
     "bigated_deltanet": {"mixer": "bigated_deltanet"},
 }
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family_name", CAUSAL)
@@ -185,3 +191,22 @@ def test_save_replaces_an_existing_folder_atomically(tmp_path):
     student.save_pretrained(target)
     assert not (target / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no staging folders left behind
+
+
+def test_the_plan_table_in_the_docs_lists_each_mixers_options_with_their_defaults():
+    """docs/conversion.md's plan table names every option of every mixer's options class, with the
+    class's default where it is a plain value (teacher-derived defaults are said in words)."""
+    rows = [line.split("|")[1:3] for line in (ROOT / "docs" / "conversion.md").read_text().splitlines()
+            if line.startswith("| `")]
+    documented: dict[str, dict[str, str]] = {}
+    for names, defaults in rows:
+        keys = re.findall(r"`([a-z_0-9.]+)`", names)
+        section = keys[0].partition(".")[0]
+        values = [value.strip().strip("`*") for value in defaults.split(",")] if len(keys) > 1 else [defaults.strip().strip("`")]
+        for key, value in zip(keys, values, strict=True):
+            documented.setdefault(section, {})[key.rpartition(".")[2]] = value
+    for section, options in OPTION_SECTIONS.items():
+        assert set(documented[section]) == set(options.keys()), section
+        for field in dataclasses.fields(options):
+            if field.default is not None:
+                assert documented[section][field.name] == str(field.default).lower(), (section, field.name)
