@@ -45,10 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-# Ray's integrations import their tracking library only where it is installed.
-from ray.air.integrations.mlflow import setup_mlflow
-from ray.air.integrations.wandb import setup_wandb
-
 from raylin.atomic import write_text_atomic
 from raylin.fingerprint import dotted
 
@@ -132,6 +128,9 @@ class _MLflow:
         else:
             os.environ.pop("MLFLOW_RUN_ID", None)
         params = None if known else {k: str(v)[:500] for k, v in dotted(config.to_dict()).items()}
+        # Ray's integration imports mlflow (a second, and ray.data with it) in every process that
+        # imports it: only a tracked run's rank 0 loads it.
+        setup_mlflow = importlib.import_module("ray.air.integrations.mlflow").setup_mlflow
         self.mlflow = setup_mlflow(config=params, tracking_uri=uri, experiment_name=tracking.experiment,
                                    run_name=config.run_name, create_experiment_if_not_exists=True,
                                    tags=dict(tracking.tags), rank_zero_only=False)
@@ -151,6 +150,7 @@ class _Wandb:
     def __init__(self, tracking, config, output_dir: Path):
         remembered = _remembered(output_dir)
         run_id = remembered.get("wandb_run_id") or f"{config.run_name}-{os.urandom(4).hex()}"
+        setup_wandb = importlib.import_module("ray.air.integrations.wandb").setup_wandb  # as mlflow's, in rank 0 only
         self.run = setup_wandb(config=config.to_dict(), project=tracking.experiment, name=config.run_name,
                                id=run_id, resume="allow", tags=[f"{k}:{v}" for k, v in tracking.tags.items()] or None,
                                dir=str(output_dir), rank_zero_only=False)
@@ -287,7 +287,7 @@ def _log_results(config, metrics: dict[str, Any]) -> None:
         client.log_artifact(run_id, str(output_dir / "metrics.json"))
         client.set_terminated(run_id)
     elif config.tracking.backend == "wandb" and "wandb_run_id" in remembered:
-        run = setup_wandb(project=config.tracking.experiment, id=remembered["wandb_run_id"], resume="allow",
+        run = importlib.import_module("ray.air.integrations.wandb").setup_wandb(project=config.tracking.experiment, id=remembered["wandb_run_id"], resume="allow",
                           dir=str(output_dir), rank_zero_only=False)
         run.summary.update(_numbers(results))
         run.finish()

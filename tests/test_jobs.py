@@ -106,62 +106,30 @@ def wait_for(address: str, env: dict, submission_id: str, timeout_s: float = 600
 
 
 @pytest.mark.assets
-def test_ray_job_submit_converts_and_evaluates_on_a_ray_head(ray_head, tmp_path, teachers):
-    """A tiny conversion submitted as a Ray job to a `ray start --head` cluster succeeds; the student
-    folder it writes loads and scores; the outputs are published to train.storage_path; a second job
-    (jobs/eval.py) re-scores the run on the same cluster."""
+def test_ray_job_submit_converts_refuses_a_double_submit_and_evaluates_on_a_ray_head(ray_head, tmp_path, teachers):
+    """A tiny conversion submitted as a Ray job to a `ray start --head` cluster, as a user would:
+    - submitted again while the first trains, the second job fails at once naming the holder
+      (nothing of it reaches the run); a third with --wait finds the finished run;
+    - the first succeeds; the student folder it writes loads and scores as the run reported; the
+      outputs are published to train.storage_path and the train log holds each step once;
+    - a further job (jobs/eval.py) re-scores the run on the same cluster."""
+    import torch
+
     import raylin
     from raylin.config import config_from_dict
     from raylin.data.tasks import load_task_data
+    from raylin.run_lock import LOCK_FILE
     from raylin.train.evaluation import evaluate
 
     address, env = ray_head
     out, storage = tmp_path / "run", tmp_path / "storage"
-    config = {
-        "teacher": teachers["source"], "target_teacher": teachers["target"], "output_dir": str(out),
-        "plan": {"mixer": "linformer", "linformer": {"k": 16}},
-        "data": {"max_length": 48, "max_train_examples": 128, "max_eval_examples": 64},
-        "guidance": {"mode": "target"},
-        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "max_steps": 4, "batch_size": 8,
-                  "checkpoint_every": 4, "lr": 1e-3, "warmup_steps": 1, "storage_path": str(storage)},
-        "teacher_service": {"mode": "served", "cpus": 1},
-    }
+    config = run_config_dict(teachers, out, **{
+        "data.max_train_examples": 128, "data.max_eval_examples": 64,
+        "train.max_steps": 6, "train.checkpoint_every": 6, "train.storage_path": str(storage),
+        "teacher_service": {"mode": "served", "cpus": 1}})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    logs = wait_for(address, env, submit(address, env, "python", "jobs/convert.py", str(path)))
-    assert "raylin convert: Ray" in logs and "1 nodes" in logs, logs[-2000:]
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and set(metrics) >= {"teacher", "student", "tokens", "wall_s"}
-    assert metrics["published"] == f"{storage}/{config_from_dict(config).run_name}/outputs"
-    assert (Path(metrics["published"]) / "student" / "model.safetensors").is_file()
-    student = raylin.load_student(out / "student")
-    run = config_from_dict(config)
-    import torch
-
-    scores = evaluate(student, load_task_data(run, student.processor), run, torch.device("cpu"), 0, 1)
-    assert scores["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
-
-    wait_for(address, env, submit(address, env, "python", "jobs/eval.py", str(path), "--length", "64"))
-    evaluation = json.loads((out / "eval.json").read_text())
-    assert evaluation["student"]["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
-    assert evaluation["teacher"]["accuracy"] == pytest.approx(metrics["teacher"]["accuracy"], abs=1e-6)
-    assert evaluation["forward"]["length"] == 64 and evaluation["speedup"] > 0
-
-
-@pytest.mark.assets
-def test_a_double_submitted_job_is_refused_and_a_waiting_one_finds_the_results(ray_head, tmp_path, teachers):
-    """The same conversion submitted twice while the first trains: the second job fails at once
-    naming the holder (nothing of it reaches the run); a third with --wait finds the finished run."""
-    from raylin.run_lock import LOCK_FILE
-
-    address, env = ray_head
-    out = tmp_path / "run"
-    config = run_config_dict(teachers, out, **{"data.max_train_examples": 128, "data.max_eval_examples": 32,
-                                               "train.max_steps": 6, "train.checkpoint_every": 6, "train.zero_stage": 0})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
     first = submit(address, env, "python", "jobs/convert.py", str(path))
     deadline = time.monotonic() + 180
     while not (out / LOCK_FILE).is_file():
@@ -170,10 +138,26 @@ def test_a_double_submitted_job_is_refused_and_a_waiting_one_finds_the_results(r
     status, logs = job_end(address, env, submit(address, env, "python", "jobs/convert.py", str(path)), 180)
     assert "FAILED" in status and f"output_dir {out} is in use by a run in progress: process" in logs, logs[-3000:]
     waiting = submit(address, env, "python", "jobs/convert.py", str(path), "--wait")
-    wait_for(address, env, first)
+    logs = wait_for(address, env, first)
+    assert "raylin convert: Ray" in logs and "1 nodes" in logs, logs[-2000:]
     assert "holds this run, finished: its results stand" in wait_for(address, env, waiting)
     logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 7))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = config_from_dict(config)
+    assert metrics["steps"] == 6 and set(metrics) >= {"teacher", "student", "tokens", "wall_s"}
+    assert metrics["published"] == f"{storage}/{run.run_name}/outputs"
+    assert (Path(metrics["published"]) / "student" / "model.safetensors").is_file()
+    student = raylin.load_student(out / "student")
+    scores = evaluate(student, load_task_data(run, student.processor), run, torch.device("cpu"), 0, 1)
+    assert scores["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
+
+    wait_for(address, env, submit(address, env, "python", "jobs/eval.py", str(path), "--length", "64"))
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["student"]["accuracy"] == pytest.approx(metrics["student"]["accuracy"], abs=1e-6)
+    assert evaluation["teacher"]["accuracy"] == pytest.approx(metrics["teacher"]["accuracy"], abs=1e-6)
+    assert evaluation["forward"]["length"] == 64 and evaluation["speedup"] > 0
 
 
 def test_job_entrypoints_are_the_cli_commands():

@@ -21,30 +21,26 @@ from raylin.train.trainer import fit
 pytestmark = pytest.mark.assets
 
 
+# Waypoint guidance runs end to end in test_finetune_writes_a_target_teacher_and_waypoints_that_convert_uses,
+# on the waypoints a real fine-tuning wrote.
 GUIDANCE = {
     "unguided": {"mode": "unguided"},
     "target": {"mode": "target"},
     "trajectory": {"mode": "trajectory", "teacher_update_every": 2, "teacher_lr": 1e-3},
-    "waypoint": {"mode": "waypoint"},
     "hybrid": {"mode": "hybrid", "hybrid_cutoff": 6},
 }
 
 
-@pytest.mark.parametrize("mode", sorted(GUIDANCE))
-def test_each_guidance_mode_runs_end_to_end(mode, teachers, ray_cluster, tmp_path):
-    guidance = dict(GUIDANCE[mode])
-    if mode == "waypoint":
-        guidance["waypoints"] = [{"step": 6, "path": teachers["wp1"]}, {"step": 12, "path": teachers["wp2"]}]
-    config = _config(teachers, tmp_path / mode, guidance=guidance)
-    metrics = run_conversion(config)
-    assert metrics["steps"] == 12 and metrics["tokens"] > 0
-    assert 0 <= metrics["student"]["accuracy"] <= 1 and 0 <= metrics["teacher"]["accuracy"] <= 1
-    assert (tmp_path / mode / "report.md").read_text().startswith("# raylin run")
+def assert_conversion_ran_end_to_end(out: Path, metrics: dict, mode: str) -> None:
+    """A finished conversion's outputs: metrics, report, a loadable student and a train log whose
+    loss parts follow the guidance mode."""
     import raylin
 
-    student = raylin.load_student(tmp_path / mode / "student")
-    assert student.plan.mixer == "linformer"
-    log = [json.loads(line) for line in (tmp_path / mode / TRAIN_LOG).read_text().splitlines()]
+    assert metrics["steps"] == 12 and metrics["tokens"] > 0
+    assert 0 <= metrics["student"]["accuracy"] <= 1 and 0 <= metrics["teacher"]["accuracy"] <= 1
+    assert (out / "report.md").read_text().startswith("# raylin run")
+    assert raylin.load_student(out / "student").plan.mixer == "linformer"
+    log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
     if mode == "unguided":
         assert all("loss_layer" not in r and "loss_kd" not in r for r in log)
     elif mode == "hybrid":
@@ -53,12 +49,23 @@ def test_each_guidance_mode_runs_end_to_end(mode, teachers, ray_cluster, tmp_pat
         assert all("loss_layer" in r and "loss_kd" in r for r in log)
 
 
-def test_one_and_two_workers_follow_the_same_loss_curve(teachers, ray_cluster, tmp_path):
-    curves = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        fit(_config(teachers, out, guidance={"mode": "unguided"}, **{"train.num_workers": workers}))
-        curves[workers] = _losses(out)
+@pytest.mark.parametrize("mode", sorted(GUIDANCE))
+def test_each_guidance_mode_runs_end_to_end(mode, teachers, ray_cluster, tmp_path):
+    config = _config(teachers, tmp_path / mode, guidance=dict(GUIDANCE[mode]))
+    assert_conversion_ran_end_to_end(tmp_path / mode, run_conversion(config), mode)
+
+
+@pytest.fixture(scope="module")
+def unguided_run(teachers, ray_cluster, tmp_path_factory):
+    """One uninterrupted unguided run on two workers: the reference of the worker-count and
+    crash-resume tests (their runs differ from it only in what they test)."""
+    out = tmp_path_factory.mktemp("unguided") / "clean"
+    return fit(_config(teachers, out, guidance={"mode": "unguided"})), out
+
+
+def test_one_and_two_workers_follow_the_same_loss_curve(teachers, ray_cluster, unguided_run, tmp_path):
+    fit(_config(teachers, tmp_path / "w1", guidance={"mode": "unguided"}, **{"train.num_workers": 1}))
+    curves = {1: _losses(tmp_path / "w1"), 2: _losses(unguided_run[1])}
     assert len(curves[1]) == 12
     torch.testing.assert_close(torch.tensor(curves[2]), torch.tensor(curves[1]), rtol=2e-3, atol=2e-4)
 
@@ -86,8 +93,9 @@ def test_zero3_on_two_workers_trains_with_falling_loss(teachers, ray_cluster, tm
         assert 2 * parameters * 0.99 <= optimizer <= 3 * parameters * 1.01
 
 
-def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teachers, ray_cluster, tmp_path, monkeypatch):
-    clean = fit(_config(teachers, tmp_path / "clean", guidance={"mode": "unguided"}))
+def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teachers, ray_cluster, unguided_run, tmp_path,
+                                                                         monkeypatch):
+    clean, clean_out = unguided_run
     monkeypatch.setenv("RAYLIN_TEST_FAULT", "crash:9")
     crashed = fit(_config(teachers, tmp_path / "crashed", guidance={"mode": "unguided"}))
     assert (tmp_path / "crashed" / ".fault-crash-9").exists()  # the worker really died at step 9
@@ -98,7 +106,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(teacher
     aside = discarded_steps(tmp_path / "crashed")
     assert steps_logged(tmp_path / "crashed") == list(range(1, 13))
     assert aside[-1] == 9 and aside == list(range(aside[0], 10)) and aside[0] in (1, 7), aside
-    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "crashed")), torch.tensor(_losses(tmp_path / "clean")))
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "crashed")), torch.tensor(_losses(clean_out)))
     assert crashed.metrics["eval_accuracy"] == clean.metrics["eval_accuracy"]
 
 
@@ -156,7 +164,7 @@ def test_finetune_writes_a_target_teacher_and_waypoints_that_convert_uses(teache
     assert type(teacher).__name__ == "BertForSequenceClassification"  # a plain checkpoint, usable anywhere
     metrics = run_conversion(_config(teachers, tmp_path / "student-run", target_teacher=tuned["target_teacher"],
                                      guidance={"mode": "waypoint", "waypoints": tuned["waypoints"]}))
-    assert metrics["steps"] == 12
+    assert_conversion_ran_end_to_end(tmp_path / "student-run", metrics, "waypoint")
 
 
 def test_frozen_copied_weights_stay_exact_until_lit_unfreezes_them(teachers, ray_cluster, tmp_path):
