@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from raylin.assets import cache_dir
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, teacher_run
-from raylin.data.assets import cache_dir
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
 from raylin.data.tasks import load_task_data, load_task_model

@@ -51,7 +51,7 @@ def family_name(request) -> str:
 
 
 def require_asset(name: str) -> None:
-    from raylin.data.assets import available
+    from raylin.assets import available
 
     if not available(name):
         if os.environ.get("CI"):

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, WhisperFeatureExtractor
 
+from raylin.assets import cache_dir
 from raylin.atomic import save_atomic
-from raylin.data.assets import cache_dir
 from raylin.data.audio import SAMPLING_RATE, load_audio_splits
 from raylin.data.austen import NOVELS, load_austen
 from raylin.data.broad import AugmentedClips, broad_clips, broad_texts

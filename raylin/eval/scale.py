@@ -46,9 +46,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from raylin.assets import asset_path
 from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict, load_config
-from raylin.data.assets import asset_path
 from raylin.eval.plots import figure
 from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent, RaylinStudentConfig

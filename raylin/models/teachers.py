@@ -18,7 +18,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 
-from raylin.data.assets import asset_path
+from raylin.assets import asset_path
 from raylin.models.families import BlockSubset, family_for_config
 
 ASSET_PREFIX = "asset:"

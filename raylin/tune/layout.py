@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from raylin.assets import cache_dir
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig
 from raylin.convert import convert
-from raylin.data.assets import cache_dir
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
