@@ -260,9 +260,9 @@ def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teache
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_the_training_optimizer_is_fused_adamw_with_the_same_update(grouped):
-    """raylin.train.optim.adamw: torch's fused AdamW on CPU, the same step as the default
+    """raylin.optim.adamw: torch's fused AdamW on CPU, the same step as the default
     implementation up to float rounding, with or without parameter groups."""
-    from raylin.train.optim import adamw
+    from raylin.optim import adamw
 
     torch.manual_seed(0)
     ours, reference = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
@@ -285,7 +285,7 @@ def test_the_training_optimizer_is_fused_adamw_with_the_same_update(grouped):
 
 
 def test_the_training_optimizer_falls_back_where_no_fused_kernel_applies():
-    from raylin.train.optim import adamw
+    from raylin.optim import adamw
 
     meta = torch.nn.Parameter(torch.empty(4, device="meta"))
     assert adamw([meta], lr=1e-3).defaults["fused"] is None
