@@ -38,13 +38,13 @@ from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, 
 from raylin.data.eval_sets import preload as preload_eval_sets
 from raylin.data.eval_sets import resolve as resolve_eval_sets
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.eval.retention import retention_table, table_markdown
-from raylin.eval.speed import measure
 from raylin.fingerprint import dotted, fingerprint
 from raylin.models.student import load_student
 from raylin.run_lock import LOCK_FILE, hold_output_dir
+from raylin.scoring import retention_table, table_markdown
 from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
+from raylin.timing import measure
 from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
 from raylin.train.checkpoint import resume_identity

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
-from raylin.eval.speed import peak_allocated_mb
 from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, MambaMixer, mamba2_config, mamba_config
 from raylin.models.mixers import mamba as mamba_module
 from raylin.models.mixers import scan
 from raylin.models.mixers.common import reference_paths
+from raylin.timing import peak_allocated_mb
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -12,9 +12,19 @@ import torch
 from conftest import require_asset, run_config
 from raylin.config import ConfigError, config_from_dict
 from raylin.data.tasks import load_task_data
-from raylin.eval.retention import retention, retention_table
+from raylin.scoring import HIGHER_IS_BETTER, finish_scores, higher_is_better, retention, retention_table
+from raylin.tasks import TASK_KINDS
 
 pytestmark = pytest.mark.assets
+
+
+def test_every_metric_declares_its_direction():
+    reported = {metric for kind in TASK_KINDS.values() for metric in kind.metrics}
+    reported |= {key for task in TASK_KINDS for key in finish_scores(task, torch.ones(4))}
+    assert reported <= set(HIGHER_IS_BETTER)
+    assert higher_is_better("accuracy") and not higher_is_better("perplexity") and not higher_is_better("cer")
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        higher_is_better("f1")
 
 
 def test_retention_is_student_over_teacher_and_inverted_where_lower_is_better():

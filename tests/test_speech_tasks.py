@@ -15,11 +15,12 @@ import transformers
 
 from conftest import make_teacher
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import finish_scores, load_task_data, score_sums
+from raylin.data.tasks import load_task_data
 from raylin.data.transcripts import (
-    BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, error_counts, greedy_decode, ids_to_text, normalize_transcript,
+    BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, greedy_decode, ids_to_text, normalize_transcript,
 )
 from raylin.models.families import family_for, state_mask
+from raylin.scoring import error_counts, finish_scores, score_sums
 from raylin.train.evaluation import evaluate
 from raylin.train.source import converted_student
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import finish_scores, load_task_data, load_task_model, score_sums, token_windows
+from raylin.data.tasks import load_task_data, load_task_model, token_windows
 from raylin.distill.losses import causal_lm_loss
+from raylin.scoring import finish_scores, score_sums
 from raylin.train.evaluation import evaluate
 from raylin.train.source import converted_student
 

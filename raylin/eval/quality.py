@@ -59,10 +59,10 @@ from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict, merge_sections
 from raylin.convert import convert
 from raylin.eval.plots import figure
-from raylin.eval.retention import HELD_OUT, retention_table
 from raylin.eval.speed import run_speed_benchmark, summarize
 from raylin.models.teachers import load_teacher
 from raylin.pipeline import finished_run, run_conversion, run_finetune
+from raylin.scoring import HELD_OUT, higher_is_better, retention_table
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import ensure_ray
 
@@ -83,7 +83,7 @@ TARGETS = {
     "speech": ("accuracy within 2 points of the teacher", lambda row: row["gap"] <= 0.02 + _ROUNDING),
     "lm": ("perplexity at most 1.5x the teacher's", lambda row: row["student_value"] <= 1.5 * row["teacher_value"] + _ROUNDING),
 }
-# Retention (raylin.eval.retention) on every out-of-distribution set of a run; for perplexity
+# Retention (raylin.scoring) on every out-of-distribution set of a run; for perplexity
 # teacher / student, so 1.5x the teacher's perplexity is a retention of 2/3.
 RETENTION_TARGETS = {"text": 0.97, "speech": 0.95, "lm": 1 / 1.5}
 
@@ -154,7 +154,7 @@ def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
 
 def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: str, teacher_name: str) -> dict:
     teacher, student = metrics["teacher"][metric], metrics["student"][metric]
-    gap = teacher - student if metric == "accuracy" else student - teacher
+    gap = teacher - student if higher_is_better(metric) else student - teacher
     row = {"suite": suite, "data": data, "teacher_model": teacher_name, "mixer": mixer, "guidance": metrics["guidance"],
            "metric": metric, "teacher_value": teacher, "student_value": student, "gap": gap, "steps": metrics["steps"],
            "tokens": metrics["tokens"], "wall_s": metrics["wall_s"], "curve": _curve(out, f"eval_{metric}"),
@@ -546,7 +546,7 @@ def _retention_lines(suite: str, rows: list[dict]) -> list[str]:
 
 
 def _guided_line(rows: list[dict]) -> str:
-    better = lambda a, b: a["student_value"] > b["student_value"] if a["metric"] == "accuracy" else a["student_value"] < b["student_value"]
+    better = lambda a, b: a["student_value"] > b["student_value"] if higher_is_better(a["metric"]) else a["student_value"] < b["student_value"]
     verdicts = []
     for key in dict.fromkeys((r["data"], r["mixer"]) for r in rows):
         group = [r for r in rows if (r["data"], r["mixer"]) == key]

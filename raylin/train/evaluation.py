@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from raylin.config import RunConfig
-from raylin.data.tasks import TaskData, finish_scores, score_sums, score_width
+from raylin.data.tasks import TaskData
 from raylin.models.families import state_mask
+from raylin.scoring import finish_scores, score_sums, score_width
 from raylin.train.batch import model_inputs
 from raylin.train.collective import sum_across_workers
 
