@@ -81,7 +81,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     require_asset("all-minilm-l6")
-    from raylin.eval.faults import tiny_text_teacher
+    from raylin.bench.recovery import tiny_text_teacher
 
     root = tmp_path_factory.mktemp("teachers")
     return {name: tiny_text_teacher(root / name, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}

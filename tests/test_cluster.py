@@ -239,7 +239,7 @@ def test_a_config_that_cannot_fit_is_caught(roberta_base):
 def test_served_bytes_of_the_paper_configs_follow_their_shapes():
     """`raylin bench cluster`'s extrapolation: positions per worker x served states x width x 2 bytes (bf16),
     plus per-position logits only where the KL term is on for per-position outputs."""
-    from raylin.eval.cluster import paper_extrapolation
+    from raylin.bench.cluster import paper_extrapolation
 
     rows = {row["config"]: row for row in paper_extrapolation()}
     assert set(rows) == {path.stem for path in (ROOT / "jobs" / "configs" / "paper").glob("*.yaml")}

@@ -318,7 +318,7 @@ def test_the_throughput_benchmark_times_both_loops_doing_the_same_math(teachers,
     """`raylin bench distill`'s two loops (Ray Train + DeepSpeed, and a plain in-process loop)
     compute the same first-step loss on the same batch (fp32 activations, one worker), time the
     steps after warm-up, and the bf16 check scores the run's student and its teacher both ways."""
-    from raylin.eval.throughput import bf16_scores, plain_throughput, raylin_throughput, summarize_throughput
+    from raylin.bench.throughput import bf16_scores, plain_throughput, raylin_throughput, summarize_throughput
 
     config = _config(teachers, tmp_path / "run", **{"train.num_workers": 1, "train.max_steps": 3,
                                                      "train.checkpoint_every": 3, "teacher_service.mode": "inprocess",

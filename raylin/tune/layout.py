@@ -52,9 +52,9 @@ from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig
 from raylin.convert import convert
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
+from raylin.plots import figure
 from raylin.tasks import task_kind
 from raylin.teacher.cache import teacher_fingerprint
 

@@ -68,9 +68,9 @@ from raylin.config import (
     read_yaml_file,
 )
 from raylin.data.tasks import prepare_task_data
-from raylin.eval.plots import figure
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
+from raylin.plots import figure
 from raylin.run_lock import hold_output_dir
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.align import run_align

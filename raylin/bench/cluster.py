@@ -39,8 +39,8 @@ from ray.cluster_utils import Cluster
 
 from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict
-from raylin.eval.plots import figure
 from raylin.models.teachers import paper_teacher_architecture
+from raylin.plots import figure
 from raylin.teacher.bank import COMPACT_DTYPES
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import TEACHER_STATS, fit

@@ -38,9 +38,9 @@ from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import cald_losses
-from raylin.eval.plots import figure
 from raylin.models.families import state_mask
 from raylin.models.student import load_student
+from raylin.plots import figure
 from raylin.train.batch import count_tokens, model_inputs
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import STUDENT_DIR, read_train_log

@@ -49,10 +49,10 @@ from safetensors.torch import load_file
 from raylin.assets import asset_path
 from raylin.atomic import write_text_atomic
 from raylin.config import config_from_dict, load_config
-from raylin.eval.plots import figure
 from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent, RaylinStudentConfig
 from raylin.pipeline import run_conversion
+from raylin.plots import figure
 from raylin.train.align import SUMMARY_FILE, WEIGHTS_FILE, aligned_dir, run_align
 from raylin.train.memory import MEMORY_REPORT, MachineMemoryPeak, peak_rss_mb
 from raylin.train.trainer import fit

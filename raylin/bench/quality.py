@@ -14,7 +14,7 @@ Suites (all on shipped assets, no downloads):
 * ``hybrids``: SmolLM2-135M -> Gated DeltaNet and -> Mamba2 hybrids at the same attention share
   (blocks 9 and 19 kept), target guidance: perplexity, retention on fortunes and decoding state
   side by side (the Mamba2 run is the ``lm`` suite's hybrid/target run, reused when it exists).
-* ``speed``: teacher vs student forward latency and memory at long lengths (raylin.eval.speed),
+* ``speed``: teacher vs student forward latency and memory at long lengths (raylin.bench.speed),
   and the decoding state a causal student keeps per generated token vs the teacher's KV cache.
 
 Every run is a normal ``raylin finetune`` / ``raylin convert`` run under OUT/<suite>/<run>/ (a run
@@ -56,12 +56,12 @@ import yaml
 from transformers import DynamicCache
 
 from raylin.atomic import write_text_atomic
+from raylin.bench.speed import run_speed_benchmark, summarize
 from raylin.config import config_from_dict, merge_sections
 from raylin.convert import convert
-from raylin.eval.plots import figure
-from raylin.eval.speed import run_speed_benchmark, summarize
 from raylin.models.teachers import load_teacher
 from raylin.pipeline import finished_run, run_conversion, run_finetune
+from raylin.plots import figure
 from raylin.scoring import HELD_OUT, higher_is_better, retention_table
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import ensure_ray
@@ -347,7 +347,7 @@ def _commit() -> str | None:
     git = ["git", "-C", str(here.parent)]
     try:
         top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
-        if top.returncode or Path(top.stdout.strip(), "raylin", "eval", here.name).resolve() != here:
+        if top.returncode or Path(top.stdout.strip(), "raylin", "bench", here.name).resolve() != here:
             return None
         head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10)
         changes = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", ":(top)",
