@@ -140,9 +140,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
-    from raylin.bench.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput, throughput_config
+    from raylin.bench.throughput import DEFAULT_CONFIGS, run_throughput_benchmark, summarize_throughput, throughput_config
 
-    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else SHIPPED_CONFIGS
+    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else DEFAULT_CONFIGS
     for path in configs:  # bad input before any work: every config is checked as the benchmark runs it
         throughput_config(path, Path(args.out), args.steps)
     result = run_throughput_benchmark(args.out, configs=configs, steps=args.steps)

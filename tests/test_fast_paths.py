@@ -131,9 +131,10 @@ def test_shipped_speed_benchmark_times_teacher_and_student_forward_and_decode(tm
     writes what the summary reads: forward for every model, per-token decode for causal ones."""
     import json
 
+    from raylin.bench import SHIPPED_CONFIGS
     from raylin.bench.speed import run_shipped_benchmark, summarize_shipped
 
-    shipped = (("jobs/configs/minilm-rt-linformer.yaml", (16,)), ("jobs/configs/smollm2-austen-mamba2.yaml", (8,)))
+    shipped = ((SHIPPED_CONFIGS / "minilm-rt-linformer.yaml", (16,)), (SHIPPED_CONFIGS / "smollm2-austen-mamba2.yaml", (8,)))
     records = run_shipped_benchmark(tmp_path, shipped=shipped, dtypes=("float32",), repeats=1, log=lambda _: None,
                                     compiled=False)
     kinds = {(r.config, r.model, r.mode) for r in records}

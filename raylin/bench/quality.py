@@ -22,7 +22,7 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-The grid (runs, shared settings, budgets) is benchmarks/quality.yaml. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
+The grid (runs, shared settings, budgets) is grids/quality.yaml, package data. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
 (76 min end to end, measured at commit c191ad9: text 42.6 min with its two teacher fine-tunings,
 language modelling 19.1, speech 9.6, speed 4.1), so each student gets 16-30 steps. It was sized
 for an hour; where the 76 minutes go: 12 alignments 23 min, the 26 students' training loops 31
@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +88,17 @@ TARGETS = {
 # teacher / student, so 1.5x the teacher's perplexity is a retention of 2/3.
 RETENTION_TARGETS = {"text": 0.97, "speech": 0.95, "lm": 1 / 1.5}
 
-# The grid: runs, shared settings and budgets, in YAML beside the benchmark scripts (not a run config).
-GRID_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.yaml"
-NOTES_FILE = GRID_FILE.with_name("quality-notes.md")  # the results pages' reading notes (a template)
+# The grid: runs, shared settings and budgets, in YAML (not a run config), shipped as package data
+# (pyproject.toml's package-data) so an installed raylin runs the benchmark outside a checkout.
+GRID_FOLDER = resources.files("raylin.bench") / "grids"
+GRID_FILE = GRID_FOLDER / "quality.yaml"
+NOTES_FILE = GRID_FOLDER / "quality-notes.md"  # the results pages' reading notes (a template)
 
 
-def load_grid(path: str | Path = GRID_FILE) -> dict[str, Any]:
-    """The benchmark's grid file, with each budget's grid filled in from the full grid and each
-    text size's ``max_length`` defaulting to the text section's. Limits: the file is the source
-    checkout's (the benchmark also reads the checkout's shipped configs), not package data."""
-    grid = yaml.safe_load(Path(path).read_text())
+def load_grid(path: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark's grid file (default GRID_FILE), with each budget's grid filled in from the
+    full grid and each text size's ``max_length`` defaulting to the text section's."""
+    grid = yaml.safe_load(GRID_FILE.read_text() if path is None else Path(path).read_text())
     text = grid["text"]
     full = {"text_data": list(text["data"]), "text_mixers": list(text["plans"]), "text_modes": list(MODES),
             "lm": [[plan, mode] for plan in grid["lm"]["plans"] for mode in ("unguided", "target")],
@@ -363,7 +365,7 @@ def _commit() -> str | None:
 
 def _reading_notes(budget: str) -> str:
     """What every results page says about its budget, whatever the numbers (targets are checked per
-    run): benchmarks/quality-notes.md, its fields filled from the grid."""
+    run): grids/quality-notes.md, its fields filled from the grid."""
     if budget == "quick":
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
@@ -393,7 +395,7 @@ def _broad_lines(figures: Path) -> list[str]:
                                                         for name in ("held_out", "flite", "festival"))
                      + f" | {run['wall_s']:.0f} |")
     return lines + ["", "Student accuracy (retention). The last setup ships in the benchmark and in "
-                        "jobs/configs/whisper-tiny-digits-bimamba2.yaml.", ""]
+                        "raylin/configs/whisper-tiny-digits-bimamba2.yaml.", ""]
 
 
 def write_results_page(result: dict, docs: Path) -> Path:

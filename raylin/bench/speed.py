@@ -36,6 +36,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from raylin.atomic import write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict
 from raylin.convert import convert
 from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
@@ -245,9 +246,9 @@ def summarize(records: list[SpeedRecord]) -> dict[str, dict]:
 # (config, lengths to time): each shipped config's student at the lengths its config uses and, for
 # text, from 512 tokens; Whisper also at its native 1,500 positions (30 s of audio).
 SHIPPED = (
-    ("jobs/configs/minilm-rt-linformer.yaml", (64, 128, 512)),
-    ("jobs/configs/smollm2-austen-mamba2.yaml", (256, 512, 2048)),
-    ("jobs/configs/whisper-tiny-digits-bimamba2.yaml", (100, 1500)),
+    (SHIPPED_CONFIGS / "minilm-rt-linformer.yaml", (64, 128, 512)),
+    (SHIPPED_CONFIGS / "smollm2-austen-mamba2.yaml", (256, 512, 2048)),
+    (SHIPPED_CONFIGS / "whisper-tiny-digits-bimamba2.yaml", (100, 1500)),
 )
 DECODE_STEPS = 16
 
@@ -319,7 +320,7 @@ def _compiled_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats
 
 def run_shipped_benchmark(
     out_dir: str | Path,
-    shipped: tuple[tuple[str, tuple[int, ...]], ...] = SHIPPED,
+    shipped: tuple[tuple[str | Path, tuple[int, ...]], ...] = SHIPPED,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     repeats: int = 3,
     log: Callable[[str], None] = _log.info,

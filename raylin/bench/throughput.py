@@ -33,6 +33,7 @@ import ray
 import torch
 
 from raylin.atomic import replace_folder, write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import RunConfig, config_from_dict, read_yaml_file
 from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
@@ -49,11 +50,8 @@ from raylin.train.trainer import fit
 
 log = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS = (
-    "jobs/configs/minilm-rt-linformer.yaml",
-    "jobs/configs/smollm2-austen-mamba2.yaml",
-    "jobs/configs/whisper-tiny-digits-bimamba2.yaml",
-)
+DEFAULT_CONFIGS = tuple(SHIPPED_CONFIGS / name for name in (
+    "minilm-rt-linformer.yaml", "smollm2-austen-mamba2.yaml", "whisper-tiny-digits-bimamba2.yaml"))
 
 
 @dataclass

@@ -26,7 +26,7 @@ ASSET_PREFIX = "asset:"
 
 def paper_teacher_architecture(hub_id: str) -> transformers.PretrainedConfig | None:
     """The architecture (config only, no weights) of a Hub teacher the run configs in
-    jobs/configs name, known offline; None for any other id. It lets those configs be
+    raylin/configs name, known offline; None for any other id. It lets those configs be
     validated, fitted to clusters and costed (``raylin bench cluster``) where the Hub is unreachable.
     The values are the checkpoints' own config.json fields."""
     if hub_id == "roberta-base":
