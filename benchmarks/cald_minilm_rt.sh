@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAYLIN=${RAYLIN:-.venv/bin/raylin}
-CONFIG=jobs/configs/minilm-rt-linformer.yaml
+CONFIG=raylin/configs/minilm-rt-linformer.yaml
 OUT=outputs/evidence
 mkdir -p "$OUT"
 [ -f $OUT/teacher-run/teacher/config.json ] || "$RAYLIN" finetune "$CONFIG" --set output_dir=$OUT/teacher-run "$@"

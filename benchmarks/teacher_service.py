@@ -114,7 +114,7 @@ class StudentWorker:
 def wide_teacher(folder: Path, width_factor: int) -> str:
     import transformers
 
-    from raylin.data.assets import asset_path
+    from raylin.assets import asset_path
 
     base = transformers.AutoConfig.from_pretrained(asset_path("all-minilm-l6"))
     config = transformers.BertConfig(
@@ -138,7 +138,7 @@ def main() -> None:
 
     import ray
 
-    from raylin.data.assets import asset_path
+    from raylin.assets import asset_path
     from raylin.teacher.bank import TeacherSpec
     from raylin.teacher.pool import TeacherPool
 

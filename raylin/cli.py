@@ -123,7 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from raylin.atomic import write_text_atomic
-    from raylin.eval.speed import run_shipped_benchmark, run_speed_benchmark, summarize, summarize_shipped
+    from raylin.bench.speed import run_shipped_benchmark, run_speed_benchmark, summarize, summarize_shipped
 
     if args.shipped:
         rows = summarize_shipped(run_shipped_benchmark(args.out, repeats=args.repeats))
@@ -140,9 +140,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
-    from raylin.eval.throughput import SHIPPED_CONFIGS, run_throughput_benchmark, summarize_throughput, throughput_config
+    from raylin.bench.throughput import DEFAULT_CONFIGS, run_throughput_benchmark, summarize_throughput, throughput_config
 
-    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else SHIPPED_CONFIGS
+    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else DEFAULT_CONFIGS
     for path in configs:  # bad input before any work: every config is checked as the benchmark runs it
         throughput_config(path, Path(args.out), args.steps)
     result = run_throughput_benchmark(args.out, configs=configs, steps=args.steps)
@@ -152,7 +152,7 @@ def _bench_distill(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from raylin.eval.quality import DEFAULT_OUT, PAGES, SUITES, run_quality_benchmark, summary_lines
+    from raylin.bench.quality import DEFAULT_OUT, PAGES, SUITES, run_quality_benchmark, summary_lines
 
     budget = "quick" if args.quick else "long" if args.long else "hour"
     suites = args.only or SUITES
@@ -165,7 +165,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _bench_scale(args: argparse.Namespace) -> int:
-    from raylin.eval.scale import (
+    from raylin.bench.scale import (
         run_billion_benchmark,
         run_scale_benchmark,
         run_zero_benchmark,
@@ -188,7 +188,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
 
 def _bench_cluster(args: argparse.Namespace) -> int:
-    from raylin.eval.cluster import run_cluster_benchmark, summarize
+    from raylin.bench.cluster import run_cluster_benchmark, summarize
 
     result = run_cluster_benchmark(args.out, nodes=args.nodes, steps=args.steps)
     print(json.dumps(summarize(result), indent=1))
@@ -197,7 +197,7 @@ def _bench_cluster(args: argparse.Namespace) -> int:
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
-    from raylin.eval.faults import check_kinds, run_fault_benchmark, summary_lines
+    from raylin.bench.recovery import check_kinds, run_fault_benchmark, summary_lines
 
     kinds = check_kinds(list(args.kinds))
     result = run_fault_benchmark(args.out, trials=args.trials, kinds=kinds, first_seed=args.first_seed)
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "docs/results-long.md")
     quality.add_argument("--out", default=None, type=output_folder,
                          help="run folders and quality.json (default outputs/bench-quality[-quick|-long])")
-    quality.add_argument("--only", default=None, type=names_from("raylin.eval.quality", "SUITES"), help="comma-separated suites: text,lm,speech,hybrids,speed (default all)")
+    quality.add_argument("--only", default=None, type=names_from("raylin.bench.quality", "SUITES"), help="comma-separated suites: text,lm,speech,hybrids,speed (default all)")
     quality.add_argument("--docs", default=None, type=output_folder, help="where the results page and its plots go (default docs/, or OUT with --quick)")
     quality.set_defaults(func=_bench_quality)
     cluster = bench_kinds.add_parser(
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "while checkpointing, NaN loss) at seeded random steps, each compared with the uninterrupted run")
     faults.add_argument("--out", default="benchmarks/results", type=output_folder, help="output folder for faults.json")
     faults.add_argument("--trials", type=at_least(1), default=10, help="runs per fault kind (default 10)")
-    faults.add_argument("--kinds", default="", type=names_from("raylin.eval.faults", "FAULT_KINDS"), help="comma-separated fault kinds (default all: worker-kill, "
+    faults.add_argument("--kinds", default="", type=names_from("raylin.bench.recovery", "FAULT_KINDS"), help="comma-separated fault kinds (default all: worker-kill, "
                         "teacher-kill, checkpoint-crash, nan, node-lost)")
     faults.add_argument("--first-seed", type=at_least(0), default=0, help="the first trial's seed (trials use seeds from it on)")
     faults.set_defaults(func=_bench_faults)

@@ -319,7 +319,7 @@ def read_yaml_file(path: str | Path, what: str = "Config file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{' (it is a folder)' if path.is_dir() else ''}; "
-                          "give the path of a YAML file (e.g. jobs/configs/minilm-rt-linformer.yaml).")
+                          "give the path of a YAML file (e.g. raylin/configs/minilm-rt-linformer.yaml).")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:

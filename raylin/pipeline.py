@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from raylin.assets import cache_dir
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, teacher_run
-from raylin.data.assets import cache_dir
 from raylin.data.eval_sets import preload_eval_sets, resolve_eval_sets
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.eval.retention import retention_table, table_markdown
-from raylin.eval.speed import measure
 from raylin.fingerprint import dotted, fingerprint
 from raylin.models.student import load_student
 from raylin.run_lock import LOCK_FILE, hold_output_dir
+from raylin.scoring import retention_table, table_markdown
 from raylin.teacher.activation_cache import teacher_fingerprint
+from raylin.timing import measure
 from raylin.tracking import log_results
 from raylin.train.align import aligned_dir, run_align
 from raylin.train.checkpoint import resume_identity
@@ -262,7 +262,7 @@ def _convert(config: RunConfig) -> dict:
     metrics = {
         "teacher": teacher_scores,
         "student": student_scores,
-        "retention": retention_table(config.task.type, teacher_scores, student_scores),
+        "retention": retention_table(config.task_kind, teacher_scores, student_scores),
         "steps": final.get("step"),
         "tokens": final.get("tokens"),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -319,7 +319,7 @@ def run_eval(config: RunConfig, student_dir: str | None = None, length: int | No
     result: dict = {"student_dir": str(folder), "device": str(device)}
     for name, model in (("teacher", teacher), ("student", student)):
         result[name] = evaluate(model, data, config, device, 0, 1)
-    result["retention"] = retention_table(config.task.type, result["teacher"], result["student"])
+    result["retention"] = retention_table(config.task_kind, result["teacher"], result["student"])
     if student.family.modality == "text":
         positions = getattr(teacher.config, "max_position_embeddings", 512)
         length = min(length or positions, positions)

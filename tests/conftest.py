@@ -51,7 +51,7 @@ def family_name(request) -> str:
 
 
 def require_asset(name: str) -> None:
-    from raylin.data.assets import available
+    from raylin.assets import available
 
     if not available(name):
         if os.environ.get("CI"):
@@ -81,7 +81,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     require_asset("all-minilm-l6")
-    from raylin.eval.faults import tiny_text_teacher
+    from raylin.bench.recovery import tiny_text_teacher
 
     root = tmp_path_factory.mktemp("teachers")
     return {name: tiny_text_teacher(root / name, seed) for seed, name in enumerate(["source", "target", "wp1", "wp2"])}

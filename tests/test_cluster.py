@@ -1,4 +1,4 @@
-"""cluster/ and jobs/configs/: every file parses, has what it needs, and the clusters hold the runs.
+"""cluster/ and raylin/configs/: every file parses, has what it needs, and the clusters hold the runs.
 
 Launcher YAMLs go through Ray's own schema (``prepare_config`` + ``validate_config``, what
 ``ray up`` runs first); KubeRay manifests are checked field by field against what the operator
@@ -21,7 +21,7 @@ from raylin.train.trainer import teacher_replica_resources, worker_resources
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = [ROOT / "cluster" / "aws.yaml", ROOT / "cluster" / "gcp.yaml"]
 KUBERAY = ROOT / "cluster" / "kuberay"
-RUN_CONFIGS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
+RUN_CONFIGS = sorted((ROOT / "raylin" / "configs").rglob("*.yaml"))
 GPU_KEY = "nvidia.com/gpu"
 
 
@@ -139,7 +139,7 @@ def test_kuberay_rayjob_manifest_runs_files_that_exist():
     _check_ray_cluster_spec(job["spec"]["rayClusterSpec"], claims)
     words = job["spec"]["entrypoint"].replace('"', " ").split()
     scripts = [w for w in words if w.startswith("jobs/") and w.endswith(".py")]
-    configs = [w for w in words if w.startswith("jobs/configs/")]
+    configs = [w for w in words if w.startswith("raylin/configs/")]
     assert scripts == ["jobs/finetune.py", "jobs/convert.py"] and configs
     assert all((ROOT / path).is_file() for path in scripts + configs)
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/home/ray/raylin"
@@ -183,7 +183,7 @@ def workers_per_node(config, node: dict[str, float]) -> int:
     return max(0, min(count, by_cpu))
 
 
-@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "jobs" / "configs")))
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "raylin" / "configs")))
 def test_run_config_validates_and_fits_the_clusters(path, roberta_base, pythia_1b, wav2vec2_large, tinyllama):
     config = load_run_config(path, roberta_base, pythia_1b, wav2vec2_large, tinyllama)
     header = path.read_text().split("\nteacher:")[0]
@@ -199,7 +199,7 @@ def test_paper_configs_follow_the_reference_recipe(roberta_base):
     """10 epochs at batch 32 with 6 % warmup and the paper's hybrid cut-offs, k=256, T=2."""
     cutoffs = {"sst2": 5000, "qnli": 10000, "qqp": 40000, "imdb": 3000}
     for task, cutoff in cutoffs.items():
-        config = load_run_config(ROOT / "jobs" / "configs" / "paper" / f"roberta-{task}-linformer.yaml", roberta_base)
+        config = load_run_config(ROOT / "raylin" / "configs" / "paper" / f"roberta-{task}-linformer.yaml", roberta_base)
         t = config.train
         assert (t.batch_size, config.plan.options["linformer"].k, config.loss.temperature) == (32, 256, 2.0)
         assert config.guidance.hybrid_cutoff == cutoff and t.max_steps == 10 * t.checkpoint_every
@@ -213,7 +213,7 @@ def test_paper_speech_configs_follow_the_reference_recipe(roberta_base, wav2vec2
     recipe = {"tedlium": ("ctc", 15.0, 1.0, 40000), "slurp": ("utterance_classification", 15.0, 0.0, 30000),
               "voxceleb1": ("utterance_classification", 30.0, 0.0, 50000)}
     for name, (task, alpha_layer, alpha_out, cutoff) in recipe.items():
-        path = ROOT / "jobs" / "configs" / "paper" / f"wav2vec2-large-{name}-bimamba2.yaml"
+        path = ROOT / "raylin" / "configs" / "paper" / f"wav2vec2-large-{name}-bimamba2.yaml"
         config = load_run_config(path, roberta_base, wav2vec2_large=wav2vec2_large)
         t, loss = config.train, config.loss
         assert config.task.type == task and config.data.name == "hub_audio"
@@ -223,26 +223,26 @@ def test_paper_speech_configs_follow_the_reference_recipe(roberta_base, wav2vec2
         assert [w.step for w in config.guidance.waypoints] == list(range(10000, 90001, 10000))
         plan = config.plan
         assert (plan.mixer, plan.init, plan.options["mamba2"].expand, plan.options["mamba2"].state_size) == ("bimamba2", "default", 1, 128)
-    assert load_run_config(ROOT / "jobs" / "configs" / "paper" / "wav2vec2-large-voxceleb1-bimamba2.yaml", roberta_base,
+    assert load_run_config(ROOT / "raylin" / "configs" / "paper" / "wav2vec2-large-voxceleb1-bimamba2.yaml", roberta_base,
                            wav2vec2_large=wav2vec2_large).task.num_labels == 1251
 
 
 def test_a_config_that_cannot_fit_is_caught(roberta_base):
-    config = load_run_config(ROOT / "jobs" / "configs" / "paper" / "roberta-sst2-linformer.yaml", roberta_base)
+    config = load_run_config(ROOT / "raylin" / "configs" / "paper" / "roberta-sst2-linformer.yaml", roberta_base)
     config.teacher_service.gpus = 0.5  # next to 0.75-GPU workers it needs a GPU of its own
     assert workers_per_node(config, {"CPU": 48, "GPU": 4, "max": 1}) == 3
     with pytest.raises(ConfigError, match="gpus_per_worker"):
-        config_from_dict(yaml.safe_load((ROOT / "jobs" / "configs" / "minilm-rt-linformer.yaml").read_text()),
+        config_from_dict(yaml.safe_load((ROOT / "raylin" / "configs" / "minilm-rt-linformer.yaml").read_text()),
                          ["train.gpus_per_worker=1.5", "target_teacher=asset:all-minilm-l6"])
 
 
 def test_served_bytes_of_the_paper_configs_follow_their_shapes():
     """`raylin bench cluster`'s extrapolation: positions per worker x served states x width x 2 bytes (bf16),
     plus per-position logits only where the KL term is on for per-position outputs."""
-    from raylin.eval.cluster import paper_extrapolation
+    from raylin.bench.cluster import paper_extrapolation
 
     rows = {row["config"]: row for row in paper_extrapolation()}
-    assert set(rows) == {path.stem for path in (ROOT / "jobs" / "configs" / "paper").glob("*.yaml")}
+    assert set(rows) == {path.stem for path in (ROOT / "raylin" / "configs" / "paper").glob("*.yaml")}
     pythia = rows["pythia-1b-pile-mamba"]  # 128 x 2,048 tokens over 4 workers; layers 1..15; alpha_out 0
     assert pythia["bytes_per_worker_step"] == 32 * 2048 * 15 * 2048 * 2
     assert pythia["bytes_per_node_step"] == 4 * pythia["bytes_per_worker_step"]

@@ -25,7 +25,7 @@ def base(tmp_path):
 
 def test_shipped_config_is_valid():
     # Its target teacher comes from `raylin finetune`; validate against the source model instead.
-    config = load_config("jobs/configs/minilm-rt-linformer.yaml", ["target_teacher=asset:all-minilm-l6"])
+    config = load_config("raylin/configs/minilm-rt-linformer.yaml", ["target_teacher=asset:all-minilm-l6"])
     assert config.guidance.mode == "target" and config.plan.mixer == "linformer"
     assert config.train.num_workers == 2 and config.data.name == "rotten_tomatoes"
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
-from raylin.eval.speed import peak_allocated_mb
 from raylin.models.mixers import BidirectionalMixer, Mamba2Mixer, Mamba2Options, MambaMixer, MambaOptions, mamba2_config, mamba_config
 from raylin.models.mixers import mamba as mamba_module
 from raylin.models.mixers import scan
 from raylin.models.mixers.common import reference_paths
+from raylin.timing import peak_allocated_mb
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -131,9 +131,10 @@ def test_shipped_speed_benchmark_times_teacher_and_student_forward_and_decode(tm
     writes what the summary reads: forward for every model, per-token decode for causal ones."""
     import json
 
-    from raylin.eval.speed import run_shipped_benchmark, summarize_shipped
+    from raylin.bench import SHIPPED_CONFIGS
+    from raylin.bench.speed import run_shipped_benchmark, summarize_shipped
 
-    shipped = (("jobs/configs/minilm-rt-linformer.yaml", (16,)), ("jobs/configs/smollm2-austen-mamba2.yaml", (8,)))
+    shipped = ((SHIPPED_CONFIGS / "minilm-rt-linformer.yaml", (16,)), (SHIPPED_CONFIGS / "smollm2-austen-mamba2.yaml", (8,)))
     records = run_shipped_benchmark(tmp_path, shipped=shipped, dtypes=("float32",), repeats=1, log=lambda _: None,
                                     compiled=False)
     kinds = {(r.config, r.model, r.mode) for r in records}

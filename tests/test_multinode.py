@@ -19,8 +19,8 @@ import ray
 import torch
 
 from conftest import discarded_steps, losses_of, run_config, steps_logged
-from raylin.eval.cluster import local_cluster
-from raylin.eval.faults import remove_node_when_stalled, served_nodes
+from raylin.bench.cluster import local_cluster
+from raylin.bench.recovery import remove_node_when_stalled, served_nodes
 from raylin.train.trainer import TEACHER_STATS, fit
 
 pytestmark = pytest.mark.multinode

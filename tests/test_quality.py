@@ -13,7 +13,7 @@ import pytest
 def test_quick_quality_benchmark_writes_every_suite(tmp_path):
     import ray
 
-    from raylin.eval.quality import SUITES, run_quality_benchmark
+    from raylin.bench.quality import SUITES, run_quality_benchmark
 
     try:
         result = run_quality_benchmark(tmp_path / "bench", budget="quick", docs=tmp_path / "docs")
@@ -38,7 +38,7 @@ def _row(suite, data, mixer, guidance, teacher, student, wall_s, metric="accurac
 def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
     """The page is assembled from rows alone: targets met or missed per run, guided vs unguided per
     student, and each suite's time as the sum of its runs' own wall times (not the last invocation's)."""
-    from raylin.eval.quality import write_results_page
+    from raylin.bench.quality import write_results_page
 
     result = {"budget": "hour", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False},
               "wall_s": {"text": 5.0},  # a resumed invocation that reused every run
@@ -67,7 +67,7 @@ def test_results_page_checks_targets_and_times_suites_by_their_runs(tmp_path):
 
 def test_long_budget_writes_its_own_page_and_plots(tmp_path):
     """The long budget's page does not overwrite the default one: results-long.md and results-long/."""
-    from raylin.eval.quality import write_results_page
+    from raylin.bench.quality import write_results_page
 
     result = {"budget": "long", "machine": {"date": "2026-11-25", "cpus": 2, "torch": "2.13.0", "cuda": False,
                                             "commit": "e272d8f"},
@@ -83,7 +83,7 @@ def test_long_budget_writes_its_own_page_and_plots(tmp_path):
 
 
 def test_unknown_budget_is_refused_before_anything_runs(tmp_path):
-    from raylin.eval.quality import run_quality_benchmark
+    from raylin.bench.quality import run_quality_benchmark
 
     with pytest.raises(ValueError, match=r"Unknown benchmark budget 'day'; choose from \('quick', 'hour', 'long'\)"):
         run_quality_benchmark(tmp_path, budget="day")
@@ -92,7 +92,7 @@ def test_unknown_budget_is_refused_before_anything_runs(tmp_path):
 
 def test_a_gap_of_exactly_one_point_meets_the_text_target():
     """441 vs 435 correct of 600 is a one-point gap, though 0.735 - 0.725 exceeds 0.01 in binary."""
-    from raylin.eval.quality import TARGETS
+    from raylin.bench.quality import TARGETS
 
     within = TARGETS["text"][1]
     assert within(_row("text", "imdb", "linformer", "target", 441 / 600, 435 / 600, 1.0))
@@ -100,7 +100,7 @@ def test_a_gap_of_exactly_one_point_meets_the_text_target():
 
 
 def test_results_page_sets_the_gated_deltanet_and_mamba2_hybrids_side_by_side(tmp_path):
-    from raylin.eval.quality import write_results_page
+    from raylin.bench.quality import write_results_page
 
     def hybrid(name, mixer, ppl, fortunes, states):
         row = _row("hybrids", "austen", name, "target", 70.0, ppl, 200.0, "perplexity")
@@ -125,7 +125,7 @@ def test_every_run_of_every_budget_is_a_valid_config(budget, tmp_path, monkeypat
     """Each suite's runs (teacher fine-tunings included) pass the config check, so a benchmark never
     stops with a bad config an hour in; the runs themselves are replaced by their validation."""
     from raylin.config import config_from_dict
-    from raylin.eval import quality
+    from raylin.bench import quality
 
     checked = []
 

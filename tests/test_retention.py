@@ -12,16 +12,26 @@ import torch
 from conftest import require_asset, run_config
 from raylin.config import ConfigError, config_from_dict
 from raylin.data.tasks import load_task_data
-from raylin.eval.retention import retention, retention_table
+from raylin.scoring import finish_scores, retention, retention_table
+from raylin.tasks import METRICS, TASK_KINDS
 
 pytestmark = pytest.mark.assets
+
+
+def test_every_metric_declares_its_direction():
+    reported = {metric for kind in TASK_KINDS.values() for metric in kind.metrics}
+    reported |= {key for kind in TASK_KINDS.values() for key in finish_scores(kind, torch.ones(4))}
+    assert reported <= set(METRICS)
+    assert METRICS["accuracy"].higher_is_better and not METRICS["perplexity"].higher_is_better
+    with pytest.raises(ValueError, match="metric 'f1' is unknown"):
+        retention("f1", 1.0, 1.0)
 
 
 def test_retention_is_student_over_teacher_and_inverted_where_lower_is_better():
     assert retention("accuracy", 0.8, 0.6) == pytest.approx(0.75)
     assert retention("perplexity", 50.0, 100.0) == 0.5 and retention("wer", 0.2, 0.4) == 0.5
     assert retention("wer", 0.0, 0.0) == 1.0 and retention("wer", 0.1, 0.0) == math.inf
-    table = retention_table("sequence_classification", {"accuracy": 0.8, "imdb_accuracy": 0.7},
+    table = retention_table(TASK_KINDS["sequence_classification"], {"accuracy": 0.8, "imdb_accuracy": 0.7},
                             {"accuracy": 0.8, "imdb_accuracy": 0.56, "extra_only_student_accuracy": 0.5})
     assert table == {"held_out": {"metric": "accuracy", "teacher": 0.8, "student": 0.8, "retention": 1.0},
                      "imdb": {"metric": "accuracy", "teacher": 0.7, "student": 0.56, "retention": pytest.approx(0.8)}}

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sorted(p for folder in ("raylin", "jobs", "benchmarks", "tests") for p in (ROOT / folder).rglob("*.py"))
 COMMANDS = sorted([*ROOT.glob("*.md"), *(ROOT / "docs").rglob("*.md"), *(ROOT / "jobs").rglob("*"),
-                   *(ROOT / "cluster").rglob("*"), *(ROOT / ".ci").rglob("*"), ROOT / "Makefile"])
+                   *(ROOT / "raylin" / "configs").rglob("*"), *(ROOT / "cluster").rglob("*"), *(ROOT / ".ci").rglob("*"),
+                   ROOT / "Makefile"])
 UNSAFE_LOADERS = {("pickle", "load"), ("pickle", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
                   ("dill", "load"), ("dill", "loads"), ("joblib", "load")}
 LOCALHOST = ("127.0.0.1", "localhost")

@@ -1,4 +1,4 @@
-"""Every shipped config runs as its header says: the commands in each jobs/configs/*.yaml header
+"""Every shipped config runs as its header says: the commands in each raylin/configs/*.yaml header
 (`raylin finetune`, `convert`, `eval`, `tune`, and `ray job submit ... python jobs/<command>.py`),
 in the order written, from one working folder as a user's checkout, in a quick form.
 
@@ -29,7 +29,7 @@ import ray
 from raylin.cli import job_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "raylin" / "configs").glob("*.yaml"))
 
 # Appended to every raylin command of every header: shorter runs, same code paths.
 QUICK = ["train.max_steps=4", "train.checkpoint_every=2", "train.warmup_steps=1", "train.eval_every=2",
@@ -68,15 +68,18 @@ def test_every_shipped_config_header_names_its_commands():
         commands = header_commands(path)
         assert commands, f"{path.name}: its header names no command to run it"
         for words in commands:
-            configs = [w for w in words if w.startswith("jobs/configs/")]
+            configs = [w for w in words if w.startswith("raylin/configs/")]
             assert configs and all((ROOT / c).is_file() for c in configs), (path.name, words)
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
-    """A user's working folder: jobs/ as in the repository, outputs/ written here; a private Ray."""
+    """A user's working folder: jobs/ and raylin/configs/ as in the repository, outputs/ written
+    here; a private Ray."""
     folder = tmp_path_factory.mktemp("checkout")
     (folder / "jobs").symlink_to(ROOT / "jobs")
+    (folder / "raylin").mkdir()
+    (folder / "raylin" / "configs").symlink_to(ROOT / "raylin" / "configs")
     previous = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = "local"
     yield folder

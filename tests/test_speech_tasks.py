@@ -15,11 +15,13 @@ import transformers
 
 from conftest import make_teacher
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import finish_scores, load_task_data, score_sums
+from raylin.data.tasks import load_task_data
 from raylin.data.transcripts import (
-    BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, error_counts, greedy_decode, ids_to_text, normalize_transcript,
+    BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, greedy_decode, ids_to_text, normalize_transcript,
 )
 from raylin.models.families import family_for, state_mask
+from raylin.scoring import error_counts, finish_scores, score_sums
+from raylin.tasks import TASK_KINDS
 from raylin.train.evaluation import evaluate
 from raylin.train.source import converted_student
 
@@ -71,10 +73,10 @@ def test_error_counts_are_exact_and_word_error_rates_add_up_over_batches():
     torch.manual_seed(0)
     logits = torch.randn(4, 30, vocab)
     labels = encode_transcripts(["one two", "three", "four five six", "seven"])
-    whole = score_sums("ctc", logits, {"labels": labels})
-    halves = score_sums("ctc", logits[:2], {"labels": labels[:2]}) + score_sums("ctc", logits[2:], {"labels": labels[2:]})
+    whole = score_sums(TASK_KINDS["ctc"], logits, {"labels": labels})
+    halves = score_sums(TASK_KINDS["ctc"], logits[:2], {"labels": labels[:2]}) + score_sums(TASK_KINDS["ctc"], logits[2:], {"labels": labels[2:]})
     assert torch.equal(whole, halves)
-    scores = finish_scores("ctc", whole)
+    scores = finish_scores(TASK_KINDS["ctc"], whole)
     assert scores["wer"] == whole[0].item() / 7 and scores["cer"] == whole[2].item() / whole[3].item()
 
 

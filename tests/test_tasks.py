@@ -10,9 +10,10 @@ import torch
 
 from raylin.config import ConfigError, config_from_dict
 from raylin.data.eval_sets import SPEECH_BUILTINS, TEXT_BUILTINS
-from raylin.data.tasks import SHARDED_CORPORA, finish_scores, load_task_data, load_task_model, score_sums, token_windows
+from raylin.data.tasks import SHARDED_CORPORA, load_task_data, load_task_model, token_windows
 from raylin.data.text import DATASETS
 from raylin.distill.losses import causal_lm_loss
+from raylin.scoring import finish_scores, score_sums
 from raylin.tasks import TASK_KINDS, metric
 from raylin.train.evaluation import evaluate
 from raylin.train.source import converted_student
@@ -34,9 +35,9 @@ def test_perplexity_sums_add_up_over_batches():
     torch.manual_seed(0)
     logits, ids = torch.randn(4, 9, 11), torch.randint(0, 11, (4, 9))
     batch = lambda rows: {"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows])}
-    halves = score_sums("causal_lm", logits[:2], batch(slice(0, 2))) + score_sums("causal_lm", logits[2:], batch(slice(2, 4)))
+    halves = score_sums(TASK_KINDS["causal_lm"], logits[:2], batch(slice(0, 2))) + score_sums(TASK_KINDS["causal_lm"], logits[2:], batch(slice(2, 4)))
     expected = causal_lm_loss(logits, ids).item()
-    assert finish_scores("causal_lm", halves)["loss"] == pytest.approx(expected, rel=1e-6)
+    assert finish_scores(TASK_KINDS["causal_lm"], halves)["loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_task_refuses_data_of_another_task():

@@ -56,7 +56,7 @@ def write_corpus(folder: Path, kind: str, texts: list[str], files: int = 1) -> s
 @pytest.fixture(scope="module")
 def tokenizer():
     require_asset("smollm2-135m")
-    from raylin.data.assets import asset_path
+    from raylin.assets import asset_path
 
     return transformers.AutoTokenizer.from_pretrained(asset_path("smollm2-135m"))
 

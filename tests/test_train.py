@@ -268,9 +268,9 @@ def test_a_trained_teacher_is_scored_once_per_checkpoint_and_held_out_set(teache
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_the_training_optimizer_is_fused_adamw_with_the_same_update(grouped):
-    """raylin.train.optim.adamw: torch's fused AdamW on CPU, the same step as the default
+    """raylin.optim.adamw: torch's fused AdamW on CPU, the same step as the default
     implementation up to float rounding, with or without parameter groups."""
-    from raylin.train.optim import adamw
+    from raylin.optim import adamw
 
     torch.manual_seed(0)
     ours, reference = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
@@ -293,7 +293,7 @@ def test_the_training_optimizer_is_fused_adamw_with_the_same_update(grouped):
 
 
 def test_the_training_optimizer_falls_back_where_no_fused_kernel_applies():
-    from raylin.train.optim import adamw
+    from raylin.optim import adamw
 
     meta = torch.nn.Parameter(torch.empty(4, device="meta"))
     assert adamw([meta], lr=1e-3).defaults["fused"] is None
@@ -326,7 +326,7 @@ def test_the_throughput_benchmark_times_both_loops_doing_the_same_math(teachers,
     """`raylin bench distill`'s two loops (Ray Train + DeepSpeed, and a plain in-process loop)
     compute the same first-step loss on the same batch (fp32 activations, one worker), time the
     steps after warm-up, and the bf16 check scores the run's student and its teacher both ways."""
-    from raylin.eval.throughput import bf16_scores, plain_throughput, raylin_throughput, summarize_throughput
+    from raylin.bench.throughput import bf16_scores, plain_throughput, raylin_throughput, summarize_throughput
 
     config = _config(teachers, tmp_path / "run", **{"train.num_workers": 1, "train.max_steps": 3,
                                                      "train.checkpoint_every": 3, "teacher_service.mode": "inprocess",

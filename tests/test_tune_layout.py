@@ -31,7 +31,7 @@ pytestmark = pytest.mark.assets
 def deep_teacher(tmp_path_factory):
     """A 4-block BERT classifier on MiniLM's tokenizer: enough blocks to choose among."""
     require_asset("all-minilm-l6")
-    from raylin.data.assets import asset_path
+    from raylin.assets import asset_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(asset_path("all-minilm-l6"))
     folder = tmp_path_factory.mktemp("deep") / "teacher"

@@ -1,1 +1,1 @@
-"""Data sets and shipped assets."""
+"""Data sets: each task's examples, evaluation sets, corpora and their batches."""

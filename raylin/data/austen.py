@@ -26,8 +26,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from raylin.assets import cache_dir
 from raylin.atomic import write_text_atomic
-from raylin.data.assets import cache_dir
 from raylin.data.debian import debian_package
 
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")

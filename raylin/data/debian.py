@@ -24,8 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from raylin.assets import cache_dir
 from raylin.atomic import write_text_atomic
-from raylin.data.assets import cache_dir
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
 

@@ -2,7 +2,7 @@
 student keeps of its teacher on data its training never showed.
 
 Every set is scored for the teacher and the student at the end of a run (and by ``raylin eval``);
-``raylin.eval.retention`` turns the two scores into a retention (student / teacher; for perplexity
+``raylin.scoring`` turns the two scores into a retention (student / teacher; for perplexity
 and error rates teacher / student). An entry is a built-in set's name or a mapping:
 
     eval_sets:

@@ -50,8 +50,8 @@ import ray.data
 import torch
 from filelock import FileLock
 
+from raylin.assets import cache_dir
 from raylin.atomic import build_once, write_text_atomic
-from raylin.data.assets import cache_dir
 from raylin.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raylin.assets import cache_dir
 from raylin.atomic import build_once
-from raylin.data.assets import cache_dir
 from raylin.data.audio import SAMPLING_RATE, read_audio, resample
 from raylin.data.debian import debian_dir, debian_package_with_dependencies, library_path
 from raylin.fingerprint import fingerprint

@@ -1,5 +1,5 @@
 """Task pipelines: for each ``task.type``, the data a run trains and scores on, how one batch is
-built from example indices, and the held-out metric.
+built from example indices; the held-out metric is scored by raylin.scoring.
 
 | task.type                | data.name                                  | batch                                   | metric     |
 |--------------------------|--------------------------------------------|-----------------------------------------|------------|
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, WhisperFeatureExtractor
 
+from raylin.assets import cache_dir
 from raylin.atomic import save_atomic
-from raylin.data.assets import cache_dir
 from raylin.data.audio import SAMPLING_RATE, load_audio_splits
 from raylin.data.austen import NOVELS, load_austen
 from raylin.data.broad import AugmentedClips, broad_clips, broad_texts
@@ -54,22 +54,14 @@ from raylin.data.transcripts import (
     CTC_VOCAB,
     check_ctc_head,
     encode_transcripts,
-    error_counts,
-    greedy_decode,
-    ids_to_text,
 )
-from raylin.distill.losses import causal_lm_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.teachers import load_processor, load_teacher, resolve_teacher_path
-from raylin.tasks import task_kind
 
 SHARDED_CORPORA = ("pile", "corpus")  # read through token shards
 WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's strided conv
 
 
-def metric_mode(metric: str) -> str:
-    """``max`` for accuracies, ``min`` for perplexities, error rates and losses (Tune's ``mode``)."""
-    return "min" if metric.endswith(("perplexity", "loss", "wer", "cer")) else "max"
 
 
 # ----- models -----------------------------------------------------------------------------------
@@ -342,40 +334,3 @@ def _spoken_digit_sets(data) -> tuple[dict, dict]:
         sets[split] = ([clips[i] for i in rows], [labels[i] for i in rows])
     return sets, extra
 
-
-# ----- scoring ----------------------------------------------------------------------------------
-
-
-def score_sums(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
-               state_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sums that add up over batches and workers: (correct, count), (summed NLL, predicted tokens), or
-    for ctc (word errors, reference words, character errors, reference characters). ``state_mask``
-    (ctc): the real frames of the logits (``FamilyAdapter.state_mask``)."""
-    kind = task_kind(task)
-    if kind.language_model:
-        mask = batch.get("attention_mask")
-        count = (mask[:, 1:].sum() if mask is not None else torch.tensor(batch["input_ids"][:, 1:].numel())).float()
-        nll = causal_lm_loss(logits, batch["input_ids"], mask) * count
-        return torch.stack([nll.detach().float(), count.to(nll.device)])
-    if kind.transcribes:
-        references = [ids_to_text(row[row >= 0].tolist()) for row in batch["labels"].cpu()]
-        counts = error_counts(references, greedy_decode(logits, state_mask))
-        return torch.tensor(counts, dtype=torch.float32, device=logits.device)
-    correct = (logits.argmax(-1) == batch["labels"]).sum().float()
-    return torch.stack([correct, torch.tensor(float(len(batch["labels"])), device=correct.device)])
-
-
-def score_width(task: str) -> int:
-    """How many sums ``score_sums`` returns for ``task``."""
-    return 4 if task_kind(task).transcribes else 2
-
-
-def finish_scores(task: str, sums: torch.Tensor) -> dict[str, float]:
-    """The metric from ``score_sums`` totals."""
-    kind = task_kind(task)
-    if kind.transcribes:
-        return {"wer": sums[0].item() / max(sums[1].item(), 1.0), "cer": sums[2].item() / max(sums[3].item(), 1.0)}
-    total, count = sums[0].item(), max(sums[1].item(), 1.0)
-    if kind.language_model:
-        return {"perplexity": math.exp(total / count), "loss": total / count}
-    return {"accuracy": total / count}

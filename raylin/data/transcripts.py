@@ -1,5 +1,5 @@
 """Transcripts for CTC speech recognition: raylin's character vocabulary, text normalisation, label
-encoding, greedy CTC decoding and word / character error counts (jiwer).
+encoding and greedy CTC decoding (their word / character error rates: raylin.scoring).
 
 The vocabulary is the 32 symbols of the English wav2vec2 CTC checkpoints (``facebook/wav2vec2-*-960h*``,
 in their order): ``<pad>`` (also the CTC blank, id 0), ``<s>``, ``</s>``, ``<unk>``, the word
@@ -60,33 +60,6 @@ def greedy_decode(logits: torch.Tensor, frame_mask: torch.Tensor | None = None) 
         path = torch.unique_consecutive(row[: int(length)]).tolist()
         texts.append(ids_to_text([i for i in path if i != BLANK_ID]))
     return texts
-
-
-def error_counts(references: list[str], hypotheses: list[str]) -> tuple[int, int, int, int]:
-    """(word errors, reference words, character errors, reference characters), summable over batches.
-
-    Errors are substitutions + deletions + insertions (jiwer). An empty reference counts its
-    hypothesis' words as insertions.
-    """
-    import jiwer
-
-    word_errors = words = char_errors = chars = 0
-    for reference, hypothesis in zip(references, hypotheses):
-        if not reference:
-            word_errors += len(hypothesis.split())
-            char_errors += len(hypothesis)
-            continue
-        if hypothesis:
-            w = jiwer.process_words(reference, hypothesis)
-            c = jiwer.process_characters(reference, hypothesis)
-            word_errors += w.substitutions + w.deletions + w.insertions
-            char_errors += c.substitutions + c.deletions + c.insertions
-        else:
-            word_errors += len(reference.split())
-            char_errors += len(reference)
-        words += len(reference.split())
-        chars += len(reference)
-    return word_errors, words, char_errors, chars
 
 
 def check_ctc_head(config) -> None:

@@ -18,7 +18,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 
-from raylin.data.assets import asset_path
+from raylin.assets import asset_path
 from raylin.models.families import BlockSubset, family_for_config
 
 ASSET_PREFIX = "asset:"
@@ -26,7 +26,7 @@ ASSET_PREFIX = "asset:"
 
 def paper_teacher_architecture(hub_id: str) -> transformers.PretrainedConfig | None:
     """The architecture (config only, no weights) of a Hub teacher the run configs in
-    jobs/configs name, known offline; None for any other id. It lets those configs be
+    raylin/configs name, known offline; None for any other id. It lets those configs be
     validated, fitted to clusters and costed (``raylin bench cluster``) where the Hub is unreachable.
     The values are the checkpoints' own config.json fields."""
     if hub_id == "roberta-base":

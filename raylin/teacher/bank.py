@@ -27,9 +27,9 @@ from raylin.distill.losses import task_loss
 from raylin.faults import die, fires
 from raylin.models.families import family_for, state_mask
 from raylin.models.teachers import load_teacher
+from raylin.optim import adamw
 from raylin.tasks import TASK_KINDS, TaskKind
 from raylin.teacher.activation_cache import ActivationCache, cache_namespace
-from raylin.train.optim import adamw
 
 COMPACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STATES = ("hidden_states", "layer_io")

@@ -64,7 +64,7 @@ from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
 from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
 from raylin.train.memory import peak_rss_mb
-from raylin.train.optim import adamw
+from raylin.optim import adamw
 from raylin.train.source import assign_tensors, block_local_student, converted_student, held_blocks
 
 ALIGNED_DIR = "aligned"

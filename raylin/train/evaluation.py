@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from raylin.config import RunConfig
-from raylin.data.tasks import TaskData, finish_scores, score_sums, score_width
+from raylin.data.tasks import TaskData
 from raylin.models.families import state_mask
+from raylin.scoring import finish_scores, score_sums, score_width
 from raylin.train.batch import model_inputs
 from raylin.train.collective import sum_across_workers
 
@@ -28,14 +29,14 @@ def evaluate(model, data: TaskData, config: RunConfig, device, rank: int, world:
     for name, size in data.eval_sets.items():
         if sets is not None and name not in sets:
             continue
-        sums = torch.zeros(score_width(config.task.type), dtype=torch.float64, device=device)
+        sums = torch.zeros(score_width(config.task_kind), dtype=torch.float64, device=device)
         shard = list(range(rank, size, world))
         for start in range(0, len(shard), batch_size):
             batch = {k: v.to(device) for k, v in data.eval_batch(name, shard[start : start + batch_size]).items()}
             inputs = model_inputs(batch, dtype)
             logits = model(**inputs).logits.float()  # scores in fp32 whatever the model computes in
-            sums += score_sums(config.task.type, logits, batch, state_mask(model, batch)).double()
+            sums += score_sums(config.task_kind, logits, batch, state_mask(model, batch)).double()
         prefix = f"{name}_" if name else ""
-        scores |= {prefix + k: v for k, v in finish_scores(config.task.type, sum_across_workers(sums)).items()}
+        scores |= {prefix + k: v for k, v in finish_scores(config.task_kind, sum_across_workers(sums)).items()}
     model.train()
     return scores

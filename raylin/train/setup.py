@@ -12,8 +12,8 @@ from raylin.convert import freezable_copied_parameters
 from raylin.data.tasks import TaskData, load_task_data
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.guidance import GuidanceSchedule
+from raylin.optim import adamw
 from raylin.train.align import load_aligned
-from raylin.train.optim import adamw
 from raylin.train.source import converted_student, sharded_student
 
 

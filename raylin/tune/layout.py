@@ -47,14 +47,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from raylin.assets import cache_dir
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig
 from raylin.convert import convert
-from raylin.data.assets import cache_dir
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.eval.plots import figure
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
+from raylin.plots import figure
 from raylin.teacher.activation_cache import teacher_fingerprint
 
 _log = logging.getLogger(__name__)

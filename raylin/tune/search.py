@@ -69,9 +69,9 @@ from raylin.config import (
 )
 from raylin.data.tasks import prepare_task_data
 from raylin.distill.guidance import GUIDANCE_MODES
-from raylin.eval.plots import figure
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
+from raylin.plots import figure
 from raylin.run_lock import hold_output_dir
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.align import run_align

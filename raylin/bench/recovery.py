@@ -43,10 +43,10 @@ import transformers
 from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
+from raylin.assets import asset_path
 from raylin.atomic import write_text_atomic
+from raylin.bench.cluster import local_cluster
 from raylin.config import RunConfig, config_from_dict
-from raylin.data.assets import asset_path
-from raylin.eval.cluster import local_cluster
 from raylin.faults import FAULT_ENV
 from raylin.train.checkpoint import STATE_FILE
 from raylin.train.run_files import STUDENT_DIR, read_train_log

@@ -33,14 +33,15 @@ import ray
 import torch
 
 from raylin.atomic import replace_folder, write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import RunConfig, config_from_dict, read_yaml_file
 from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
 from raylin.data.text import GlobalBatches
 from raylin.distill.losses import cald_losses
-from raylin.eval.plots import figure
 from raylin.models.families import state_mask
 from raylin.models.student import load_student
+from raylin.plots import figure
 from raylin.train.batch import count_tokens, model_inputs
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import STUDENT_DIR, read_train_log
@@ -49,11 +50,8 @@ from raylin.train.trainer import fit
 
 log = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS = (
-    "jobs/configs/minilm-rt-linformer.yaml",
-    "jobs/configs/smollm2-austen-mamba2.yaml",
-    "jobs/configs/whisper-tiny-digits-bimamba2.yaml",
-)
+DEFAULT_CONFIGS = tuple(SHIPPED_CONFIGS / name for name in (
+    "minilm-rt-linformer.yaml", "smollm2-austen-mamba2.yaml", "whisper-tiny-digits-bimamba2.yaml"))
 
 
 @dataclass

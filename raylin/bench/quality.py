@@ -14,7 +14,7 @@ Suites (all on shipped assets, no downloads):
 * ``hybrids``: SmolLM2-135M -> Gated DeltaNet and -> Mamba2 hybrids at the same attention share
   (blocks 9 and 19 kept), target guidance: perplexity, retention on fortunes and decoding state
   side by side (the Mamba2 run is the ``lm`` suite's hybrid/target run, reused when it exists).
-* ``speed``: teacher vs student forward latency and memory at long lengths (raylin.eval.speed),
+* ``speed``: teacher vs student forward latency and memory at long lengths (raylin.bench.speed),
   and the decoding state a causal student keeps per generated token vs the teacher's KV cache.
 
 Every run is a normal ``raylin finetune`` / ``raylin convert`` run under OUT/<suite>/<run>/ (a run
@@ -22,7 +22,7 @@ whose outputs exist with the same config is reused, so an interrupted benchmark 
 Writes OUT/quality.json and, with ``docs``, DOCS/results.md and DOCS/results/*.png
 (results-long.md and results-long/ for the long budget).
 
-The grid (runs, shared settings, budgets) is benchmarks/quality.yaml. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
+The grid (runs, shared settings, budgets) is grids/quality.yaml, package data. Budgets: ``hour`` (the default) runs the whole grid in about 75 minutes on 2 CPU cores
 (76 min end to end, measured at commit c191ad9: text 42.6 min with its two teacher fine-tunings,
 language modelling 19.1, speech 9.6, speed 4.1), so each student gets 16-30 steps. It was sized
 for an hour; where the 76 minutes go: 12 alignments 23 min, the 26 students' training loops 31
@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,15 @@ import yaml
 from transformers import DynamicCache
 
 from raylin.atomic import write_text_atomic
+from raylin.bench.speed import run_speed_benchmark, summarize
 from raylin.config import config_from_dict, merge_sections
 from raylin.convert import convert
-from raylin.eval.plots import figure
-from raylin.eval.retention import HELD_OUT, retention_table
-from raylin.eval.speed import run_speed_benchmark, summarize
+from raylin.distill.guidance import MODES
 from raylin.models.teachers import load_teacher
 from raylin.pipeline import finished_run, run_conversion, run_finetune
+from raylin.plots import figure
+from raylin.scoring import HELD_OUT, retention_table
+from raylin.tasks import METRICS, TASK_KINDS
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import ensure_ray
 
@@ -70,9 +73,8 @@ _log = logging.getLogger(__name__)
 
 SUITES = ("text", "lm", "speech", "hybrids", "speed")
 HYBRIDS = ("hybrid", "gdn_hybrid")  # the lm plans the hybrids suite sets side by side
-_TASKS = {"text": "sequence_classification", "lm": "causal_lm", "speech": "utterance_classification",
-          "hybrids": "causal_lm"}
-MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
+_TASKS = {suite: TASK_KINDS[task] for suite, task in (("text", "sequence_classification"), ("lm", "causal_lm"),
+                                                       ("speech", "utterance_classification"), ("hybrids", "causal_lm"))}
 # The targets: largest acceptable in-distribution gap per suite (and mixer), and smallest retention on
 # the evaluation sets training never sees. Accuracies are ratios of counts, so a gap of exactly one
 # point (6 of 600) must not miss by float rounding (0.735 - 0.725 > 0.01 in binary).
@@ -83,20 +85,21 @@ TARGETS = {
     "speech": ("accuracy within 2 points of the teacher", lambda row: row["gap"] <= 0.02 + _ROUNDING),
     "lm": ("perplexity at most 1.5x the teacher's", lambda row: row["student_value"] <= 1.5 * row["teacher_value"] + _ROUNDING),
 }
-# Retention (raylin.eval.retention) on every out-of-distribution set of a run; for perplexity
+# Retention (raylin.scoring) on every out-of-distribution set of a run; for perplexity
 # teacher / student, so 1.5x the teacher's perplexity is a retention of 2/3.
 RETENTION_TARGETS = {"text": 0.97, "speech": 0.95, "lm": 1 / 1.5}
 
-# The grid: runs, shared settings and budgets, in YAML beside the benchmark scripts (not a run config).
-GRID_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.yaml"
-NOTES_FILE = GRID_FILE.with_name("quality-notes.md")  # the results pages' reading notes (a template)
+# The grid: runs, shared settings and budgets, in YAML (not a run config), shipped as package data
+# (pyproject.toml's package-data) so an installed raylin runs the benchmark outside a checkout.
+GRID_FOLDER = resources.files("raylin.bench") / "grids"
+GRID_FILE = GRID_FOLDER / "quality.yaml"
+NOTES_FILE = GRID_FOLDER / "quality-notes.md"  # the results pages' reading notes (a template)
 
 
-def load_grid(path: str | Path = GRID_FILE) -> dict[str, Any]:
-    """The benchmark's grid file, with each budget's grid filled in from the full grid and each
-    text size's ``max_length`` defaulting to the text section's. Limits: the file is the source
-    checkout's (the benchmark also reads the checkout's shipped configs), not package data."""
-    grid = yaml.safe_load(Path(path).read_text())
+def load_grid(path: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark's grid file (default GRID_FILE), with each budget's grid filled in from the
+    full grid and each text size's ``max_length`` defaulting to the text section's."""
+    grid = yaml.safe_load(GRID_FILE.read_text() if path is None else Path(path).read_text())
     text = grid["text"]
     full = {"text_data": list(text["data"]), "text_mixers": list(text["plans"]), "text_modes": list(MODES),
             "lm": [[plan, mode] for plan in grid["lm"]["plans"] for mode in ("unguided", "target")],
@@ -154,7 +157,7 @@ def _curve(out: Path, metric: str) -> list[tuple[int, float]]:
 
 def _row(suite: str, data: str, mixer: str, metrics: dict, out: Path, metric: str, teacher_name: str) -> dict:
     teacher, student = metrics["teacher"][metric], metrics["student"][metric]
-    gap = teacher - student if metric == "accuracy" else student - teacher
+    gap = teacher - student if METRICS[metric].higher_is_better else student - teacher
     row = {"suite": suite, "data": data, "teacher_model": teacher_name, "mixer": mixer, "guidance": metrics["guidance"],
            "metric": metric, "teacher_value": teacher, "student_value": student, "gap": gap, "steps": metrics["steps"],
            "tokens": metrics["tokens"], "wall_s": metrics["wall_s"], "curve": _curve(out, f"eval_{metric}"),
@@ -347,7 +350,7 @@ def _commit() -> str | None:
     git = ["git", "-C", str(here.parent)]
     try:
         top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
-        if top.returncode or Path(top.stdout.strip(), "raylin", "eval", here.name).resolve() != here:
+        if top.returncode or Path(top.stdout.strip(), "raylin", "bench", here.name).resolve() != here:
             return None
         head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10)
         changes = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", ":(top)",
@@ -363,7 +366,7 @@ def _commit() -> str | None:
 
 def _reading_notes(budget: str) -> str:
     """What every results page says about its budget, whatever the numbers (targets are checked per
-    run): benchmarks/quality-notes.md, its fields filled from the grid."""
+    run): grids/quality-notes.md, its fields filled from the grid."""
     if budget == "quick":
         return "## Reading these numbers\n\nA smoke run of every pipeline: two steps per run on a few dozen examples.\n"
     text, lm, speech = (SIZES[budget][suite] for suite in ("text", "lm", "speech"))
@@ -393,7 +396,7 @@ def _broad_lines(figures: Path) -> list[str]:
                                                         for name in ("held_out", "flite", "festival"))
                      + f" | {run['wall_s']:.0f} |")
     return lines + ["", "Student accuracy (retention). The last setup ships in the benchmark and in "
-                        "jobs/configs/whisper-tiny-digits-bimamba2.yaml.", ""]
+                        "raylin/configs/whisper-tiny-digits-bimamba2.yaml.", ""]
 
 
 def write_results_page(result: dict, docs: Path) -> Path:
@@ -546,7 +549,7 @@ def _retention_lines(suite: str, rows: list[dict]) -> list[str]:
 
 
 def _guided_line(rows: list[dict]) -> str:
-    better = lambda a, b: a["student_value"] > b["student_value"] if a["metric"] == "accuracy" else a["student_value"] < b["student_value"]
+    better = lambda a, b: a["student_value"] > b["student_value"] if METRICS[a["metric"]].higher_is_better else a["student_value"] < b["student_value"]
     verdicts = []
     for key in dict.fromkeys((r["data"], r["mixer"]) for r in rows):
         group = [r for r in rows if (r["data"], r["mixer"]) == key]

@@ -25,7 +25,7 @@ step's activations, which at 135M parameters are as large as the model states; D
 estimates assume 16-bit training with fp32 master weights, the runs here are fp32.
 
 The billion part (``run_billion_benchmark``, ``--part billion``, not in ``all``) runs
-jobs/configs/tinyllama-1.1b-mamba2-hybrid.yaml on a random teacher at TinyLlama-1.1B's shape:
+raylin/configs/tinyllama-1.1b-mamba2-hybrid.yaml on a random teacher at TinyLlama-1.1B's shape:
 block-local alignment, then 20 ZeRO-3 steps on 2 workers with the copied weights frozen, and
 records every process's peak and the machine's.
 
@@ -46,13 +46,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from raylin.assets import asset_path
 from raylin.atomic import write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict, load_config
-from raylin.data.assets import asset_path
-from raylin.eval.plots import figure
 from raylin.models.plan import Plan
 from raylin.models.student import RaylinStudent, RaylinStudentConfig
 from raylin.pipeline import run_conversion
+from raylin.plots import figure
 from raylin.train.align import SUMMARY_FILE, WEIGHTS_FILE, aligned_dir, run_align
 from raylin.train.memory import MEMORY_REPORT, MachineMemoryPeak, peak_rss_mb
 from raylin.train.trainer import fit
@@ -301,7 +302,7 @@ def summarize_zero(result: dict) -> list[str]:
 
 # ----- a billion-parameter conversion on this machine -----------------------------------------------------
 
-BILLION_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tinyllama-1.1b-mamba2-hybrid.yaml"
+BILLION_CONFIG = SHIPPED_CONFIGS / "tinyllama-1.1b-mamba2-hybrid.yaml"
 BILLION_HIDDEN = 2048  # TinyLlama-1.1B's width: with LAYERS blocks, its shape
 
 
@@ -315,8 +316,6 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
     out.mkdir(parents=True, exist_ok=True)
     if ray.is_initialized():
         raise RuntimeError("raylin bench scale starts its own Ray instance; run it outside a Ray session.")
-    if not BILLION_CONFIG.is_file():
-        raise FileNotFoundError(f"{BILLION_CONFIG} is missing: run the billion-parameter benchmark from a raylin checkout.")
     with tempfile.TemporaryDirectory(prefix="raylin-billion-") as scratch:
         teacher = Path(scratch) / "teacher"
         # Made in a process of its own: a process that built 4.7 GB of weights keeps most of it
@@ -343,7 +342,7 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
         memory = json.loads((Path(config.output_dir) / MEMORY_REPORT).read_text())
         align = json.loads((aligned_dir(config) / SUMMARY_FILE).read_text())
     result = {
-        "machine": "2-core CPU, 24 GiB, no GPU", "config": str(BILLION_CONFIG.relative_to(BILLION_CONFIG.parents[2])),
+        "machine": "2-core CPU, 24 GiB, no GPU", "config": f"raylin/configs/{BILLION_CONFIG.name}",
         "teacher": {"shape": "TinyLlama-1.1B (random weights), SmolLM2 vocabulary", "params": teacher_params},
         "student": {"plan": config.plan.to_dict(), "params": student_params},
         "align": {"tasks": tasks, "task_peak_rss_mb": align["task_peak_rss_mb"], "wall_s": align.get("wall_s")},

@@ -16,7 +16,7 @@ from the run's own files (teacher_service.json, train_log.jsonl):
 
 The nodes share this machine's two cores, so step times show contention, not a cluster's speed:
 read the bytes, counts and overlap. ``paper_extrapolation`` then applies the formula to the paper
-configs in jobs/configs/paper (their teachers' widths, batch, length and served layers).
+configs in raylin/configs/paper (their teachers' widths, batch, length and served layers).
 
 Writes cluster.json and cluster.png. Starts and stops its own clusters (their own processes;
 refuses to run inside an existing Ray session).
@@ -38,9 +38,10 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from raylin.atomic import write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict
-from raylin.eval.plots import figure
 from raylin.models.teachers import paper_teacher_architecture
+from raylin.plots import figure
 from raylin.teacher.bank import COMPACT_DTYPES
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import TEACHER_STATS, fit
@@ -59,7 +60,7 @@ NETWORK_BYTES_PER_S = 12.5e9  # a 100 Gb/s link, to put a per-step volume in sec
 SPEECH_FRAMES_PER_S = 50  # wav2vec2's feature encoder: one frame per 20 ms
 UNCROPPED_SECONDS = 10.0  # assumed utterance length where CTC clips are never cropped (marked length_assumed)
 PAPER_WORKERS_PER_NODE = 4  # the paper configs' stated resources: one 4-GPU node
-PAPER_CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "paper"
+PAPER_CONFIGS = SHIPPED_CONFIGS / "paper"
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The optimizer every raylin training step uses: AdamW on torch's fused kernel where it has one."""
+"""The optimizer every raylin training step uses (the student's, the align stage's and the trajectory
+teacher's): AdamW on torch's fused kernel where it has one."""
 
 from __future__ import annotations
 

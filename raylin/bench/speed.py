@@ -13,16 +13,14 @@ checkpoints stop at 512 / 8192 positions), and each student of each, this measur
 Each is measured on an unpadded sequence and on a padded one (``input: "padded"``: the last
 token is padding, so attention gets a mask, as in any padded batch).
 
-Latency is the best of ``repeats`` timed runs (so the first run only warms up); peak memory is the
-largest amount of tensor memory the call holds at once above what existed before it, replayed
-from torch's allocation events in a separate profiled run (so profiling never slows a timing).
-Limits: batch 1, fp32, one process, the threads torch is given; numbers depend on the machine.
+Latency and peak memory are raylin.timing's: the best of ``repeats`` timed runs, and the largest
+amount of tensor memory the call holds at once, from a separate profiled run. Limits: batch 1,
+fp32, one process, the threads torch is given; numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import json
 import logging
@@ -35,16 +33,17 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from raylin.atomic import write_text_atomic
+from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict
 from raylin.convert import convert
 from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
-from raylin.eval.plots import colours, figure
 from raylin.models.families import family_for
+from raylin.plots import colours, figure
 from raylin.tasks import task_kind
+from raylin.timing import measure
 
 _log = logging.getLogger(__name__)
 
@@ -76,36 +75,6 @@ class SpeedRecord:
     latency_s: float
     peak_mem_mb: float
     input: str = "unpadded"  # "padded": the last token is padding, so attention gets a mask
-
-
-def peak_allocated_mb(fn: Callable[[], object]) -> float:
-    """Peak of tensor memory allocated by ``fn()`` above what was allocated before, in MB.
-
-    Replays torch's allocation and free events (profiler ``profile_memory``) in time order, using
-    each op's own allocations so nested ops are not counted twice.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.inference_mode():
-            fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for event in events:
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 1e6
-
-
-def measure(fn: Callable[[], object], repeats: int = 2, memory: bool = True) -> tuple[float, float]:
-    """(best latency in seconds over ``repeats`` runs, peak allocated MB) of ``fn()``; the peak is
-    0.0 without ``memory`` (the profiled replay is skipped)."""
-    latencies = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            fn()
-        latencies.append(time.perf_counter() - start)
-    return min(latencies), peak_allocated_mb(fn) if memory else 0.0
 
 
 def bench_teachers(hidden: int, layers: int, max_len: int) -> dict[str, nn.Module]:
@@ -277,9 +246,9 @@ def summarize(records: list[SpeedRecord]) -> dict[str, dict]:
 # (config, lengths to time): each shipped config's student at the lengths its config uses and, for
 # text, from 512 tokens; Whisper also at its native 1,500 positions (30 s of audio).
 SHIPPED = (
-    ("jobs/configs/minilm-rt-linformer.yaml", (64, 128, 512)),
-    ("jobs/configs/smollm2-austen-mamba2.yaml", (256, 512, 2048)),
-    ("jobs/configs/whisper-tiny-digits-bimamba2.yaml", (100, 1500)),
+    (SHIPPED_CONFIGS / "minilm-rt-linformer.yaml", (64, 128, 512)),
+    (SHIPPED_CONFIGS / "smollm2-austen-mamba2.yaml", (256, 512, 2048)),
+    (SHIPPED_CONFIGS / "whisper-tiny-digits-bimamba2.yaml", (100, 1500)),
 )
 DECODE_STEPS = 16
 
@@ -351,7 +320,7 @@ def _compiled_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats
 
 def run_shipped_benchmark(
     out_dir: str | Path,
-    shipped: tuple[tuple[str, tuple[int, ...]], ...] = SHIPPED,
+    shipped: tuple[tuple[str | Path, tuple[int, ...]], ...] = SHIPPED,
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     repeats: int = 3,
     log: Callable[[str], None] = _log.info,

@@ -1,1 +1,0 @@
-"""Evaluation: task metrics, speed and memory, plots."""
