@@ -173,7 +173,7 @@ def candidate_layouts(scores: list[float], search: LayoutSearch, seed: int) -> l
 
 def importance_identity(config: RunConfig, search: LayoutSearch) -> dict:
     """What the layers' importance depends on: the teacher's files, the plan, task, data and probe."""
-    return {"teacher": teacher_fingerprint(config.target_teacher or config.teacher), "plan": config.plan,
+    return {"teacher": teacher_fingerprint(config.target_teacher or config.teacher), "plan": config.plan.to_dict(),
             "task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data),
             "batch": config.train.batch_size, "probe_batches": search.probe_batches}
 
