@@ -21,7 +21,7 @@ from raylin.data.transcripts import (
 )
 from raylin.models.families import family_for, state_mask
 from raylin.train.evaluation import evaluate
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 
 from test_speech_data import require_synthesisers
 

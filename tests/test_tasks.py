@@ -12,7 +12,7 @@ from raylin.config import ConfigError, config_from_dict
 from raylin.data.tasks import finish_scores, load_task_data, load_task_model, score_sums, token_windows
 from raylin.distill.losses import causal_lm_loss
 from raylin.train.evaluation import evaluate
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 
 from conftest import require_asset
 

@@ -44,7 +44,7 @@ from raylin.models.student import load_student
 from raylin.train.batch import count_tokens, model_inputs
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import STUDENT_DIR, read_train_log
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 from raylin.train.trainer import fit
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ to, plan, data, align settings, the loss normalization, seed), not the guidance 
 distillation settings, so runs that differ only there (Tune trials, a benchmark's guidance modes)
 align once. A finished stage is reused when its fingerprint matches.
 
-A task holds only the blocks it aligns (``align.holds: blocks``, raylin.train.source.block_local_student):
+A task holds only the blocks it aligns (``align.holds: blocks``, raylin.train.student_build.block_local_student):
 they are built from those blocks' teacher weights alone, each exactly as in the whole student (a
 block's new weights have a seed of their own), so its memory follows blocks per task, not model
 size, and the aligned weights equal those of a task holding the whole student (``holds: model``).
@@ -67,7 +67,7 @@ from raylin.teacher.bank import unpack
 from raylin.train.batch import model_inputs
 from raylin.train.memory import peak_rss_mb
 from raylin.train.optim import adamw
-from raylin.train.source import assign_tensors, block_local_student, converted_student, held_blocks
+from raylin.train.student_build import assign_tensors, block_local_student, converted_student, held_blocks
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"

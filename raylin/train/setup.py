@@ -14,7 +14,7 @@ from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.guidance import GuidanceSchedule
 from raylin.train.align import load_aligned
 from raylin.train.optim import adamw
-from raylin.train.source import converted_student, sharded_student
+from raylin.train.student_build import converted_student, sharded_student
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RunParts:
 def build_run(config: RunConfig, device: torch.device, deepspeed_config: dict) -> RunParts:
     """Student (converted, then aligned when the align stage ran), data and task pieces for one
     worker. The same on every rank. Under ZeRO-3 the student is built already partitioned
-    (raylin.train.source.sharded_student): no worker holds the whole model."""
+    (raylin.train.student_build.sharded_student): no worker holds the whole model."""
     if config.train.zero_stage == 3:
         student, report, processor = sharded_student(config, deepspeed_config)
     else:
