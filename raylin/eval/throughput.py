@@ -36,7 +36,7 @@ from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import RunConfig, config_from_dict, read_yaml_file
 from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.data.text import GlobalBatches
+from raylin.data.batch_order import GlobalBatches
 from raylin.distill.losses import cald_losses
 from raylin.eval.plots import figure
 from raylin.models.families import state_mask

@@ -54,8 +54,8 @@ from transformers import AutoConfig
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
 from raylin.convert import freezable_copied_parameters
+from raylin.data.batch_order import GlobalBatches
 from raylin.data.tasks import load_task_data, prepare_task_data
-from raylin.data.text import GlobalBatches
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from raylin.config import RunConfig
+from raylin.data.batch_order import GlobalBatches
 from raylin.data.tasks import TaskData
-from raylin.data.text import GlobalBatches
 from raylin.distill.guidance import GuidanceSchedule, StepGuidance
 from raylin.teacher import TeacherOutput, TeacherRequest
 from raylin.train.run_files import checkpoints_at
