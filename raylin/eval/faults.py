@@ -47,7 +47,7 @@ from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig, config_from_dict
 from raylin.data.assets import asset_path
 from raylin.eval.cluster import local_cluster
-from raylin.faults import FAULT_ENV
+from raylin.fault_injection import FAULT_ENV
 from raylin.train.checkpoint import STATE_FILE
 from raylin.train.run_files import STUDENT_DIR, read_train_log
 from raylin.train.trainer import fit, storage_path

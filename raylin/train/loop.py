@@ -29,7 +29,7 @@ import torch
 
 from raylin.config import RunConfig, config_from_dict
 from raylin.distill.losses import cald_losses
-from raylin.faults import STALL_S, die, fires, requested_fault
+from raylin.fault_injection import FaultPlan
 from raylin.log import setup_logging
 from raylin.models.families import state_mask
 from raylin.teacher import open_teachers
@@ -56,11 +56,10 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 10  # steps between progress lines (and the last step)
 
 
-def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig, nan_fault: bool = False
-                 ) -> tuple[dict[str, float], int]:
+def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig) -> tuple[dict[str, float], int]:
     """One optimizer step on ``batch``: returns the loss parts averaged over workers and the tokens
     the step consumed across workers. Raises FloatingPointError (before the update) on a NaN or
-    infinite loss. ``nan_fault`` (fault injection) makes this step's loss NaN."""
+    infinite loss."""
     weights = batch.guidance.weights
     # 1. Student forward (speech features in the dtype it computes in); hidden states only when the
     #    layer loss reads them.
@@ -72,8 +71,6 @@ def distill_step(engine, batch: Batch, feed: BatchFeed, config: RunConfig, nan_f
     #    frames, or None (Whisper's mel frames all count).
     mask = state_mask(engine, batch.tensors)
     parts = cald_losses(config.task.type, config.loss, weights, out, teacher_out, batch.tensors, mask)
-    if nan_fault:
-        parts["loss"] = parts["loss"] * float("nan")
     # 4. Every part averaged over workers, and the global token count, in one all-reduce.
     names = list(parts)
     totals = sum_across_workers(torch.stack([parts[k].detach().float() for k in names] +
@@ -101,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     started = time.perf_counter()
-    fault = requested_fault()
+    faults = FaultPlan.from_env(config.output_dir, rank, world)  # fault injection (raylin.fault_injection)
 
     # Setup: the student, its optimizer in a DeepSpeed engine, the teachers and the batches.
     ds_config = deepspeed_config(config.train, world, device)
@@ -126,14 +123,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if tracker is not None:  # steps committed before a crash that the tracked run missed
             sync_tracker(tracker, output_dir, read_train_log(output_dir), resumed.step)
         for step in range(resumed.step, config.train.max_steps):
-            if rank == min(1, world - 1) and fires(fault, "crash", step, output_dir):
-                die()  # a worker dies without cleanup, as on a lost node
-            if rank == 0 and fires(fault, "stall", step, output_dir):
-                time.sleep(STALL_S)  # the run holds still while a test takes a node away
+            faults.before_step(step, engine.module)
             torch.manual_seed(config.train.seed * 1_000_003 + step * world + rank)  # dropout, resumable
             batch = feed.get(step)
-            nan_fault = rank == 0 and fires(fault, "nan", step, output_dir)
-            means, step_tokens = distill_step(engine, batch, feed, config, nan_fault)
+            means, step_tokens = distill_step(engine, batch, feed, config)
             tokens_seen += step_tokens
             if lit is not None and lit.update(step, means["loss"]) and rank == 0:
                 log.info("LIT: copied weights unfreeze at step %d", lit.unfrozen_at)
@@ -162,8 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if checkpoint_now:
                 state = replace(resumed, step=step + 1, tokens=tokens_seen, wall_s=wall_s,
                                 lit=lit.state_dict() if lit else None)
-                crash = rank == 0 and fires(fault, "crash-in-checkpoint", step + 1, output_dir)
-                staged = staged_checkpoint(engine, teachers, state, rank, done, output_dir, crash)
+                staged = staged_checkpoint(engine, teachers, state, rank, done, output_dir, faults.in_checkpoint)
             if evaluate_now or checkpoint_now:
                 # The step's one report: evaluation results reach Ray Tune's schedulers, and a checkpoint
                 # is registered once every worker has reported its part.
