@@ -30,7 +30,8 @@ class StudentWorker:
 
     def __init__(self, teacher: str, alpha_layer: float, batch: int, length: int):
         from raylin.convert import convert
-        from raylin.data.text import GlobalBatches, load_text_classification
+        from raylin.data.batch_order import GlobalBatches
+        from raylin.data.text import load_text_classification
         from raylin.models.teachers import load_teacher
 
         torch.set_num_threads(1)

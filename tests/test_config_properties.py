@@ -137,7 +137,7 @@ def one_step(config) -> dict[str, float]:
     ds_config = deepspeed_config(config.train, 1, device)
     run = build_run(config, device, ds_config)
     teachers = open_teachers(config, device, 0, 1)
-    feed = BatchFeed(config, run.data, run.schedule, teachers, device, 0, 1)
+    feed = BatchFeed.for_training(config, run.data, run.schedule, teachers, device, 0, 1)
     optimizer, scheduler, _ = build_optimizer(run.student, run.report, config)
     engine, *_ = deepspeed.initialize(model=run.student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     means, _ = distill_step(engine, feed.get(0), feed, config)

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from raylin.atomic import replace_folder, write_text_atomic
-from raylin.faults import fires
+from raylin.fault_injection import fires
 from raylin.fingerprint import fingerprint
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES, setup_logging
 from raylin.train.trainer import _worker_env

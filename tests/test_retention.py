@@ -215,7 +215,7 @@ def test_a_broad_data_alignment_runs_on_ray_and_differs_from_the_tasks_alone(tea
     broad = run_config(teachers, tmp_path / "broad", align=align, broad={"enabled": True, "examples": 256})
     plain = run_config(teachers, tmp_path / "plain", align=align)
     assert _fingerprint(broad) != _fingerprint(plain)
-    from raylin.data.text import GlobalBatches
+    from raylin.data.batch_order import GlobalBatches
 
     first_batch = GlobalBatches(256 + 256, 8, broad.data.seed + 1).indices(0)  # as run_align draws them
     assert any(i >= 256 for i in first_batch)  # broad examples follow the task's 256

@@ -23,7 +23,7 @@ from raylin.models.families import family_for, state_mask
 from raylin.scoring import error_counts, finish_scores, score_sums
 from raylin.tasks import TASK_KINDS
 from raylin.train.evaluation import evaluate
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 
 from test_speech_data import require_synthesisers
 

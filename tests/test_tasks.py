@@ -16,7 +16,7 @@ from raylin.distill.losses import causal_lm_loss
 from raylin.scoring import finish_scores, score_sums
 from raylin.tasks import TASK_KINDS, metric
 from raylin.train.evaluation import evaluate
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 
 from conftest import require_asset
 

@@ -217,7 +217,7 @@ def test_served_trajectory_teacher_matches_in_process(teachers, ray_cluster, tmp
 
 def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_cluster, tmp_path):
     from raylin.train.align import load_aligned, run_align
-    from raylin.train.source import converted_student
+    from raylin.train.student_build import converted_student
 
     config = run_config(teachers, tmp_path / "aligned", align={"enabled": True, "steps": 20, "num_workers": 2},
                         **{"teacher_service.cache": True, "teacher_service.cache_dir": str(tmp_path / "cache")})
@@ -248,7 +248,7 @@ def test_alignment_lowers_every_layer_mse_across_two_workers(teachers, ray_clust
 
 def test_runs_that_align_to_the_same_model_share_one_alignment_through_align_dir(teachers, ray_cluster, tmp_path):
     from raylin.train.align import aligned_dir, load_aligned, run_align
-    from raylin.train.source import converted_student
+    from raylin.train.student_build import converted_student
 
     align = {"enabled": True, "steps": 3, "num_workers": 2, "dir": str(tmp_path / "store")}
     first = run_config(teachers, tmp_path / "target", align=align)

@@ -21,9 +21,9 @@ from conftest import require_asset
 
 from raylin.config import ConfigError, config_from_dict
 from raylin.data import shards
+from raylin.data.batch_order import GlobalBatches
 from raylin.data.shards import MANIFEST, CorpusSource, TokenWindows, corpus_source, corpus_windows
 from raylin.data.tasks import _token_ids, load_task_data, token_windows
-from raylin.data.text import GlobalBatches
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 WORDS = ("the quiet river ran past a mill where seven sisters kept bees and argued about the price of wheat "
@@ -194,8 +194,8 @@ def test_a_corpus_run_reads_its_batches_from_the_shards(tmp_path, tokenizer, lm_
 READER = """
 import sys
 from raylin.config import config_from_dict
+from raylin.data.batch_order import GlobalBatches
 from raylin.data.tasks import load_task_data
-from raylin.data.text import GlobalBatches
 from raylin.models.teachers import load_processor
 import json
 config = config_from_dict(json.loads(sys.argv[1]))

@@ -16,7 +16,7 @@ from conftest import make_teacher, run_config
 
 from raylin.config import config_from_dict
 from raylin.train.deepspeed import deepspeed_config
-from raylin.train.source import converted_student, sharded_student
+from raylin.train.student_build import converted_student, sharded_student
 
 pytestmark = pytest.mark.assets
 

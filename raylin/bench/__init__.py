@@ -6,7 +6,7 @@
     quality.py     ``raylin bench quality``: teacher vs students on text, LM and speech (grids/quality.yaml)
     cluster.py     ``raylin bench cluster``: teacher traffic per node on simulated nodes
     scale.py       ``raylin bench scale``: align-task peaks, ZeRO memory, a 1.1B conversion
-    recovery.py    ``raylin bench faults``: the fault soak (faults injected by raylin.faults)
+    recovery.py    ``raylin bench faults``: the fault soak (faults injected by raylin.fault_injection)
 
 What they measure with lives outside this package, where the runs use it too: scores and retention
 in raylin.scoring, timings in raylin.timing, figures in raylin.plots. Nothing outside this package

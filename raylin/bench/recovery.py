@@ -1,7 +1,7 @@
 """``raylin bench faults``: how often a conversion survives each fault, at seeded random points.
 
 For every fault kind, ``trials`` short conversions (default 10) run with the fault injected once
-(raylin.faults) at a step drawn from the trial's seed, and each is compared with the uninterrupted
+(raylin.fault_injection) at a step drawn from the trial's seed, and each is compared with the uninterrupted
 run of the same config:
 
 | kind             | fault                                                  | survived when                        |
@@ -47,7 +47,7 @@ from raylin.assets import asset_path
 from raylin.atomic import write_text_atomic
 from raylin.bench.cluster import local_cluster
 from raylin.config import RunConfig, config_from_dict
-from raylin.faults import FAULT_ENV
+from raylin.fault_injection import FAULT_ENV
 from raylin.train.checkpoint import STATE_FILE
 from raylin.train.run_files import STUDENT_DIR, read_train_log
 from raylin.train.trainer import fit, storage_path
@@ -62,7 +62,7 @@ PER_NODE = {"cpus_per_worker": 1.5}  # one worker per node; the node's replica t
 
 @dataclass(frozen=True)
 class FaultKind:
-    """One kind of fault: the raylin.faults switch it sets and the steps it is drawn from."""
+    """One kind of fault: the raylin.fault_injection switch it sets and the steps it is drawn from."""
 
     fault: str  # the KIND of RAYLIN_TEST_FAULT
     steps: tuple[int, ...]  # the step S a trial's seed draws from

@@ -19,7 +19,7 @@ holds (its parameters, by ZeRO-3 partition, and the optimizer's master copies, g
 moments), next to DeepSpeed's own model-state estimate for that many parameters. It adds
 DeepSpeed's estimator table for Mamba2 hybrids of Llama-3.2-1B, Llama-3.1-8B and Llama-3.1-70B
 (parameters counted on the meta device) on 8 x 80 GB GPU nodes. At ZeRO-3 the student is built
-already partitioned (raylin.train.source.sharded_student). Limits: a worker's peak also holds the
+already partitioned (raylin.train.student_build.sharded_student). Limits: a worker's peak also holds the
 process baseline (torch, transformers, DeepSpeed, the Ray worker), DeepSpeed's buffers and a
 step's activations, which at 135M parameters are as large as the model states; DeepSpeed's
 estimates assume 16-bit training with fp32 master weights, the runs here are fp32.

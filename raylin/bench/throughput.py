@@ -37,7 +37,7 @@ from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import RunConfig, config_from_dict, read_yaml_file
 from raylin.errors import ConfigError
 from raylin.data.tasks import load_task_data, load_task_model
-from raylin.data.text import GlobalBatches
+from raylin.data.batch_order import GlobalBatches
 from raylin.distill.losses import cald_losses
 from raylin.models.families import state_mask
 from raylin.models.student import load_student
@@ -45,7 +45,7 @@ from raylin.plots import figure
 from raylin.train.batch import count_tokens, model_inputs
 from raylin.train.evaluation import evaluate
 from raylin.train.run_files import STUDENT_DIR, read_train_log
-from raylin.train.source import converted_student
+from raylin.train.student_build import converted_student
 from raylin.train.trainer import fit
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ as fixed-size shard files:
 ``key`` fingerprints the tokenizer, the source (local files by path, size and modification time;
 Hub sets by id, config, split and revision), the window length and the window cap, so a folder is
 built once and every worker, teacher replica and resumed run reads the same windows: window ``i``
-is a fixed row of a fixed file, and ``raylin.data.text.GlobalBatches`` addresses windows by step.
+is a fixed row of a fixed file, and ``raylin.data.batch_order.GlobalBatches`` addresses windows by step.
 Readers open the files with ``numpy.memmap``; a batch copies only its own rows, so a worker's
 memory does not grow with the corpus.
 

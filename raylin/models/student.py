@@ -57,7 +57,7 @@ class RaylinStudentConfig(PretrainedConfig):
         self.teacher_class = teacher_class
         self.plan = plan or {}
         # The teacher blocks this student holds (None: all). A student of some blocks is what a
-        # block-local align task trains (raylin.train.source.block_local_student); it is never saved.
+        # block-local align task trains (raylin.train.student_build.block_local_student); it is never saved.
         self.layer_ids = list(layer_ids) if layer_ids is not None else None
         super().__init__(**kwargs)
 

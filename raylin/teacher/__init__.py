@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from raylin.data.tasks import model_options
-from raylin.faults import requested_fault
+from raylin.fault_injection import requested_fault
 from raylin.fingerprint import fingerprint
 from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec, teacher_loader
 from raylin.teacher.activation_cache import teacher_fingerprint

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raylin.distill.losses import task_loss
-from raylin.faults import die, fires
+from raylin.fault_injection import FaultPlan
 from raylin.models.families import family_for, state_mask
 from raylin.models.teachers import load_teacher
 from raylin.optim import adamw
@@ -56,7 +56,7 @@ class TeacherSpec:
     cache_dir: str | None = None  # activation cache folder for fixed teachers (None: off)
     cache_max_bytes: int = 0
     data_key: str = ""  # identity of the data set and tokenisation (cache key)
-    fault: str | None = None
+    fault: str | None = None  # RAYLIN_TEST_FAULT (raylin.fault_injection) of the run, and its marker folder
     fault_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +156,7 @@ class TeacherBank:
         self.examples_forwarded = 0
         self.cache = ActivationCache(spec.cache_dir, spec.cache_max_bytes) if spec.cache_dir else None
         self._namespaces: dict[str, str] = {}
+        self.faults = FaultPlan(spec.fault, spec.fault_dir)
         if spec.source is not None:
             model = load(spec.source)
             model.train()
@@ -183,7 +184,7 @@ class TeacherBank:
 
     # ----- serving ----------------------------------------------------------------------------------
     def compute(self, request: TeacherRequest) -> TeacherOutput:
-        self._maybe_fault(request.step)
+        self.faults.before_teacher_request(request.step)
         inputs = {k: _from_numpy(v, None, self.device) for k, v in request.inputs.items()}
         if request.teacher == "trajectory":
             return self._trajectory(request, inputs)
@@ -335,7 +336,3 @@ class TeacherBank:
     def stats(self) -> dict[str, int]:
         stats = {"teacher_loads": self.loads, "teacher_forwards": self.forwards, "examples_forwarded": self.examples_forwarded}
         return stats | (self.cache.stats() if self.cache else {})
-
-    def _maybe_fault(self, step: int) -> None:
-        if fires(self.spec.fault, "teacher-crash", step, self.spec.fault_dir):
-            die()  # the replica's process dies mid-request, as on a lost node

@@ -6,14 +6,16 @@ Each student block i learns to map the teacher's input of block i to the teacher
 a causal LM's residual stream grows with depth, so without it a few large channels would decide).
 Blocks do not depend on each other here, so they are spread round-robin over ``align.num_workers``
 Ray tasks (a 24-layer model can use 24); every task reads the same teacher activations from the
-TeacherPool (``states="layer_io"``: exactly what each teacher block saw and produced), prefetching
-one batch ahead. The teacher is the
-model the student was converted from (the target teacher for target/hybrid guidance, else the
-pretrained one). By default only the new mixer weights learn (``align.parameters: new``); the
-copied weights already match the teacher. Linformer's length projections learn at
-``align.projection_lr``: they start N(0, 1), and at a linear layer's rate a short alignment leaves
-them where they started. Limit: with ``linformer.share: layer`` the one student-wide projection
-lives outside the blocks, so it is not aligned; it keeps its initialisation until distillation.
+TeacherPool (``states="layer_io"``: exactly what each teacher block saw and produced) through
+distillation's batch feed (``BatchFeed.for_alignment``: batches in an order of their own, the next
+one's request sent while these blocks train), and trains what distillation's parameter split
+(raylin.optim.copied_and_new) calls new. The teacher is the model the student was converted
+from (the target teacher for target/hybrid guidance, else the pretrained one). By default only the
+new mixer weights learn (``align.parameters: new``); the copied weights already match the teacher.
+Linformer's length projections learn at ``align.projection_lr``: they start N(0, 1), and at a
+linear layer's rate a short alignment leaves them where they started. Limit: with
+``linformer.share: layer`` the one student-wide projection lives outside the blocks, so it is not
+aligned; it keeps its initialisation until distillation.
 
 Writes ALIGNED/model.safetensors (the weights alignment trained: the new mixer weights, or the whole blocks with ``parameters: all``) and ALIGNED/align.json (per-layer
 MSE before and after, on a held-out batch); the distill stage loads them onto the freshly converted
@@ -23,10 +25,11 @@ to, plan, data, align settings, the loss normalization, seed), not the guidance 
 distillation settings, so runs that differ only there (Tune trials, a benchmark's guidance modes)
 align once. A finished stage is reused when its fingerprint matches.
 
-A task holds only the blocks it aligns (``align.holds: blocks``, raylin.train.source.block_local_student):
-they are built from those blocks' teacher weights alone, each exactly as in the whole student (a
-block's new weights have a seed of their own), so its memory follows blocks per task, not model
-size, and the aligned weights equal those of a task holding the whole student (``holds: model``).
+A task holds only the blocks it aligns (``align.holds: blocks``,
+raylin.train.student_build.block_local_student): they are built from those blocks' teacher
+weights alone, each exactly as in the whole student (a block's new weights have a seed of their
+own), so its memory follows blocks per task, not model size, and the aligned weights equal those
+of a task holding the whole student (``holds: model``).
 
 Limits: a task also holds what comes before and after the blocks (embeddings, final norm, task
 head): block inputs other than the hidden states (masks, rotary embeddings) are taken from the
@@ -52,25 +55,23 @@ from safetensors.torch import load_file, save_file
 
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
-from raylin.convert import freezable_copied_parameters
 from raylin.data.tasks import load_task_data, prepare_task_data
-from raylin.data.text import GlobalBatches
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
 from raylin.progress import append_record, follow
-from raylin.teacher import TeacherRequest, teacher_pool, teacher_spec
-from raylin.teacher.bank import unpack
-from raylin.train.batch import model_inputs
+from raylin.teacher import TeacherOutput, open_teachers, teacher_pool, teacher_spec
+from raylin.train.batch import Batch, BatchFeed
 from raylin.train.memory import peak_rss_mb
-from raylin.optim import adamw
-from raylin.train.source import assign_tensors, block_local_student, converted_student, held_blocks
+from raylin.optim import adamw, copied_and_new
+from raylin.train.student_build import assign_tensors, block_local_student, converted_student, held_blocks
 
 ALIGNED_DIR = "aligned"
 WEIGHTS_FILE = "model.safetensors"
 SUMMARY_FILE = "align.json"
 ALIGN_PROGRESS_DIR = ".align-progress"  # one JSON-lines file per align task: the driver shows the progress
+HELD_OUT_STEP = -1  # the step number of the held-out batch each block is scored on
 
 
 class _StopForward(Exception):
@@ -151,62 +152,25 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool, progress_file: s
         student, report, processor = converted_student(config)
     student.eval()  # no dropout: the target is a deterministic map
     blocks = {i: student.block(i) for i in layer_ids}
-    copied = {id(p) for p in freezable_copied_parameters(student, report)}
-    trained = {i: [p for p in blocks[i].parameters() if align.parameters == "all" or id(p) not in copied] for i in layer_ids}
-    for param in student.parameters():
-        param.requires_grad_(False)
-    params = [p for i in layer_ids for p in trained[i]]
-    for param in params:
-        param.requires_grad_(True)
-    projections = {id(m.weight) for i in layer_ids for m in blocks[i].modules() if isinstance(m, LinformerProjection)}
-    groups = [{"params": [p for p in params if id(p) not in projections], "lr": align.lr},
-              {"params": [p for p in params if id(p) in projections], "lr": align.projection_lr}]
-    groups = [group for group in groups if group["params"]]
-    optimizer = adamw(groups, weight_decay=0.0) if groups else None
-
+    params = trained_parameters(student, report, blocks, align.parameters)
+    optimizer = align_optimizer(params, blocks, align)
     data = load_task_data(config, processor, stage="align")  # with broad.enabled: task + broad examples
-    batches = GlobalBatches(data.num_train, align.batch_size, config.data.seed + 1)
-    replica = pool.replica()  # this node's replica
-    node_id = ray.get_runtime_context().get_node_id()
-
-    def request(step: int):
-        if step < 0:  # the held-out batch: the first eval examples (never cached: ids are training ids)
-            ids = None
-            inputs = model_inputs(data.eval_batch("", list(range(min(align.batch_size, data.eval_sets[""])))))
-        else:
-            ids = batches.indices(step)
-            inputs = model_inputs(data.train_batch(ids))
-        ref = replica.serve.remote(TeacherRequest(step, "target", {k: v.numpy() for k, v in inputs.items()}, example_ids=ids), node_id)
-        return inputs, ref
-
-    def block_losses(inputs, ref) -> dict[int, torch.Tensor]:
-        states = unpack(ray.get(ref)).hidden_states
-        args, kwargs = block_call_arguments(student, inputs)
-        losses, mask = {}, state_mask(student, inputs)
-        for i in layer_ids:
-            predicted = run_block(blocks[i], states[i].float(), args, kwargs)
-            losses[i] = layerwise_loss([predicted], [states[i + 1]], normalization=config.loss.normalization, mask=mask)
-        return losses
-
-    with torch.no_grad():
-        before = {i: v.item() for i, v in block_losses(*request(-1)).items()}
-    pending = request(0)
+    feed = BatchFeed.for_alignment(config, data, open_teachers(config, torch.device("cpu"), 0, 1, pool=pool))
+    held_out = min(align.batch_size, data.eval_sets[""])
+    before = held_out_losses(student, blocks, feed, held_out, config.loss.normalization)
     tokens = 0
     for step in range(align.steps):
-        current = pending
-        if step + 1 < align.steps:
-            pending = request(step + 1)  # the teacher serves the next batch while these blocks train
+        batch = feed.get(step)  # step+1's request goes out too: the teacher serves it while these blocks train
         if optimizer is None:
             continue
-        loss = sum(block_losses(*current).values())
+        loss = sum(block_losses(student, blocks, batch, feed.teacher_output(batch), config.loss.normalization).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress_file:
-            tokens += int(current[0]["attention_mask"].sum()) if "attention_mask" in current[0] else 0
+            tokens += int(batch.tensors["attention_mask"].sum()) if "attention_mask" in batch.tensors else 0
             append_record(progress_file, {"step": step + 1, "loss": loss.item(), "tokens": tokens})
-    with torch.no_grad():
-        after = {i: v.item() for i, v in block_losses(*request(-1)).items()}
+    after = held_out_losses(student, blocks, feed, held_out, config.loss.normalization)
     # The weights that learned (the rest of each block is the conversion's, which the distill stage
     # rebuilds), named as in the whole student (a block-local student's block j is teacher block layer_ids[j]).
     held = held_blocks(student)
@@ -216,6 +180,53 @@ def align_layers(config_dict: dict, layer_ids: list[int], pool, progress_file: s
     peak_mb = peak_rss_mb()
     return {"layers": {i: {"mse_before": before[i], "mse_after": after[i]} for i in layer_ids}, "state": state,
             "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1)}
+
+
+def trained_parameters(student: torch.nn.Module, report, blocks: dict[int, torch.nn.Module], which: str
+                       ) -> list[torch.nn.Parameter]:
+    """The weights alignment trains in ``blocks``, block by block: the new ones (``align.parameters:
+    new``; the copied ones already match the teacher) or all of them. They alone get gradients."""
+    new = {id(p) for p in copied_and_new(student, report).new}
+    params = [p for block in blocks.values() for p in block.parameters() if which == "all" or id(p) in new]
+    for param in student.parameters():
+        param.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def align_optimizer(params: list[torch.nn.Parameter], blocks: dict[int, torch.nn.Module], align
+                    ) -> torch.optim.Optimizer | None:
+    """AdamW over ``params`` at ``align.lr``, Linformer's length projections at ``align.projection_lr``;
+    None when the blocks have nothing to train."""
+    projections = {id(m.weight) for block in blocks.values() for m in block.modules()
+                   if isinstance(m, LinformerProjection)}
+    groups = [{"params": [p for p in params if id(p) not in projections], "lr": align.lr},
+              {"params": [p for p in params if id(p) in projections], "lr": align.projection_lr}]
+    groups = [group for group in groups if group["params"]]
+    return adamw(groups, weight_decay=0.0) if groups else None
+
+
+def block_losses(student: torch.nn.Module, blocks: dict[int, torch.nn.Module], batch: Batch, teacher: TeacherOutput,
+                 normalization: str) -> dict[int, torch.Tensor]:
+    """Each block's masked MSE between its output for the teacher's input of that block and the
+    teacher's output of it (``teacher``: every block's input and output, ``states="layer_io"``)."""
+    inputs, states = batch.inputs, teacher.hidden_states
+    args, kwargs = block_call_arguments(student, inputs)
+    losses, mask = {}, state_mask(student, inputs)
+    for i, block in blocks.items():
+        predicted = run_block(block, states[i].float(), args, kwargs)
+        losses[i] = layerwise_loss([predicted], [states[i + 1]], normalization=normalization, mask=mask)
+    return losses
+
+
+def held_out_losses(student: torch.nn.Module, blocks: dict[int, torch.nn.Module], feed: BatchFeed, count: int,
+                    normalization: str) -> dict[int, float]:
+    """``block_losses`` on the first ``count`` held-out examples (batch -1: never a training step)."""
+    batch = feed.held_out(HELD_OUT_STEP, count)
+    with torch.no_grad():
+        losses = block_losses(student, blocks, batch, feed.teacher_output(batch), normalization)
+    return {i: v.item() for i, v in losses.items()}
 
 
 def run_align(config: RunConfig) -> dict:

@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ import torch
 
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig
-from raylin.faults import die
 from raylin.fingerprint import fingerprint
 from raylin.train.collective import barrier
 from raylin.train.run_files import STUDENT_DIR
@@ -88,10 +87,11 @@ def restore(engine, teachers, lit, config: RunConfig, rank: int) -> TrainerState
 
 @contextmanager
 def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: bool, output_dir: Path,
-                      crash: bool = False) -> Iterator[ray.train.Checkpoint]:
+                      halfway: Callable[[int], None] | None = None) -> Iterator[ray.train.Checkpoint]:
     """This worker's part of a checkpoint, written and handed out to be reported (Ray Train copies
     it into storage at ``ray.train.report``), then removed. ``final`` adds the transformers-format
-    student. ``crash`` (fault injection) ends the process half-way.
+    student. ``halfway(step)`` runs once the engine's state is written (fault injection:
+    ``FaultPlan.in_checkpoint`` ends the process there).
 
     Each rank stages in one fixed folder of the run (OUTPUT_DIR/.checkpoint-staging/rank<R>), emptied
     before every save: a worker killed mid-write leaves at most that folder, not a temp dir per crash."""
@@ -101,8 +101,8 @@ def staged_checkpoint(engine, teachers, state: TrainerState, rank: int, final: b
     folder.mkdir(parents=True)
     try:
         engine.save_checkpoint(str(folder), tag="engine")
-        if crash:
-            die()  # dies half-way through writing a checkpoint
+        if halfway is not None:
+            halfway(state.step)
         teacher_state = teachers.state_dict()
         if teacher_state:
             torch.save(teacher_state, folder / f"teacher_rank{rank}.pt")

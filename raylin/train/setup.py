@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from raylin.config import RunConfig
-from raylin.convert import freezable_copied_parameters
 from raylin.data.tasks import TaskData, load_task_data
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.guidance import GuidanceSchedule
-from raylin.optim import adamw
+from raylin.optim import adamw, copied_and_new
 from raylin.train.align import load_aligned
-from raylin.train.source import converted_student, sharded_student
+from raylin.train.student_build import converted_student, sharded_student
 
 
 @dataclass
@@ -29,7 +28,7 @@ class RunParts:
 def build_run(config: RunConfig, device: torch.device, deepspeed_config: dict) -> RunParts:
     """Student (converted, then aligned when the align stage ran), data and task pieces for one
     worker. The same on every rank. Under ZeRO-3 the student is built already partitioned
-    (raylin.train.source.sharded_student): no worker holds the whole model."""
+    (raylin.train.student_build.sharded_student): no worker holds the whole model."""
     if config.train.zero_stage == 3:
         student, report, processor = sharded_student(config, deepspeed_config)
     else:
@@ -51,9 +50,7 @@ def build_optimizer(student: torch.nn.Module, report, config: RunConfig):
     LIT unfreezes them, their rate scaled by LIT's multiplier) and the rest; empty groups are left
     out (DeepSpeed drops them: teacher fine-tuning, for one, copies everything). With
     ``freeze.until: end`` the copied weights stay out of the optimizer and never get gradients."""
-    copied = freezable_copied_parameters(student, report)
-    copied_ids = {id(p) for p in copied}
-    others = [p for p in student.parameters() if id(p) not in copied_ids]
+    copied, others = copied_and_new(student, report)
     lit = None
     if config.freeze.copied and config.freeze.until == "end":  # frozen for good: no gradients, no optimizer state
         for param in copied:
