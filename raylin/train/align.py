@@ -60,11 +60,11 @@ from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask
 from raylin.models.mixers import LinformerProjection
+from raylin.optim import adamw, copied_and_new
 from raylin.progress import append_record, follow
 from raylin.teacher import TeacherOutput, open_teachers, teacher_pool, teacher_spec
 from raylin.train.batch import Batch, BatchFeed
 from raylin.train.memory import peak_rss_mb
-from raylin.optim import adamw, copied_and_new
 from raylin.train.student_build import assign_tensors, block_local_student, converted_student, held_blocks
 
 ALIGNED_DIR = "aligned"
