@@ -30,6 +30,7 @@ from raylin.models.families import family_for_config
 from raylin.models.plan import Plan, PlanError
 from raylin.models.teachers import resolve_teacher_path
 from raylin.paths import unwritable_reason
+from raylin.task_model import WHISPER_POSITIONS_PER_SECOND
 from raylin.tasks import TASKS, TaskKind, task_kind
 from raylin.tracking import check_tracking
 
@@ -696,9 +697,6 @@ def _check_teacher_pair(config: RunConfig, source, tuned, need) -> None:
          "(OUTPUT_DIR/teacher), or teacher to the model it was fine-tuned from.")
 
 
-WHISPER_FRAMES_PER_SECOND = 50  # encoder positions per second of audio (100 mel frames, halved by the stride-2 conv)
-
-
 def _check_lengths(config: RunConfig, family, teacher_config, need) -> None:
     """The inputs' length against what the teacher takes: data.max_length tokens within its
     positions (text), data.max_seconds (the crop of a classified clip) within the Whisper encoder's window."""
@@ -709,7 +707,7 @@ def _check_lengths(config: RunConfig, family, teacher_config, need) -> None:
              f"max_position_embeddings of {family.name}); set data.max_length to at most {longest}.")
     crops = config.task.type in TASKS and config.task_kind.classifies  # CTC clips are never cropped
     if family.name == "whisper" and longest and crops:
-        seconds = longest / WHISPER_FRAMES_PER_SECOND
+        seconds = longest / WHISPER_POSITIONS_PER_SECOND
         need(config.data.max_seconds <= seconds,
              f"data.max_seconds {config.data.max_seconds:g} is longer than the Whisper encoder hears ({seconds:g} s: "
              f"{longest} positions); set data.max_seconds to at most {seconds:g}.")

@@ -36,7 +36,8 @@ from raylin.assets import cache_dir
 from raylin.atomic import replace_folder, write_text_atomic
 from raylin.config import ConfigError, RunConfig, dump_config, recorded_config, teacher_run
 from raylin.data.eval_sets import preload_eval_sets, resolve_eval_sets
-from raylin.data.tasks import load_task_data, load_task_model
+from raylin.data.task_data import load_task_data
+from raylin.task_model import load_task_model
 from raylin.fingerprint import dotted, fingerprint
 from raylin.models.student import load_student
 from raylin.run_lock import LOCK_FILE, hold_output_dir

@@ -2,7 +2,7 @@
 
 Code that behaves differently per task asks a question of the task's ``TaskKind`` (is it speech?
 does it transcribe? is its head pretrained?) instead of comparing task names, so adding a task
-means adding one entry here and its data pipeline, loss and score (raylin.data.tasks, raylin.scoring,
+means adding one entry here and its data pipeline, loss and score (raylin.data.task_data, raylin.scoring,
 raylin.distill.losses), which dispatch on the same properties. The entry also holds the task's data
 sets (with the evaluation sets each is scored on by default), its built-in evaluation sets, its
 broad-data default and its metrics; ``METRICS`` holds each metric's direction.

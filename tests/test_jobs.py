@@ -117,7 +117,7 @@ def test_ray_job_submit_converts_refuses_a_double_submit_and_evaluates_on_a_ray_
 
     import raylin
     from raylin.config import config_from_dict
-    from raylin.data.tasks import load_task_data
+    from raylin.data.task_data import load_task_data
     from raylin.run_lock import LOCK_FILE
     from raylin.train.evaluation import evaluate
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import require_asset, run_config
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import load_task_data
+from raylin.data.task_data import load_task_data
 from raylin.scoring import finish_scores, retention, retention_table
 from raylin.tasks import METRICS, TASK_KINDS
 
@@ -185,7 +185,8 @@ def test_broad_data_is_checked_before_anything_runs(teachers, tmp_path):
 
 def test_speech_broad_data_joins_the_align_stage_and_copies_join_distillation(tmp_path):
     require_asset("whisper-tiny-en")
-    from raylin.data.tasks import NO_LABEL, load_task_model
+    from raylin.data.task_data import NO_LABEL
+    from raylin.task_model import load_task_model
 
     config = config_from_dict({
         "teacher": "asset:whisper-tiny-en", "output_dir": str(tmp_path / "o"), "plan": {"mixer": "bimamba2"},

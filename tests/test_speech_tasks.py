@@ -15,7 +15,7 @@ import transformers
 
 from conftest import make_teacher
 from raylin.config import ConfigError, config_from_dict
-from raylin.data.tasks import load_task_data
+from raylin.data.task_data import load_task_data
 from raylin.data.transcripts import (
     BLANK_ID, CTC_VOCAB, DELIMITER_ID, encode_transcripts, greedy_decode, ids_to_text, normalize_transcript,
 )
@@ -106,7 +106,7 @@ def test_text_state_mask_is_the_attention_mask_and_whisper_has_none():
 
 def test_ctc_student_keeping_every_attention_layer_scores_exactly_like_the_teacher(ctc_teacher):
     require_synthesisers()
-    from raylin.data.tasks import load_task_model
+    from raylin.task_model import load_task_model
 
     config = _config(ctc_teacher, **{"max_eval_examples": 24})
     keep_all = dataclasses.replace(config, plan={"mixer": "bimamba2", "keep_attention": [0, 1]})
@@ -127,7 +127,7 @@ def test_ctc_student_keeping_every_attention_layer_scores_exactly_like_the_teach
 
 
 def test_ctc_refuses_whisper_and_a_foreign_ctc_vocabulary(tmp_path):
-    from raylin.data.tasks import load_task_model
+    from raylin.task_model import load_task_model
 
     model = make_teacher("wav2vec2")  # its CTC head has 20 outputs
     model.save_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""Task pipelines (raylin.data.tasks): language modelling on Jane Austen, spoken digits on a shortened
+"""Task pipelines (raylin.data.task_data): language modelling on Jane Austen, spoken digits on a shortened
 Whisper encoder, and the metrics both report."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 
 from raylin.config import ConfigError, config_from_dict
 from raylin.data.eval_sets import SPEECH_BUILTINS, TEXT_BUILTINS
-from raylin.data.tasks import SHARDED_CORPORA, load_task_data, load_task_model, token_windows
+from raylin.data.task_data import SHARDED_CORPORA, load_task_data, token_windows
+from raylin.task_model import load_task_model
 from raylin.data.text import DATASETS
 from raylin.distill.losses import causal_lm_loss
 from raylin.scoring import finish_scores, score_sums
@@ -70,7 +71,7 @@ def test_lm_token_ids_are_cached_per_tokenizer_and_text(tmp_path, monkeypatch):
     require_asset("smollm2-135m")
     from transformers import AutoTokenizer
 
-    from raylin.data.tasks import _token_ids
+    from raylin.data.task_data import _token_ids
     from raylin.models.teachers import resolve_teacher_path
 
     monkeypatch.setenv("RAYLIN_CACHE", str(tmp_path))

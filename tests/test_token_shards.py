@@ -23,7 +23,7 @@ from raylin.config import ConfigError, config_from_dict
 from raylin.data import shards
 from raylin.data.batch_order import GlobalBatches
 from raylin.data.shards import MANIFEST, CorpusSource, TokenWindows, corpus_source, corpus_windows
-from raylin.data.tasks import _token_ids, load_task_data, token_windows
+from raylin.data.task_data import _token_ids, load_task_data, token_windows
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 WORDS = ("the quiet river ran past a mill where seven sisters kept bees and argued about the price of wheat "
@@ -195,7 +195,7 @@ READER = """
 import sys
 from raylin.config import config_from_dict
 from raylin.data.batch_order import GlobalBatches
-from raylin.data.tasks import load_task_data
+from raylin.data.task_data import load_task_data
 from raylin.models.teachers import load_processor
 import json
 config = config_from_dict(json.loads(sys.argv[1]))
@@ -217,7 +217,7 @@ def test_worker_memory_stays_flat_when_the_corpus_grows_tenfold(tmp_path, tokeni
         path = write_corpus(tmp_path / f"corpus-{scale}", "jsonl", documents(3_000 * scale, seed=scale, longest=400),
                             files=scale)
         config = corpus_config(lm_teacher, tmp_path, path, heldout)
-        load_task_data(config, tokenizer)  # built here, on the driver, as raylin.data.tasks.prepare_task_data does
+        load_task_data(config, tokenizer)  # built here, on the driver, as raylin.data.task_data.prepare_task_data does
         result = subprocess.run([sys.executable, "-c", READER, json.dumps(config.to_dict())], capture_output=True, text=True,
                                 check=True)
         peaks.append(int(result.stdout.split()[-1]) * 1024)

@@ -39,7 +39,7 @@ from raylin.atomic import write_text_atomic
 from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict
 from raylin.convert import convert
-from raylin.data.tasks import WHISPER_POSITIONS_PER_SECOND, load_task_model
+from raylin.task_model import WHISPER_POSITIONS_PER_SECOND, load_task_model
 from raylin.models.families import family_for
 from raylin.plots import colours, figure
 from raylin.tasks import task_kind

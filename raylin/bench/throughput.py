@@ -36,7 +36,8 @@ from raylin.atomic import replace_folder, write_text_atomic
 from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import RunConfig, config_from_dict, read_yaml_file
 from raylin.errors import ConfigError
-from raylin.data.tasks import load_task_data, load_task_model
+from raylin.data.task_data import load_task_data
+from raylin.task_model import load_task_model
 from raylin.data.batch_order import GlobalBatches
 from raylin.distill.losses import cald_losses
 from raylin.models.families import state_mask

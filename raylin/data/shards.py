@@ -319,7 +319,7 @@ def corpus_windows(data, tokenizer, source: CorpusSource, role: str, max_windows
     """The windows of ``source``'s ``role`` split: opened if built, else built first (once: concurrent
     callers wait for the first, across processes and nodes sharing the folder). Building joins the
     running Ray cluster, or starts a local one; raylin builds on the driver before any worker or
-    teacher replica starts (``raylin.data.tasks.prepare_task_data``), as Ray Data's tasks need free CPUs."""
+    teacher replica starts (``raylin.data.task_data.prepare_task_data``), as Ray Data's tasks need free CPUs."""
     folder = shards_root(data) / shard_key(tokenizer, source, role, data.max_length, max_windows)
     if not (folder / MANIFEST).is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from raylin.data.tasks import model_options
+from raylin.task_model import model_options
 from raylin.fault_injection import requested_fault
 from raylin.fingerprint import fingerprint
 from raylin.teacher.bank import TeacherOutput, TeacherRequest, TeacherSpec, teacher_loader

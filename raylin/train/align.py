@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 
 from raylin.atomic import replace_folder
 from raylin.config import RunConfig, config_from_dict
-from raylin.data.tasks import load_task_data, prepare_task_data
+from raylin.data.task_data import load_task_data, prepare_task_data
 from raylin.distill.losses import layerwise_loss
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for, family_for_config, state_mask

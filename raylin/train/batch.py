@@ -21,7 +21,7 @@ import torch
 
 from raylin.config import RunConfig
 from raylin.data.batch_order import GlobalBatches
-from raylin.data.tasks import TaskData
+from raylin.data.task_data import TaskData
 from raylin.distill.guidance import GuidanceSchedule, StepGuidance
 from raylin.distill.losses import LossWeights
 from raylin.teacher import TeacherOutput, TeacherRequest

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from raylin.config import RunConfig
-from raylin.data.tasks import TaskData
+from raylin.data.task_data import TaskData
 from raylin.models.families import state_mask
 from raylin.scoring import finish_scores, score_sums, score_width
 from raylin.train.batch import model_inputs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from raylin.config import RunConfig
-from raylin.data.tasks import TaskData, load_task_data
+from raylin.data.task_data import TaskData, load_task_data
 from raylin.distill.freezing import LossImprovementThreshold
 from raylin.distill.guidance import GuidanceSchedule
 from raylin.optim import adamw, copied_and_new

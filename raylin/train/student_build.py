@@ -24,7 +24,7 @@ from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
 from raylin.config import RunConfig
 from raylin.convert import TensorRecord, TransferReport, convert
-from raylin.data.tasks import load_task_model
+from raylin.task_model import load_task_model
 from raylin.models.families import BlockSubset, family_for_config
 from raylin.models.student import RaylinStudent
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from raylin.atomic import write_text_atomic
 from raylin.config import RunConfig
-from raylin.data.tasks import prepare_task_data
+from raylin.data.task_data import prepare_task_data
 from raylin.errors import ConfigError, RayClusterUnreachable
 from raylin.log import LEVEL_ENV, QUIET_LIBRARIES
 from raylin.progress import follow

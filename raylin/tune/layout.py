@@ -51,7 +51,8 @@ from raylin.assets import cache_dir
 from raylin.atomic import write_text_atomic
 from raylin.config import ConfigError, RunConfig
 from raylin.convert import convert
-from raylin.data.tasks import load_task_data, load_task_model
+from raylin.data.task_data import load_task_data
+from raylin.task_model import load_task_model
 from raylin.fingerprint import fingerprint
 from raylin.models.families import family_for
 from raylin.plots import figure

@@ -67,7 +67,7 @@ from raylin.config import (
     dump_config,
     read_yaml_file,
 )
-from raylin.data.tasks import prepare_task_data
+from raylin.data.task_data import prepare_task_data
 from raylin.distill.guidance import GUIDANCE_MODES
 from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path

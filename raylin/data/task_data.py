@@ -1,5 +1,6 @@
-"""Task pipelines: for each ``task.type``, the data a run trains and scores on, how one batch is
-built from example indices; the held-out metric is scored by raylin.scoring.
+"""A task's data: for each ``task.type``, the data a run trains and scores on, and how one batch is
+built from example indices. The model with the task's head is raylin.task_model; the held-out
+metric is scored by raylin.scoring; what each task is, raylin.tasks.
 
 | task.type                | data.name                                  | batch                                   | metric     |
 |--------------------------|--------------------------------------------|-----------------------------------------|------------|
@@ -23,7 +24,7 @@ Tomatoes student, flite and Festival for spoken digits, fortunes for an Austen l
 local or Hub source) are extra names in ``TaskData.eval_sets``, scored at the end of a run and
 reported as ``eval_<name>_<metric>``. CTC targets are characters of raylin's vocabulary (raylin.data.transcripts);
 the held-out word error rate decodes greedily (best path). CTC needs a model class with a CTC head
-(Wav2Vec2, HuBERT); the Whisper encoder has none.
+(Wav2Vec2, HuBERT; raylin.task_model refuses the Whisper encoder, which has none).
 
 Every batch is built on the CPU from example indices only, so any worker, the teacher service and
 a resumed run build exactly the same batch for the same indices.
@@ -31,14 +32,12 @@ a resumed run build exactly the same batch for the same indices.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, WhisperFeatureExtractor
 
 from raylin.assets import cache_dir
 from raylin.atomic import save_atomic
@@ -50,63 +49,11 @@ from raylin.data.limits import eval_rows, subset_rows, train_rows
 from raylin.data.shards import PILE, TokenWindows, corpus_source, corpus_windows
 from raylin.data.speech import DIGITS, load_spoken_digits
 from raylin.data.text import load_splits, tokenize
-from raylin.data.transcripts import (
-    BLANK_ID,
-    CTC_VOCAB,
-    check_ctc_head,
-    encode_transcripts,
-)
+from raylin.data.transcripts import encode_transcripts
 from raylin.fingerprint import fingerprint
-from raylin.models.teachers import load_processor, load_teacher, resolve_teacher_path
+from raylin.models.teachers import load_processor, resolve_teacher_path
 
 SHARDED_CORPORA = ("pile", "corpus")  # read through token shards
-WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's strided conv
-
-
-
-
-# ----- models -----------------------------------------------------------------------------------
-
-
-def model_options(config, path: str) -> dict[str, Any]:
-    """What ``load_teacher`` needs to load ``path`` as this run's model: the class with the task head,
-    the number of labels, and for Whisper the positions of ``data.max_seconds`` of audio."""
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(path))
-    model_type = getattr(teacher_config, "model_type", None)
-    kind = config.task_kind
-    options: dict[str, Any] = {"model_class": kind.model_class}
-    if kind.transcribes:
-        if model_type == "whisper":
-            raise ValueError("task.type ctc needs a model with a CTC head (Wav2Vec2, HuBERT); the Whisper encoder has "
-                             "none. Use utterance_classification with Whisper.")
-        check_ctc_head(teacher_config)
-        options |= {"vocab_size": len(CTC_VOCAB), "pad_token_id": BLANK_ID}
-    elif kind.classifies:
-        options["num_labels"] = config.task.num_labels
-    if model_type == "whisper":
-        # A shorter encoder: the position table is cut (re-made as the same sinusoids on load).
-        options["max_source_positions"] = int(math.ceil(config.data.max_seconds * WHISPER_POSITIONS_PER_SECOND))
-        options["ignore_mismatched_sizes"] = True
-    return options
-
-
-def load_task_model(config, path: str, blocks=None):
-    """The model at ``path`` with this run's task head, and its tokenizer / feature extractor.
-    ``blocks``: only these teacher blocks (see ``load_teacher``)."""
-    options = model_options(config, path)
-    model, processor = load_teacher(path, blocks=blocks, **options)
-    if config.task_kind.classifies and model.config.model_type == "whisper":
-        processor = whisper_feature_extractor(path, config.data.max_seconds)
-    return model, processor
-
-
-def whisper_feature_extractor(path: str, max_seconds: float):
-    """Whisper's log-mel features for ``max_seconds`` windows instead of 30 s."""
-    extractor = WhisperFeatureExtractor.from_pretrained(resolve_teacher_path(path))
-    extractor.chunk_length = max_seconds
-    extractor.n_samples = int(round(max_seconds * extractor.sampling_rate))
-    extractor.nb_max_frames = extractor.n_samples // extractor.hop_length
-    return extractor
 
 
 # ----- data -------------------------------------------------------------------------------------
