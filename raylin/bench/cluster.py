@@ -42,6 +42,7 @@ from raylin.bench import SHIPPED_CONFIGS
 from raylin.config import config_from_dict
 from raylin.models.teachers import paper_teacher_architecture
 from raylin.plots import figure
+from raylin.tasks import TASK_KINDS
 from raylin.teacher.bank import COMPACT_DTYPES
 from raylin.train.run_files import read_train_log
 from raylin.train.trainer import TEACHER_STATS, fit
@@ -157,7 +158,8 @@ def paper_extrapolation(configs: Path = PAPER_CONFIGS) -> list[dict]:
         layers = loss.get("layers")
         states = (len(layers) if layers else teacher.num_hidden_layers + 1) if loss.get("alpha_layer", 1.0) > 0 else 0
         # Per-position logits (causal LM, CTC) when the KL term is on; a classifier's are per example.
-        per_position_logits = data.get("task", {}).get("type") in ("causal_lm", "ctc")
+        kind = TASK_KINDS[data.get("task", {}).get("type", "sequence_classification")]
+        per_position_logits = kind.language_model or kind.transcribes
         logits = teacher.vocab_size if loss.get("alpha_out", 0.0) > 0 and per_position_logits else 0
         positions = train["batch_size"] // train["num_workers"] * length
         per_worker = positions * (states * teacher.hidden_size + logits) * element

@@ -52,6 +52,7 @@ from raylin.data.text import load_splits, tokenize
 from raylin.data.transcripts import encode_transcripts
 from raylin.fingerprint import fingerprint
 from raylin.models.teachers import load_processor, resolve_teacher_path
+from raylin.tasks import TaskKind
 
 SHARDED_CORPORA = ("pile", "corpus")  # read through token shards
 
@@ -66,7 +67,7 @@ class TaskData:
     indices)``: the task's batch function (``text_classification_batch``, ``language_model_batch``,
     ``speech_batch``) bound to its data."""
 
-    task: str
+    task: TaskKind
     num_train: int
     eval_sets: dict[str, int]  # held-out set name ("" = the main one) -> number of examples
     builder: Any = field(repr=False)
@@ -108,7 +109,7 @@ def _text_classification(config, tokenizer, broad: bool) -> TaskData:
         sets["train"] = (splits.train_texts + texts, splits.train_labels + [NO_LABEL] * len(texts))
     extra = {entry.name: load_text_set(entry, config) for entry in resolve_eval_sets(config)}
     sets |= extra
-    return TaskData("sequence_classification", len(sets["train"][0]),
+    return TaskData(config.task_kind, len(sets["train"][0]),
                     {"": len(splits.eval_texts)} | {name: len(texts) for name, (texts, _) in extra.items()},
                     partial(text_classification_batch, sets, tokenizer, data.max_length))
 
@@ -165,7 +166,7 @@ def _language_modelling(config, tokenizer, broad: bool) -> TaskData:
         rows = subset_rows(len(stream), entry.max_examples)
         extra[entry.name] = stream if rows is None else stream[rows]
     windows |= extra
-    return TaskData("causal_lm", len(windows["train"]), {"": len(windows["eval"])} | {k: len(v) for k, v in extra.items()},
+    return TaskData(config.task_kind, len(windows["train"]), {"": len(windows["eval"])} | {k: len(v) for k, v in extra.items()},
                     partial(language_model_batch, windows))
 
 
@@ -239,7 +240,7 @@ def _speech(config, processor, broad: bool, copies: int) -> TaskData:
     whisper = type(processor).__name__ == "WhisperFeatureExtractor"
     sets |= extra
     eval_sets = {"": len(sets["eval"][0])} | {name: len(sets[name][0]) for name in extra}
-    return TaskData(kind.name, len(sets["train"][0]), eval_sets,
+    return TaskData(kind, len(sets["train"][0]), eval_sets,
                     partial(speech_batch, sets, processor, max_samples, whisper, kind.transcribes))
 
 
