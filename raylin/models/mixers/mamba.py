@@ -35,14 +35,15 @@ class MambaOptions(MixerOptions):
     ("auto": hidden_size / 16, rounded up)."""
 
     section: ClassVar[str] = "mamba"
-    expand: int = 2
+    expand: float = 2  # inner width = int(expand * hidden_size); fractions allowed (2.5)
     state_size: int = 16
     conv_kernel: int = 4
     dt_rank: int | str = "auto"
     use_bias: bool = False
 
     def check(self) -> None:
-        self._positive("expand", "state_size", "conv_kernel")
+        self._positive("state_size", "conv_kernel")
+        self._above_zero("expand")
         if isinstance(self.dt_rank, str) and self.dt_rank != "auto" or isinstance(self.dt_rank, int) and self.dt_rank < 1:
             raise ValueError(f"plan.mamba.dt_rank must be 'auto' or an integer >= 1, got {self.dt_rank!r}.")
 

@@ -33,7 +33,7 @@ class Mamba2Options(MixerOptions):
     sharing B and C; ``chunk_size`` tokens per SSD chunk."""
 
     section: ClassVar[str] = "mamba2"
-    expand: int = 1
+    expand: float = 1  # inner width = int(expand * hidden_size); it must split into heads of head_dim
     head_dim: int | None = None
     state_size: int = 64
     n_groups: int = 1
@@ -42,7 +42,8 @@ class Mamba2Options(MixerOptions):
     use_bias: bool = False
 
     def check(self) -> None:
-        self._positive("expand", "head_dim", "state_size", "n_groups", "chunk_size", "conv_kernel")
+        self._positive("head_dim", "state_size", "n_groups", "chunk_size", "conv_kernel")
+        self._above_zero("expand")
 
     def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:
         return Mamba2Mixer(mamba2_config(teacher.hidden_size, teacher.num_layers, self), layer_idx)

@@ -88,6 +88,8 @@ class MixerOptions:
             allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
             if isinstance(value, bool) and bool not in allowed:
                 ok = False
+            elif isinstance(value, int) and float in allowed:  # a whole number is a float too (expand: 2)
+                ok = True
             else:
                 ok = any(value is None if kind is type(None) else isinstance(value, kind) for kind in allowed)
             if not ok:
@@ -100,6 +102,12 @@ class MixerOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"plan.{self.section}.{name} must be >= 1, got {value}.")
+
+    def _above_zero(self, *names: str) -> None:
+        """ValueError unless every named option is > 0."""
+        for name in names:
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ValueError(f"plan.{self.section}.{name} must be > 0, got {getattr(self, name)}.")
 
     # ----- what a subclass states -------------------------------------------------------------
     def check(self) -> None:
