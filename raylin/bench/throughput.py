@@ -116,7 +116,7 @@ def plain_throughput(config: RunConfig, steps: int, warmup: int) -> ThroughputRe
     data = load_task_data(config, processor)
     batches = GlobalBatches(data.num_train, config.train.batch_size, config.data.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    weights = config.loss_weights()
+    weights = config.schedule.weights
     hidden = weights.layer > 0
     tokens, started, first_loss = 0, 0.0, None
     for step in range(steps):
