@@ -62,7 +62,7 @@ def test_relative_paths_mean_the_same_inside_trials(teachers, tmp_path, monkeypa
     assert trial.output_dir.startswith(str(tmp_path / "out"))
 
 
-def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_its_best_config_converts(teachers, tmp_path):
+def test_sweep_stops_weak_trials_shares_the_teacher_resumes_and_writes_a_best_config_the_schema_takes(teachers, tmp_path):
     # Larger layer-loss weights give larger losses from the first report: ASHA (metric loss, min)
     # must stop some of them. One trial at a time fits 2 CPUs (2 workers x 0.5 + the teacher's 1).
     config = _sweep_file(teachers, tmp_path, {"loss.alpha_layer": {"grid": [0.0, 1000.0, 10000.0, 100000.0]}})
