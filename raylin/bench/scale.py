@@ -97,11 +97,17 @@ def _baseline_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def run_scale_benchmark(out: str | Path, hidden: int = 1024, tasks: int = 4, steps: int = 2) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _output_folder(out: str | Path) -> Path:
+    """``out``, made; RuntimeError inside a Ray session (each part starts its own Ray instance)."""
     if ray.is_initialized():
         raise RuntimeError("raylin bench scale starts its own Ray instance; run it outside a Ray session.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_scale_benchmark(out: str | Path, hidden: int = 1024, tasks: int = 4, steps: int = 2) -> dict:
+    out = _output_folder(out)
     with tempfile.TemporaryDirectory(prefix="raylin-scale-") as scratch:
         teacher = Path(scratch) / "teacher"
         teacher_config = llama_teacher(teacher, hidden)
@@ -241,10 +247,7 @@ def _zero_config(out: Path, stage: int, workers: int, steps: int) -> dict:
 def run_zero_benchmark(out: str | Path, steps: int = 2) -> dict:
     """Per-worker memory of SmolLM2-135M -> Mamba2 at ZeRO 0/2/3 with 1 and 2 workers, DeepSpeed's
     estimate beside each, and the estimator table for 1B, 8B and 70B students (see the module doc)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if ray.is_initialized():
-        raise RuntimeError("raylin bench scale starts its own Ray instance; run it outside a Ray session.")
+    out = _output_folder(out)
     teacher_config = transformers.AutoConfig.from_pretrained(asset_path(TOKENIZER))
     params, largest = student_sizes(teacher_config, {"mixer": "mamba2"})
     runs = []
@@ -312,10 +315,7 @@ def run_billion_benchmark(out: str | Path, steps: int = 20, tasks: int = 4) -> d
     ``steps`` distillation steps on 2 Ray Train workers under ZeRO-3, the copied weights frozen.
     Records every align task's and training worker's peak resident memory, the workers' model
     states, the machine's peak memory in use (all processes), and the stages' wall times."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if ray.is_initialized():
-        raise RuntimeError("raylin bench scale starts its own Ray instance; run it outside a Ray session.")
+    out = _output_folder(out)
     with tempfile.TemporaryDirectory(prefix="raylin-billion-") as scratch:
         teacher = Path(scratch) / "teacher"
         # Made in a process of its own: a process that built 4.7 GB of weights keeps most of it
