@@ -252,9 +252,10 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str | None = None  # run name (resume key); default: the output folder's name
 
-    # ----- resolved views: each looked up once per process ----------------------------------
-    # Memoised under the values they derive from (a changed field resolves anew) and never pickled:
-    # a Ray worker resolves teacher paths and reads config.json on its own node.
+    # ----- resolved views -----------------------------------------------------------------------
+    # Teacher paths and config.json files are read once per process: memoised under the value they
+    # derive from (a changed field resolves anew) and never pickled, so a Ray worker resolves them on
+    # its own node. The task kind and the schedule are cheap and built on each call.
     def _once(self, key: tuple, make):
         memo = self.__dict__.setdefault("_resolved", {})
         if key not in memo:
@@ -271,19 +272,19 @@ class RunConfig:
     @property
     def task_kind(self) -> TaskKind:
         """The task registry's entry for ``task.type`` (raylin.tasks)."""
-        return self._once(("task", self.task.type), lambda: task_kind(self.task.type))
+        return task_kind(self.task.type)
 
     @property
     def schedule(self) -> GuidanceSchedule:
         """The guidance schedule (raylin.distill.guidance): who guides each step, with which weights."""
         g, loss = self.guidance, self.loss
-        return self._once(("schedule", repr(g), repr(loss)), lambda: GuidanceSchedule(
+        return GuidanceSchedule(
             g.mode,
             LossWeights(loss.alpha_task, loss.alpha_layer, loss.alpha_out),
             teacher_update_every=g.teacher_update_every,
             waypoints=[Waypoint(w.step, w.path) for w in g.waypoints],
             hybrid_cutoff=g.hybrid_cutoff,
-        ))
+        )
 
     @property
     def conversion_source(self) -> str:
@@ -294,11 +295,17 @@ class RunConfig:
     def teacher_path(self, which: str = "conversion_source") -> str:
         """The local folder (or Hub id) of ``teacher``, ``target_teacher`` or ``conversion_source``."""
         name = getattr(self, which)
-        return self._once(("path", name), lambda: resolve_teacher_path(name))
+        return self._once(("path", name), lambda: resolve_teacher_path(name))  # model_config shares this memo
 
     def teacher_config(self, which: str = "conversion_source") -> PretrainedConfig:
-        """The transformers config (config.json, no weights) of ``teacher_path(which)``."""
-        path = self.teacher_path(which)
+        """The transformers config (config.json, no weights) of ``teacher``, ``target_teacher`` or
+        ``conversion_source``."""
+        return self.model_config(getattr(self, which))
+
+    def model_config(self, name: str) -> PretrainedConfig:
+        """The transformers config of any model this run reads (a teacher, a waypoint, a folder
+        raylin wrote), by folder, Hub id or asset:NAME: read once per process."""
+        path = self._once(("path", name), lambda: resolve_teacher_path(name))
         return self._once(("config", path), lambda: AutoConfig.from_pretrained(path, trust_remote_code=False))
 
     def to_dict(self) -> dict[str, Any]:
@@ -629,7 +636,7 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     for problem in (eval_set_problems(config) + broad_problems(config)) if task_ok else []:
         need(False, problem)
     teachers = {"teacher": config.teacher, "target_teacher": config.target_teacher}
-    teacher_configs = {key: _teacher_config(key, path, need) for key, path in teachers.items() if path}
+    teacher_configs = {key: _teacher_config(config, key, need) for key, path in teachers.items() if path}
     tuned = teacher_configs.get("target_teacher")
     # A config says its labels whether or not its model has a head (transformers' default is 2): only
     # a checkpoint saved with a classification head (its `architectures`) is held to them.
@@ -648,10 +655,12 @@ def validate(config: RunConfig, problems: _Problems | None = None) -> None:
     problems.raise_any()
 
 
-def _teacher_config(key: str, teacher: str, need):
-    """The teacher's transformers config (its config.json: no weights are read), or None with the problem recorded."""
+def _teacher_config(config: RunConfig, key: str, need):
+    """The teacher's transformers config (its config.json: no weights are read; kept for the run's
+    later reads), or None with the problem recorded."""
+    teacher = getattr(config, key)
     try:
-        return AutoConfig.from_pretrained(resolve_teacher_path(teacher), trust_remote_code=False)
+        return config.teacher_config(key)
     except (OSError, ValueError) as error:
         fix = ("a folder with config.json (e.g. made by `raylin finetune`), a Hub id, or asset:NAME"
                if key == "target_teacher" else "a folder with config.json, a Hub id, or asset:NAME")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import AutoConfig, WhisperFeatureExtractor
+from transformers import WhisperFeatureExtractor
 
 from raylin.data.transcripts import BLANK_ID, CTC_VOCAB, check_ctc_head
 from raylin.models.teachers import load_teacher, resolve_teacher_path
@@ -23,7 +23,7 @@ WHISPER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the en
 def model_options(config, path: str) -> dict[str, Any]:
     """What ``load_teacher`` needs to load ``path`` as this run's model: the class with the task head,
     the number of labels, and for Whisper the positions of ``data.max_seconds`` of audio."""
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher_path(path))
+    teacher_config = config.model_config(path)
     model_type = getattr(teacher_config, "model_type", None)
     kind = config.task_kind
     options: dict[str, Any] = {"model_class": kind.model_class}

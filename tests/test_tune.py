@@ -43,6 +43,19 @@ def test_bad_search_spaces_fail_before_ray_starts(teachers, tmp_path):
             load_tune_config(_sweep_file(teachers, tmp_path, space))
 
 
+def test_an_unset_sweep_direction_is_the_metrics_own(teachers, tmp_path):
+    from raylin.tune.search import load_tune_config
+
+    space = {"loss.alpha_layer": {"grid": [0.5]}}
+    for name, mode in (("loss", "min"), ("eval_accuracy", "max"), ("eval_imdb_accuracy", "max")):
+        _, section, _ = load_tune_config(_sweep_file(teachers, tmp_path, space, metric=name, mode=None))
+        assert section.mode == mode, name
+    with pytest.raises(ConfigError, match="tune.metric 'loss_layer' has no known direction; set tune.mode"):
+        load_tune_config(_sweep_file(teachers, tmp_path, space, metric="loss_layer", mode=None))
+    _, section, _ = load_tune_config(_sweep_file(teachers, tmp_path, space, metric="loss_layer", mode="min"))
+    assert section.mode == "min"
+
+
 def test_relative_paths_mean_the_same_inside_trials(teachers, tmp_path, monkeypatch):
     """Trials run in Ray Tune's trial folders: the base they get carries absolute paths."""
     import shutil

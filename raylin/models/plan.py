@@ -64,7 +64,6 @@ MIXER_KINDS: dict[str, MixerKind] = {
     "bigated_deltanet": MixerKind(GatedDeltaNetOptions, bidirectional=True, two_passes=True),
 }
 MIXERS = tuple(MIXER_KINDS)
-BIDIRECTIONAL_MIXERS = tuple(name for name, kind in MIXER_KINDS.items() if kind.bidirectional)
 CAUSAL_MIXERS = tuple(name for name, kind in MIXER_KINDS.items() if not kind.bidirectional)
 # The plan sections, one per options class, in registry order.
 OPTION_SECTIONS: dict[str, type[MixerOptions]] = {kind.options.section: kind.options for kind in MIXER_KINDS.values()}
@@ -172,9 +171,9 @@ class Plan:
             )
         try:
             self.mixer_options.check_against(teacher_shape(family, config))
-        except (ValueError, TypeError) as error:
-            message = str(error)
-            raise PlanError(message if message.startswith(("plan.", "Linformer", "The ")) else f"plan.{message}") from None
+        except (ValueError, TypeError) as error:  # raylin's own name their key; transformers' get the section
+            section = self.kind.options.section
+            raise PlanError(str(error) if str(error).startswith("plan.") else f"plan.{section}: {error}") from None
 
     def shared_module(self, family: FamilyAdapter, config: PretrainedConfig) -> nn.Module | None:
         """The module the whole student holds once for its mixers (``MixerOptions.shared_module``), or None."""

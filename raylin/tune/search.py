@@ -73,6 +73,7 @@ from raylin.models.families import family_for_config
 from raylin.models.teachers import resolve_teacher_path
 from raylin.plots import figure
 from raylin.run_lock import hold_output_dir
+from raylin.tasks import metric
 from raylin.teacher import teacher_pool, teacher_spec
 from raylin.train.align import run_align
 from raylin.train.run_files import read_train_log, reports_at
@@ -90,7 +91,7 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20
 class TuneSection:
     space: dict[str, dict[str, list]] = field(default_factory=dict)
     metric: str = "eval_accuracy"
-    mode: str = "max"
+    mode: str | None = None  # min | max; None: the metric's own direction (raylin.tasks.METRICS)
     num_samples: int = 1
     scheduler: str = "asha"
     grace_period: int = 1
@@ -130,6 +131,11 @@ def validate_section(section: TuneSection, base: dict) -> None:
 
     need(bool(section.space) or section.layout is not None,
          "tune.space is empty: name at least one config field to search (or a tune.layout).")
+    if section.mode is None:
+        try:
+            section.mode = metric(section.metric).mode
+        except ValueError:
+            need(False, f"tune.metric {section.metric!r} has no known direction; set tune.mode: min or max.")
     need(section.mode in ("min", "max"), f"tune.mode must be 'min' or 'max', got {section.mode!r}.")
     need(section.scheduler in SCHEDULERS, f"tune.scheduler must be one of {SCHEDULERS}, got {section.scheduler!r}.")
     need(section.num_samples >= 1 and section.grace_period >= 1 and section.reduction_factor >= 2,

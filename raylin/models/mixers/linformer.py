@@ -71,14 +71,14 @@ class LinformerOptions(MixerOptions):
         """The projections' rows: the longest input the student accepts."""
         max_length = self.max_length or teacher.max_length
         if max_length is None:
-            raise ValueError(f"The {teacher.family} teacher has no maximum sequence length; set plan.linformer.max_length "
-                             "to the longest input the student must accept.")
+            raise ValueError(f"plan.linformer.max_length: the {teacher.family} teacher has no maximum sequence length; "
+                             "set plan.linformer.max_length to the longest input the student must accept.")
         return int(max_length)
 
     def check_against(self, teacher: TeacherShape) -> None:
         if self.k > self.rows(teacher):
             raise ValueError(
-                f"Linformer k={self.k} is above the maximum sequence length {self.rows(teacher)}: the projections "
+                f"plan.linformer.k={self.k} is above the maximum sequence length {self.rows(teacher)}: the projections "
                 f"would be wider than any input. Use 1 <= plan.linformer.k <= {self.rows(teacher)}.")
 
     def build(self, teacher: TeacherShape, layer_idx: int, attention: nn.Module, shared: nn.Module | None) -> nn.Module:

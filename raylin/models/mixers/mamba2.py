@@ -55,11 +55,11 @@ def mamba2_config(hidden_size: int, num_layers: int, options: Mamba2Options) -> 
     head_dim = options.head_dim or math.gcd(inner, 64)  # 64 unless the inner width is narrower
     if inner % head_dim:
         raise ValueError(
-            f"mamba2: inner width expand*hidden = {inner} is not a multiple of head_dim={head_dim}; "
+            f"plan.mamba2.head_dim: inner width expand*hidden = {inner} is not a multiple of head_dim={head_dim}; "
             f"choose a head_dim that divides {inner}."
         )
     if (inner // head_dim) % options.n_groups:
-        raise ValueError(f"mamba2: n_groups={options.n_groups} must divide the number of heads {inner // head_dim}.")
+        raise ValueError(f"plan.mamba2.n_groups={options.n_groups} must divide the number of heads {inner // head_dim}.")
     return Mamba2Config(
         hidden_size=hidden_size,
         expand=options.expand,
